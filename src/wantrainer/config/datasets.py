@@ -1,0 +1,103 @@
+"""The dataset blueprint: [datasets.general], [[datasets.train]], [[datasets.val]] and the cache settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from .base import Section
+
+FrameExtraction = Literal["head", "middle", "chunk", "slide", "uniform", "full"]
+Resolution = int | str | list[int]
+
+
+class DatasetEntry(Section):
+    """One dataset; unset keys take their value from [datasets.general], then from these defaults."""
+
+    image_directory: Path | None = None
+    """Folder of images (png, jpg, jpeg, webp, bmp) with captions beside them."""
+    video_directory: Path | None = None
+    """Folder of videos (mp4, webm, mkv, mov, avi) or of frame folders, with captions beside them."""
+    image_jsonl_file: Path | None = None
+    """JSONL file, one {"image_path": ..., "caption": ...} object a line."""
+    video_jsonl_file: Path | None = None
+    """JSONL file, one {"video_path": ..., "caption": ...} object a line."""
+    cache_directory: Path | None = None
+    """Where the latent and text caches go (default: the media folder). Must differ between datasets."""
+    caption_extension: str = ".txt"
+    """Caption file extension: <stem><caption_extension>."""
+    resolution: Resolution = Field(default_factory=lambda: [832, 480])
+    """Target size: 960, "960x544", [960, 544], "480p" or "720p"."""
+    enable_bucket: bool = False
+    """Group items into aspect-ratio buckets of about the target area instead of one fixed size."""
+    bucket_no_upscale: bool = False
+    """With buckets: never upscale a smaller source; it keeps its own size (floored to 16)."""
+    batch_size: int = Field(1, ge=1)
+    """Items per batch (a batch never mixes buckets)."""
+    num_repeats: int = Field(1, ge=1)
+    """Each item appears this many times per epoch."""
+    target_frames: list[int] = Field(default_factory=lambda: [1])
+    """Video: window lengths to extract (each rounded down to 4n+1)."""
+    frame_extraction: FrameExtraction = "head"
+    """Video: head, middle, chunk, slide, uniform or full."""
+    frame_stride: int = Field(1, ge=1)
+    """Video, slide mode: frames between window starts."""
+    frame_sample: int = Field(1, ge=1)
+    """Video, uniform mode: number of evenly spaced windows."""
+    max_frames: int = Field(129, ge=1)
+    """Video, full mode: longest window."""
+    source_fps: float | None = Field(None, gt=0)
+    """Video: frame rate of the source; frames are resampled to Wan's 16 fps. Unset keeps every frame."""
+    caption_dropout_rate: float = Field(0.0, ge=0, le=1)
+    """Probability of training an item with an empty caption (applied at train time)."""
+    is_reg: bool = False
+    """Regularisation data: its loss is weighted by prior_loss_weight."""
+
+
+class LatentCacheConfig(Section):
+    device: str = "auto"
+    """Device for the VAE: "auto" (cuda when present), "cuda", "cuda:1", "cpu"."""
+    batch_size: int = Field(1, ge=1)
+    """Items encoded together (same bucket only)."""
+    num_workers: int = Field(2, ge=0)
+    """Worker threads that decode media ahead of the VAE."""
+    skip_existing: bool = True
+    """Do not re-encode items whose cache file exists."""
+    keep_cache: bool = False
+    """Keep cache files whose media is gone (otherwise they are deleted)."""
+    vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """VAE compute dtype; "auto" is bfloat16 on CUDA and float32 on CPU."""
+    vae_cache_cpu: bool = False
+    """Keep the VAE's causal-conv feature cache on the CPU (less VRAM)."""
+    vae_tiling: bool = False
+    """Encode / decode large frames in tiles (less VRAM)."""
+
+
+class TextEncoderCacheConfig(Section):
+    device: str = "auto"
+    """Device for the text encoder: "auto" (cuda when present), "cuda", "cpu"."""
+    batch_size: int = Field(16, ge=1)
+    """Captions encoded together."""
+    num_workers: int = Field(2, ge=0)
+    """Worker threads that read captions."""
+    skip_existing: bool = True
+    """Do not re-encode captions whose cache file exists."""
+    keep_cache: bool = False
+    """Keep text caches whose media is gone (otherwise they are deleted)."""
+    fp8_t5: bool = False
+    """Store the text encoder's Linear weights in fp8 (less memory)."""
+
+
+class DatasetsConfig(Section):
+    general: DatasetEntry = Field(default_factory=DatasetEntry)
+    """[datasets.general]: defaults for every dataset."""
+    train: list[DatasetEntry] = Field(default_factory=list)
+    """[[datasets.train]]: training datasets."""
+    val: list[DatasetEntry] = Field(default_factory=list)
+    """[[datasets.val]]: validation datasets (never shuffled)."""
+    latent_cache: LatentCacheConfig = Field(default_factory=LatentCacheConfig)
+    """[datasets.latent_cache]: settings of cache-latents."""
+    text_encoder_cache: TextEncoderCacheConfig = Field(default_factory=TextEncoderCacheConfig)
+    """[datasets.text_encoder_cache]: settings of cache-text."""

@@ -1,0 +1,98 @@
+"""Cache file names, tensor keys and metadata, compatible with musubi-tuner's Wan caches.
+
+Latents: ``{stem}_{W:04d}x{H:04d}_wan.safetensors`` (images) or
+``{stem}_{start:05d}-{frames:03d}_{W:04d}x{H:04d}_wan.safetensors`` (video windows), holding
+``latents_{F}x{H}x{W}_{dtype}`` of shape [16, F, H, W] (latent dims) and metadata ``architecture=wan``,
+``width``, ``height``, ``format_version=1.0.1`` and, for video, ``frame_count``.
+Text: ``{stem}_wan_te.safetensors`` holding ``varlen_t5_{dtype}`` of shape [L, D] (L = real token count).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..utils.atomic import save_safetensors_atomic
+
+ARCHITECTURE = "wan"
+FORMAT_VERSION = "1.0.1"
+LATENT_SUFFIX = f"_{ARCHITECTURE}.safetensors"
+TEXT_SUFFIX = f"_{ARCHITECTURE}_te.safetensors"
+
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float8_e4m3fn: "float8_e4m3fn",
+    torch.float8_e5m2: "float8_e5m2",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES[dtype]
+
+
+def latent_cache_name(stem: str, width: int, height: int, start: int | None = None, frames: int | None = None) -> str:
+    """File name of a latent cache; ``start``/``frames`` for a video window."""
+    if (start is None) != (frames is None):
+        raise ValueError("start and frames go together")
+    window = f"_{start:05d}-{frames:03d}" if start is not None else ""
+    return f"{stem}{window}_{width:04d}x{height:04d}{LATENT_SUFFIX}"
+
+
+def text_cache_name(stem: str) -> str:
+    return f"{stem}{TEXT_SUFFIX}"
+
+
+def latent_tensor_key(latents: torch.Tensor) -> str:
+    _, f, h, w = latents.shape
+    return f"latents_{f}x{h}x{w}_{dtype_name(latents.dtype)}"
+
+
+def text_tensor_key(embeds: torch.Tensor) -> str:
+    return f"varlen_t5_{dtype_name(embeds.dtype)}"
+
+
+def save_latent_cache(
+    path: str | Path, latents: torch.Tensor, width: int, height: int, frame_count: int | None = None
+) -> None:
+    """Write one item's latents [16, F, H, W] atomically."""
+    if latents.ndim != 4:
+        raise ValueError(f"latents must be [C, F, H, W], got {tuple(latents.shape)}")
+    metadata = {
+        "architecture": ARCHITECTURE,
+        "width": str(width),
+        "height": str(height),
+        "format_version": FORMAT_VERSION,
+    }
+    if frame_count is not None:
+        metadata["frame_count"] = str(frame_count)
+    save_safetensors_atomic({latent_tensor_key(latents): latents.cpu()}, path, metadata=metadata)
+
+
+def save_text_cache(path: str | Path, embeds: torch.Tensor) -> None:
+    """Write one caption's embeddings [L, D] atomically."""
+    if embeds.ndim != 2:
+        raise ValueError(f"text embeddings must be [L, D], got {tuple(embeds.shape)}")
+    metadata = {"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION}
+    save_safetensors_atomic({text_tensor_key(embeds): embeds.cpu()}, path, metadata=metadata)
+
+
+def _load_single(path: str | Path, prefix: str) -> tuple[torch.Tensor, dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        keys = [k for k in f.keys() if k.startswith(prefix)]
+        if len(keys) != 1:
+            raise ValueError(f"{path}: expected one tensor named {prefix}*, found {sorted(f.keys())}")
+        return f.get_tensor(keys[0]), dict(f.metadata() or {})
+
+
+def load_latent_cache(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
+    """Return (latents [16, F, H, W], metadata)."""
+    return _load_single(path, "latents_")
+
+
+def load_text_cache(path: str | Path) -> torch.Tensor:
+    """Return the caption embeddings [L, D]."""
+    return _load_single(path, "varlen_t5_")[0]
