@@ -1,0 +1,183 @@
+"""Text-to-video denoising with diffusers' flow-matching schedulers.
+
+The DiT is reached only through a callable ``model_fn(latents [B,16,F,H,W], timestep [B] in 0..1000,
+context list[Tensor[L, D]]) -> flow prediction [B,16,F,H,W]``, so a caller can swap Wan 2.2 experts at the
+boundary (``ExpertSwitch``), keep a LoRA applied, or run the model under its own precision and device rules.
+
+Latents stay in float32 on the compute device for the whole loop; the starting noise is drawn on the CPU from
+the prompt's seed, so a seed gives the same video on every device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+from ..common.logger import get_logger
+
+logger = get_logger(__name__)
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], torch.Tensor]
+
+LATENT_CHANNELS = 16
+VAE_TEMPORAL_STRIDE = 4
+VAE_SPATIAL_STRIDE = 8
+NUM_TRAIN_TIMESTEPS = 1000
+SOLVERS = ("unipc", "euler")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What one sample needs besides the model and the text embeddings (mirrors ``[[sample_prompts]]``)."""
+
+    width: int
+    height: int
+    frames: int
+    seed: int
+    steps: int
+    cfg_scale: float
+    flow_shift: float
+    solver: str = "unipc"
+
+    @classmethod
+    def from_prompt(cls, prompt: object) -> GenerationSettings:
+        """Build from a ``SamplePrompt`` (config section)."""
+        return cls(
+            width=prompt.width,  # type: ignore[attr-defined]
+            height=prompt.height,  # type: ignore[attr-defined]
+            frames=prompt.frames,  # type: ignore[attr-defined]
+            seed=prompt.seed,  # type: ignore[attr-defined]
+            steps=prompt.steps,  # type: ignore[attr-defined]
+            cfg_scale=prompt.cfg_scale,  # type: ignore[attr-defined]
+            flow_shift=prompt.discrete_flow_shift,  # type: ignore[attr-defined]
+            solver=prompt.sample_solver,  # type: ignore[attr-defined]
+        )
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Classifier-free guidance needs a second (negative) pass unless the scale is exactly 1."""
+        return self.cfg_scale != 1.0
+
+
+def latent_shape(width: int, height: int, frames: int) -> tuple[int, int, int, int]:
+    """[C, F, H, W] of the Wan 2.1 VAE latents for a video of ``frames`` frames at ``width`` x ``height``."""
+    if (frames - 1) % VAE_TEMPORAL_STRIDE != 0:
+        raise ValueError(f"frames must be 4k+1, got {frames}")
+    if width % 16 or height % 16:
+        raise ValueError(f"width and height must be multiples of 16, got {width}x{height}")
+    return (
+        LATENT_CHANNELS,
+        (frames - 1) // VAE_TEMPORAL_STRIDE + 1,
+        height // VAE_SPATIAL_STRIDE,
+        width // VAE_SPATIAL_STRIDE,
+    )
+
+
+def initial_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
+    """Standard normal noise [1, *shape] in float32, drawn on the CPU from its own generator."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn((1, *shape), generator=generator, dtype=torch.float32)
+
+
+def make_scheduler(solver: str, flow_shift: float) -> FlowMatchEulerDiscreteScheduler | UniPCMultistepScheduler:
+    """A fresh flow-matching scheduler, configured as diffusers' Wan pipeline configures it."""
+    if solver == "unipc":
+        return UniPCMultistepScheduler(
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+            flow_shift=flow_shift,
+        )
+    if solver == "euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=flow_shift)
+    raise ValueError(f"unknown sample_solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+
+
+def guided_prediction(
+    model_fn: ModelFn,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    context: torch.Tensor,
+    negative_context: torch.Tensor | None,
+    cfg_scale: float,
+) -> torch.Tensor:
+    """One flow prediction with classifier-free guidance: uncond + scale * (cond - uncond)."""
+    cond = model_fn(latents, timestep, [context]).float()
+    if negative_context is None or cfg_scale == 1.0:
+        return cond
+    uncond = model_fn(latents, timestep, [negative_context]).float()
+    return uncond + cfg_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def generate_latents(
+    model_fn: ModelFn,
+    context: torch.Tensor,
+    negative_context: torch.Tensor | None,
+    settings: GenerationSettings,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[int, float], None] | None = None,
+) -> torch.Tensor:
+    """Denoise from the seed's noise to clean latents [1, 16, F, H/8, W/8] (float32, on ``device``).
+
+    ``context`` / ``negative_context`` are one prompt's text embeddings [L, D]; with ``cfg_scale == 1`` the
+    negative pass is skipped (``negative_context`` may then be None). ``on_step(index, timestep)`` is called
+    after each solver step.
+    """
+    if settings.uses_cfg and negative_context is None:
+        raise ValueError("cfg_scale != 1 needs a negative_context (the encoded negative prompt, may be empty)")
+    device = torch.device(device)
+    shape = latent_shape(settings.width, settings.height, settings.frames)
+    latents = initial_noise(shape, settings.seed).to(device)
+    scheduler = make_scheduler(settings.solver, settings.flow_shift)
+    scheduler.set_timesteps(settings.steps, device=device)
+    context = context.to(device)
+    negative = negative_context.to(device) if (settings.uses_cfg and negative_context is not None) else None
+    for index, t in enumerate(scheduler.timesteps):
+        timestep = t.to(device=device, dtype=torch.float32).expand(latents.shape[0])
+        prediction = guided_prediction(model_fn, latents, timestep, context, negative, settings.cfg_scale)
+        latents = scheduler.step(prediction, t, latents, return_dict=False)[0].float()
+        if on_step is not None:
+            on_step(index, float(t))
+    return latents
+
+
+def boundary_timestep(value: float | None, default: float = 875.0) -> float:
+    """Normalise ``timestep_boundary`` (875 or 0.875) to the 0..1000 timestep scale."""
+    if value is None:
+        return default
+    return float(value) * NUM_TRAIN_TIMESTEPS if value <= 1.0 else float(value)
+
+
+@dataclass
+class ExpertSwitch:
+    """A ``ModelFn`` that routes each step to the Wan 2.2 expert for its timestep.
+
+    Timesteps at or above ``boundary`` (0..1000 scale) go to ``high``, the rest to ``low`` (as diffusers'
+    Wan 2.2 pipeline does). ``on_switch(name)`` runs when the active expert changes (e.g. to move weights
+    between CPU and GPU). ``history`` records which expert served each call, as ``(name, timestep)``.
+    """
+
+    high: ModelFn
+    low: ModelFn
+    boundary: float
+    on_switch: Callable[[str], None] | None = None
+    history: list[tuple[str, float]] = field(default_factory=list)
+    active: str | None = None
+
+    def expert_for(self, timestep: float) -> str:
+        return "high" if timestep >= self.boundary else "low"
+
+    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, context: list[torch.Tensor]) -> torch.Tensor:
+        t = float(timestep.flatten()[0])
+        name = self.expert_for(t)
+        if name != self.active:
+            if self.on_switch is not None:
+                self.on_switch(name)
+            logger.debug("sampling with the %s-noise expert from t=%.1f", name, t)
+            self.active = name
+        self.history.append((name, t))
+        return (self.high if name == "high" else self.low)(latents, timestep, context)
