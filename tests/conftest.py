@@ -7,3 +7,14 @@ import os
 # Tests must never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic_media(tmp_path_factory):
+    """A small clean synthetic set (4 images, 3 clips of 17-33 frames), built once per session. Read-only."""
+    from wantrainer.devkit.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic_media"), seed=0)
