@@ -52,7 +52,10 @@ def test_parity_with_diffusers_per_sample_timesteps(config):
     ours, ref = make_pair(config)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 16, 3, 8, 12, generator=gen)
-    context = [torch.randn(7, config.text_dim, generator=gen), torch.randn(19, config.text_dim, generator=gen)]
+    context = [
+        torch.randn(7, config.text_dim, generator=gen),
+        torch.randn(19, config.text_dim, generator=gen),
+    ]
     with torch.no_grad():
         for t in ([1.0, 999.0], [250.0, 500.0], [873.5, 12.25]):
             timestep = torch.tensor(t)
@@ -111,5 +114,8 @@ def test_keep_in_fp32_modules():
 def test_named_configs():
     assert WAN_CONFIGS["wan21_t2v_1.3b"].head_dim == 128
     assert WAN_CONFIGS["wan21_t2v_14b"].num_heads == 40
-    assert known_config_name(WanModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)) == "wan21_t2v_1.3b"
+    assert (
+        known_config_name(WanModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30))
+        == "wan21_t2v_1.3b"
+    )
     assert known_config_name(TINY) is None

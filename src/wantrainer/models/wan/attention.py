@@ -30,7 +30,7 @@ def _import_backend(mode: str):
     except ImportError as exc:
         raise UserError(
             f"attn_mode = \"{mode}\" needs the package '{module.split('.')[0]}', which is not installed "
-            f"({exc}). Install it ({hint}) or use attn_mode = \"sdpa\"."
+            f'({exc}). Install it ({hint}) or use attn_mode = "sdpa".'
         ) from None
 
 
@@ -56,8 +56,8 @@ def _split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _half_precision_only(mode: str, q: torch.Tensor) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise UserError(
-            f"attn_mode = \"{mode}\" computes in fp16/bf16 only, but the model computes in {q.dtype}: "
-            "set mixed_precision = \"bf16\" (or \"fp16\"), or use attn_mode = \"sdpa\"."
+            f'attn_mode = "{mode}" computes in fp16/bf16 only, but the model computes in {q.dtype}: '
+            'set mixed_precision = "bf16" (or "fp16"), or use attn_mode = "sdpa".'
         )
 
 
@@ -69,7 +69,7 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise UserError(
-            "attn_mode = \"sage_attn\" is inference only (it has no backward pass): use sdpa, flash_attn or "
+            'attn_mode = "sage_attn" is inference only (it has no backward pass): use sdpa, flash_attn or '
             "xformers for training; sage_attn can be used for sampling."
         )
     _half_precision_only("sage_attn", q)

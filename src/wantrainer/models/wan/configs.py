@@ -43,7 +43,9 @@ WAN_CONFIGS: dict[str, WanModelConfig] = {
     "wan21_t2v_1.3b": WanModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "wan21_t2v_14b": WanModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     "wan22_t2v_a14b": WanModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-    "wan22_ti2v_5b": WanModelConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
+    "wan22_ti2v_5b": WanModelConfig(
+        dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48
+    ),
 }
 """The released text-to-video sizes (Wan 2.2 A14B has two experts of the 14B shape)."""
 

@@ -11,6 +11,7 @@ Linear layers, patch embedding and attention run in the compute dtype (``model.d
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -90,7 +91,9 @@ class WanAttentionBlock(nn.Module):
         self.norm3 = LayerNorm32(dim, eps, elementwise_affine=True)
         self.cross_attn = WanCrossAttention(dim, config.num_heads, eps)
         self.norm2 = LayerNorm32(dim, eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
+        )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(
@@ -138,16 +141,28 @@ def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
 class WanModel(nn.Module):
     """Wan DiT. ``forward(x [B,C,F,H,W], timestep [B] or [B,L], context list of [L_i, text_dim])``."""
 
-    _keep_in_fp32_modules = ("time_embedding", "time_projection", "modulation", "norm1", "norm2", "norm3",
-                             "norm_q", "norm_k")
+    _keep_in_fp32_modules = (
+        "time_embedding",
+        "time_projection",
+        "modulation",
+        "norm1",
+        "norm2",
+        "norm3",
+        "norm_q",
+        "norm_k",
+    )
     """Name parts of the precision-sensitive parameters kept in float32 by ``to_compute_dtype``."""
 
     def __init__(self, config: WanModelConfig, attn_mode: str = "sdpa"):
         super().__init__()
         self.config = config
         dim = config.dim
-        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.patch_embedding = nn.Conv3d(
+            config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         self.blocks = nn.ModuleList([WanAttentionBlock(config) for _ in range(config.num_layers)])
@@ -243,14 +258,18 @@ class WanModel(nn.Module):
             self.block_swapper.prepare_before_forward()
 
     # ----- forward ------------------------------------------------------------------------------------------
-    def embed_time(self, timestep: torch.Tensor, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_time(
+        self, timestep: torch.Tensor, batch: int, seq_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """timestep [B] or [B, L] -> e [B, dim] or [B, L, dim] and e0 [B, 6, dim] or [B, L, 6, dim] (float32)."""
         if timestep.ndim == 2 and timestep.shape[1] != seq_len:
             raise ValueError(f"per-token timestep has {timestep.shape[1]} tokens, the latents {seq_len}")
         if timestep.shape[0] != batch or timestep.ndim not in (1, 2):
             raise ValueError(f"timestep shape {tuple(timestep.shape)} does not match batch size {batch}")
         t = timestep.reshape(-1).to(self.device)
-        e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim).to(self.time_embedding[0].weight.dtype))
+        e = self.time_embedding(
+            sinusoidal_embedding(t, self.config.freq_dim).to(self.time_embedding[0].weight.dtype)
+        )
         e0 = self.time_projection(e).float().unflatten(-1, (6, self.config.dim))  # [B*(L), 6, dim]
         return e.float().reshape(*timestep.shape, -1), e0.reshape(*timestep.shape, 6, -1)
 
@@ -262,7 +281,9 @@ class WanModel(nn.Module):
         padded = torch.zeros(batch, text_len, text_dim, device=self.device, dtype=self.dtype)
         for i, ctx in enumerate(context):
             if ctx.shape[0] > text_len or (ctx.shape[0] and ctx.shape[-1] != text_dim):
-                raise ValueError(f"text context {i} has shape {tuple(ctx.shape)}; expected [<= {text_len}, {text_dim}]")
+                raise ValueError(
+                    f"text context {i} has shape {tuple(ctx.shape)}; expected [<= {text_len}, {text_dim}]"
+                )
             padded[i, : ctx.shape[0]] = ctx.to(padded)
         return self.text_embedding(padded)
 
@@ -302,7 +323,9 @@ class WanModel(nn.Module):
             if not use_checkpoint:
                 h = block(h, e0, ctx, cos, sin, self.dtype)
             elif offload:
-                h = checkpoint(_offloaded_block, block, device, h, e0, ctx, cos, sin, self.dtype, use_reentrant=False)
+                h = checkpoint(
+                    _offloaded_block, block, device, h, e0, ctx, cos, sin, self.dtype, use_reentrant=False
+                )
             else:
                 h = checkpoint(block, h, e0, ctx, cos, sin, self.dtype, use_reentrant=False)
             if swapper is not None:
