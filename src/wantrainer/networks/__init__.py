@@ -1,1 +1,1 @@
-
+"""Trainable adapters for the Wan DiT and their file formats."""

@@ -1,0 +1,294 @@
+"""LoRA for the Wan DiT (``network_module = "networks.lora_wan"``).
+
+Each targeted ``nn.Linear`` (by default every Linear of the blocks: self-attn and cross-attn
+q/k/v/o, ffn.0, ffn.2) gets a low-rank update ``y = W x + multiplier * scale * up(down(x))`` with
+``scale = alpha / rank``. The Linear is wrapped by replacing its ``forward`` (the original is kept and
+restored by ``remove()``); the LoRA modules are never children of the DiT, so they work with fp8 Linear
+subclasses and block swap (the LoRA parameters stay on the compute device while the base weights move).
+
+With ``use_rslora`` the scale is ``alpha / sqrt(rank)``; the saved ``.alpha`` is then
+``alpha * sqrt(rank)``, so every loader that computes ``alpha / rank`` applies the same update.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..common.logger import get_logger
+from ..config.training import NetworkConfig
+from ..errors import UserError
+
+logger = get_logger(__name__)
+
+DEFAULT_TARGET = r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)|blocks\.\d+\.ffn\.(0|2)"
+KOHYA_PREFIX = "lora_unet_"
+NETWORK_MODULE_NAMES = ("networks.lora_wan", "wantrainer.networks.lora_wan")
+NETWORK_ARG_KEYS = ("include_patterns", "exclude_patterns", "verbose")
+
+
+def kohya_name(module_path: str) -> str:
+    """``"blocks.0.self_attn.q"`` -> ``"lora_unet_blocks_0_self_attn_q"``."""
+    return KOHYA_PREFIX + module_path.replace(".", "_")
+
+
+class LoRAModule(nn.Module):
+    """The low-rank pair for one Linear: ``lora_down`` [rank, in], ``lora_up`` [out, rank], ``alpha``."""
+
+    def __init__(
+        self,
+        lora_name: str,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        *,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.lora_name = lora_name
+        self.rank = rank
+        self.lora_down = nn.Linear(in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.lora_up.weight)
+        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
+        self.scale = float(alpha) / rank
+        self.multiplier = 1.0
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self._wrapped: list[tuple[nn.Module, Callable]] = []  # (base Linear, its original forward)
+
+    def refresh_scale(self) -> None:
+        self.scale = float(self.alpha.item()) / self.rank
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``multiplier * scale * up(down(x))`` with the training-time dropouts."""
+        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        scale = self.scale
+        if self.training and self.dropout:
+            lx = F.dropout(lx, p=self.dropout)
+        if self.training and self.rank_dropout:
+            keep = torch.rand((lx.shape[0], self.rank), device=lx.device) > self.rank_dropout
+            lx = lx * keep.view(lx.shape[0], *([1] * (lx.dim() - 2)), self.rank).to(lx.dtype)
+            scale = scale / (1.0 - self.rank_dropout)
+        return self.lora_up(lx) * (self.multiplier * scale)
+
+    def _forward(self, org_forward: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = org_forward(x, *args, **kwargs)
+        if self.multiplier == 0.0:
+            return out
+        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+            return out
+        return out + self.delta(x).to(out.dtype)
+
+    def wrap(self, base: nn.Module) -> None:
+        org_forward = base.forward
+        base.forward = functools.partial(self._forward, org_forward)
+        self._wrapped.append((base, org_forward))
+
+    def unwrap(self) -> None:
+        for base, org_forward in self._wrapped:
+            base.forward = org_forward
+        self._wrapped.clear()
+
+    def delta_weight(self) -> torch.Tensor:
+        """``multiplier * scale * up @ down`` (fp32), the update merged into the base weight."""
+        up, down = self.lora_up.weight.float(), self.lora_down.weight.float()
+        return (up @ down) * (self.multiplier * self.scale)
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one DiT; ``state_dict()`` uses kohya keys (``lora_unet_...``)."""
+
+    def __init__(
+        self,
+        dit: nn.Module,
+        *,
+        rank: int,
+        alpha: float,
+        multiplier: float = 1.0,
+        use_rslora: bool = False,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        loraplus_lr_ratio: float | None = None,
+        include_patterns: list[str] | None = None,
+        exclude_patterns: list[str] | None = None,
+        verbose: bool = False,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.rank, self.use_rslora, self.loraplus_lr_ratio = rank, use_rslora, loraplus_lr_ratio
+        self.saved_alpha = alpha * math.sqrt(rank) if use_rslora else alpha
+        self.module_paths = select_targets(dit, include_patterns or [], exclude_patterns or [])
+        self.lora_modules: list[LoRAModule] = []
+        for path in self.module_paths:
+            base = dit.get_submodule(path)
+            module = LoRAModule(
+                kohya_name(path), base.in_features, base.out_features, rank, self.saved_alpha,
+                dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout, generator=generator,
+            )  # fmt: skip
+            self.add_module(module.lora_name, module)
+            self.lora_modules.append(module)
+        self.set_multiplier(multiplier)
+        if verbose:
+            for path in self.module_paths:
+                logger.info("LoRA target: %s", path)
+        logger.info("LoRA: %d modules, rank %d, scale %.4g", len(self.lora_modules), rank, self.saved_alpha / rank)
+
+    # -- applying ---------------------------------------------------------------------------------
+
+    def apply_to(self, dit: nn.Module) -> None:
+        """Freeze ``dit`` and wrap its target Linears (may be called for several DiTs sharing one LoRA)."""
+        dit.requires_grad_(False)
+        for path, module in zip(self.module_paths, self.lora_modules):
+            module.wrap(dit.get_submodule(path))
+
+    def remove(self) -> None:
+        """Restore the original ``forward`` of every wrapped Linear."""
+        for module in self.lora_modules:
+            module.unwrap()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = float(multiplier)
+        for module in self.lora_modules:
+            module.multiplier = self.multiplier
+
+    @torch.no_grad()
+    def merge_to(self, dit: nn.Module) -> None:
+        """Add ``multiplier * scale * up @ down`` into the base weights of ``dit`` and unwrap it."""
+        self.remove()
+        for path, module in zip(self.module_paths, self.lora_modules):
+            weight = dit.get_submodule(path).weight
+            if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                raise UserError(f"cannot merge a LoRA into the fp8 weight of {path}; load the DiT in bf16/fp32")
+            merged = weight.float() + module.delta_weight().to(weight.device)
+            weight.copy_(merged.to(weight.dtype))
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def prepare_optimizer_params(self, lr: float) -> list[dict]:
+        """Param groups: down (and, without LoRA+, up) at ``lr``; with LoRA+ the up weights at lr * ratio."""
+        down = [m.lora_down.weight for m in self.lora_modules]
+        up = [m.lora_up.weight for m in self.lora_modules]
+        if not self.loraplus_lr_ratio:
+            return [{"params": down + up, "lr": lr}]
+        return [{"params": down, "lr": lr}, {"params": up, "lr": lr * self.loraplus_lr_ratio}]
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load an existing LoRA file (any layout ``formats.load_lora`` reads) into this network."""
+        from .formats import load_lora
+
+        sd, _ = load_lora(path)
+        own = self.state_dict()
+        unknown = sorted(k for k in sd if k not in own)
+        if unknown:
+            raise UserError(
+                f"{path}: {len(unknown)} key(s) do not match this network, e.g. {unknown[0]!r}; check the "
+                "network_args include/exclude patterns and that the LoRA was made for this model"
+            )
+        for key, value in sd.items():
+            if key.endswith(".alpha"):
+                continue
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise UserError(
+                    f"{path}: {key} has shape {list(value.shape)}, this network expects {list(own[key].shape)} "
+                    "(network_dim must match the LoRA being continued)"
+                )
+        missing = [k for k in own if k not in sd and not k.endswith(".alpha")]
+        if missing:
+            logger.warning("%s has no weights for %d LoRA tensors (e.g. %s); they keep their init", path, len(missing), missing[0])
+        self.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+        for module in self.lora_modules:
+            module.refresh_scale()
+        logger.info("Loaded LoRA weights from %s (%d tensors)", path, len(sd))
+
+
+def select_targets(dit: nn.Module, include: list[str], exclude: list[str]) -> list[str]:
+    """Module paths of the Linears to adapt: default targets, narrowed by include, minus exclude."""
+    compiled = {}
+    for pattern in [*include, *exclude]:
+        try:
+            compiled[pattern] = re.compile(pattern)
+        except re.error as exc:
+            raise UserError(f"network_args: bad regex {pattern!r}: {exc}") from None
+    default = re.compile(DEFAULT_TARGET)
+    paths = []
+    for path, module in dit.named_modules():
+        if not isinstance(module, nn.Linear) or not default.fullmatch(path):
+            continue
+        if include and not any(compiled[p].fullmatch(path) for p in include):
+            continue
+        if any(compiled[p].fullmatch(path) for p in exclude):
+            continue
+        paths.append(path)
+    if not paths:
+        raise UserError(
+            "network_args: the include/exclude patterns leave no Linear to train "
+            "(patterns must match whole module paths such as 'blocks.3.ffn.0', e.g. 'blocks\\.3\\..*')"
+        )
+    return paths
+
+
+def parse_network_args(args: list[str]) -> dict:
+    """``["include_patterns=['...']", "verbose=True"]`` -> dict; values are Python literals."""
+    parsed: dict = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key = key.strip()
+        if not sep or key not in NETWORK_ARG_KEYS:
+            raise UserError(f"network_args: {arg!r} is not one of {', '.join(k + '=...' for k in NETWORK_ARG_KEYS)}")
+        try:
+            parsed[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise UserError(f"network_args: {key} = {value.strip()!r} is not a Python literal") from None
+    for key in ("include_patterns", "exclude_patterns"):
+        value = parsed.get(key, [])
+        if not isinstance(value, list | tuple) or not all(isinstance(p, str) for p in value):
+            raise UserError(f"network_args: {key} must be a list of regex strings, e.g. {key}=['blocks\\.0\\..*']")
+        parsed[key] = list(value)
+    if not isinstance(parsed.get("verbose", False), bool):
+        raise UserError("network_args: verbose must be True or False")
+    return parsed
+
+
+def create_network(
+    cfg: NetworkConfig, dit: nn.Module, multiplier: float = 1.0, generator: torch.Generator | None = None
+) -> LoRANetwork:
+    """Build the LoRA for ``dit`` from the network section; loads ``network_weights`` when it is set."""
+    if cfg.network_module not in NETWORK_MODULE_NAMES:
+        raise UserError(f"network_module = {cfg.network_module!r} is not available; use \"networks.lora_wan\"")
+    args = parse_network_args(cfg.network_args)
+    network = LoRANetwork(
+        dit,
+        rank=cfg.network_dim,
+        alpha=cfg.network_alpha,
+        multiplier=multiplier,
+        use_rslora=cfg.use_rslora,
+        dropout=cfg.network_dropout,
+        rank_dropout=cfg.rank_dropout,
+        module_dropout=cfg.module_dropout,
+        loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+        include_patterns=args["include_patterns"],
+        exclude_patterns=args["exclude_patterns"],
+        verbose=args.get("verbose", False),
+        generator=generator,
+    )
+    if cfg.network_weights is not None:
+        if not Path(cfg.network_weights).is_file():
+            raise UserError(f"network_weights: file not found: {cfg.network_weights}")
+        network.load_weights(cfg.network_weights)
+    return network
