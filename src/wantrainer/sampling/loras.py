@@ -1,0 +1,92 @@
+"""LoRA files for standalone sampling: which file goes to which expert, and applying one to a DiT.
+
+A file is applied through a ``LoRANetwork`` built to its own shape (rank from the tensors, the modules it
+names), so any LoRA that ``networks.formats.load_lora`` reads works, whatever ``network_dim`` the config
+says. With bf16 / fp32 base weights the update is merged (no extra cost per step); fp8 base weights keep the
+LoRA as a wrapper around each Linear.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..common.logger import get_logger
+from ..errors import UserError
+
+logger = get_logger(__name__)
+
+HIGH_SUFFIX = "_high_noise"
+LOW_SUFFIX = "_low_noise"
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def assign_loras(paths: list[Path], two_experts: bool) -> dict[str, Path | None]:
+    """Map ``--lora`` files to experts: ``{"high": ..., "low": ...}`` (wan21 uses only ``"low"``).
+
+    One file serves every expert. Two files (wan22 only) are matched by the ``_high_noise`` / ``_low_noise``
+    stem suffix; without suffixes the first is the high-noise LoRA and the second the low-noise one.
+    """
+    if not paths:
+        return {"high": None, "low": None}
+    if len(paths) == 1:
+        return {"high": paths[0], "low": paths[0]}
+    if not two_experts or len(paths) > 2:
+        raise UserError(
+            f"--lora was given {len(paths)} times; use one file, or two for wan22 "
+            "(the high-noise and the low-noise LoRA)"
+        )
+    high = [p for p in paths if p.stem.endswith(HIGH_SUFFIX)]
+    low = [p for p in paths if p.stem.endswith(LOW_SUFFIX)]
+    if len(high) == 1 and len(low) == 1:
+        return {"high": high[0], "low": low[0]}
+    if high or low:
+        raise UserError(
+            f"cannot tell which --lora is for which expert: {', '.join(p.name for p in paths)}; name them "
+            f"*{HIGH_SUFFIX}.safetensors and *{LOW_SUFFIX}.safetensors, or give them in the order high, low"
+        )
+    logger.info("--lora without expert suffixes: %s -> high-noise, %s -> low-noise", paths[0].name, paths[1].name)
+    return {"high": paths[0], "low": paths[1]}
+
+
+def _lora_modules(sd: dict[str, torch.Tensor]) -> dict[str, int]:
+    """kohya module name -> rank, from the ``lora_down`` weights."""
+    return {key[: -len(".lora_down.weight")]: int(v.shape[0]) for key, v in sd.items() if key.endswith(".lora_down.weight")}
+
+
+def apply_lora_file(dit: nn.Module, path: Path, multiplier: float) -> nn.Module:
+    """Apply the LoRA in ``path`` to ``dit`` at ``multiplier``; returns the ``LoRANetwork`` used."""
+    from ..networks.formats import load_lora
+    from ..networks.lora_wan import LoRANetwork, kohya_name
+
+    if not Path(path).is_file():
+        raise UserError(f"--lora: file not found: {path}")
+    sd, _ = load_lora(path)
+    ranks = _lora_modules(sd)
+    if not ranks:
+        raise UserError(f"{path}: no LoRA weights (no '*.lora_down.weight' tensors) found")
+    by_kohya = {kohya_name(name): name for name, module in dit.named_modules() if isinstance(module, nn.Linear)}
+    unknown = sorted(name for name in ranks if name not in by_kohya)
+    if unknown:
+        raise UserError(
+            f"{path}: {len(unknown)} LoRA module(s) do not exist in this DiT, e.g. {unknown[0]!r}; "
+            "was the LoRA made for this model?"
+        )
+    if len(set(ranks.values())) != 1:
+        raise UserError(f"{path}: modules of different ranks ({sorted(set(ranks.values()))}) are not supported")
+    rank = next(iter(ranks.values()))
+    targets = [re.escape(by_kohya[name]) for name in ranks]
+    network = LoRANetwork(dit, rank=rank, alpha=float(rank), multiplier=multiplier, include_patterns=targets)
+    network.load_weights(path)
+    network.to(device=dit.device)
+    network.eval()
+    if any(p.dtype in _FP8 for p in dit.parameters()):
+        network.apply_to(dit)
+        logger.info("LoRA %s applied to %d fp8 Linear(s) at multiplier %g", Path(path).name, len(ranks), multiplier)
+    else:
+        network.merge_to(dit)
+        logger.info("LoRA %s merged into %d Linear(s) at multiplier %g", Path(path).name, len(ranks), multiplier)
+    return network
