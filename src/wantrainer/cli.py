@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .common.logger import setup_logging
 from .errors import UserError
 
 
@@ -82,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_handler", None):
         parser.print_help()
         return 2
+    setup_logging("INFO")  # commands that load a config then apply its logging_level
     try:
         return int(_load_handler(args._handler)(args) or 0)
     except UserError as exc:

@@ -8,7 +8,7 @@ collected and reported at once as a ``ConfigError`` (exit code 2).
 from __future__ import annotations
 
 import argparse
-import difflib
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +16,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from .common.logger import setup_logging
 from .config import FLAT_SECTIONS, DatasetsConfig, Section
-from .config.datasets import DatasetEntry
-from .config.datasets import LatentCacheConfig, TextEncoderCacheConfig
+from .config.datasets import DatasetEntry, LatentCacheConfig, TextEncoderCacheConfig
+from .config.messages import check_kinds, format_error, unknown_key_message
 from .config.model import ModelConfig
 from .config.output import LoggingConfig, SamplingConfig, SavingConfig, ValidationConfig
+from .config.toml_writer import dump_toml
 from .config.training import LossConfig, NetworkConfig, OptimizerConfig, TimestepConfig, TrainingConfig
 from .errors import ConfigError
 
@@ -62,12 +64,34 @@ class WanTrainerConfig:
         flat["config_path"] = self.config_path
         return argparse.Namespace(**flat)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as TOML-ready data: every top-level key (defaults included, unset ones left out)
+        and the dataset tables as written (unset dataset keys stay unset so [datasets.general] still applies)."""
+        data: dict[str, Any] = {}
+        for section in self.sections().values():
+            data.update(section.model_dump(mode="python"))
+        datasets = self.datasets
+        data["datasets"] = {
+            "general": datasets.general.model_dump(exclude_unset=True),
+            "train": [entry.model_dump(exclude_unset=True) for entry in datasets.train],
+            "val": [entry.model_dump(exclude_unset=True) for entry in datasets.val],
+            "latent_cache": datasets.latent_cache.model_dump(),
+            "text_encoder_cache": datasets.text_encoder_cache.model_dump(),
+        }
+        return data
+
+    def to_toml(self) -> str:
+        """The resolved config as a TOML document (saved beside LoRA files and training states)."""
+        return dump_toml(self.to_dict())
+
     def non_default_values(self) -> dict[str, Any]:
-        """Top-level keys whose value differs from the schema default."""
+        """Top-level keys set in the file whose value differs from the schema default."""
         changed: dict[str, Any] = {}
         for section in self.sections().values():
             default = type(section)()
             for name in type(section).model_fields:
+                if name not in section.model_fields_set:
+                    continue
                 value = getattr(section, name)
                 if value != getattr(default, name):
                     changed[name] = value
@@ -82,15 +106,38 @@ def all_flat_keys() -> dict[str, str]:
 def load_config(path: str | Path) -> WanTrainerConfig:
     """Read, validate and resolve a TOML config file. Raises ``ConfigError`` listing every problem."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError([f"{path} is a folder: give the path of a .toml config file"], source=str(path))
     if not path.is_file():
         raise ConfigError([f"config file not found: {path}"], source=str(path))
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"malformed TOML: {exc}"], source=str(path)) from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"the file is not UTF-8 text: {exc}"], source=str(path)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_toml_error_message(exc, text)], source=str(path)) from None
     return parse_config(data, config_dir=path.resolve().parent, source=str(path), config_path=path.resolve())
+
+
+def load_config_for_command(args: argparse.Namespace) -> WanTrainerConfig:
+    """Load ``args.config`` and apply its ``logging_level``: the first call of every command that takes a config."""
+    cfg = load_config(args.config)
+    setup_logging(cfg.logging.logging_level)
+    return cfg
+
+
+def _toml_error_message(exc: tomllib.TOMLDecodeError, text: str) -> str:
+    message = str(exc)
+    found = re.search(r"\(at line (\d+), column (\d+)\)", message)
+    if not found:
+        return f"malformed TOML: {message}"
+    line_no, column = int(found.group(1)), int(found.group(2))
+    reason = message[: found.start()].strip()
+    lines = text.splitlines()
+    shown = lines[line_no - 1] if 0 < line_no <= len(lines) else ""
+    return f"malformed TOML at line {line_no}, column {column}: {reason}\n      {line_no} | {shown}"
 
 
 def parse_config(
@@ -99,11 +146,11 @@ def parse_config(
     source: str | None = None,
     config_path: Path | None = None,
 ) -> WanTrainerConfig:
-    """Validate a TOML document (already parsed into a dict)."""
+    """Validate a TOML document (already parsed into a dict). Every problem is reported in one ``ConfigError``."""
     config_dir = Path(config_dir) if config_dir is not None else Path.cwd()
     problems: list[str] = []
+    failed: set[str] = set()
     key_to_section = all_flat_keys()
-    valid_top = sorted(key_to_section) + ["datasets"]
 
     grouped: dict[str, dict[str, Any]] = {name: {} for name in FLAT_SECTIONS}
     for key, value in data.items():
@@ -112,99 +159,65 @@ def parse_config(
         if key in key_to_section:
             grouped[key_to_section[key]][key] = value
         else:
-            problems.append(_unknown_key_message(key, valid_top, prefix=""))
+            problems.append(_unknown_top_level_message(key, value, key_to_section))
 
     built: dict[str, Section] = {}
     for name, cls in FLAT_SECTIONS.items():
-        built[name] = _validate_section(cls, grouped[name], prefix="", problems=problems)
+        built[name] = _validate_section(cls, grouped[name], "", problems, failed)
 
     datasets_raw = data.get("datasets", {})
     if not isinstance(datasets_raw, dict):
         problems.append("`datasets` must be a table: use [datasets.general], [[datasets.train]], [[datasets.val]]")
         datasets_raw = {}
-    datasets = _validate_section(DatasetsConfig, datasets_raw, prefix="datasets.", problems=problems)
-
-    if problems:
-        raise ConfigError(problems, source=source)
+    datasets = _validate_section(DatasetsConfig, datasets_raw, "datasets.", problems, failed)
 
     cfg = WanTrainerConfig(
         **built, datasets=datasets, config_path=config_path, config_dir=config_dir, raw=data
     )  # type: ignore[arg-type]
     _resolve_paths(cfg, config_dir)
-    problems.extend(cross_field_problems(cfg))
+    # Cross-field checks run on the valid keys; a check that names a key already reported is left out.
+    for problem in cross_field_problems(cfg):
+        if not any(re.search(rf"`{re.escape(key)}\b", problem) for key in failed):
+            problems.append(problem)
     if problems:
         raise ConfigError(problems, source=source)
     return cfg
 
 
-def _validate_section(cls: type[Section], values: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+def _unknown_top_level_message(key: str, value: Any, key_to_section: dict[str, str]) -> str:
+    if isinstance(value, dict):
+        inside = [k for k in value if k in key_to_section]
+        if inside:
+            keys = ", ".join(f"`{k}`" for k in inside)
+            return (f"unknown table [{key}]: top-level keys are not grouped in tables; move {keys} above the "
+                    "first [table] header and remove the header")
+    if key in DatasetEntry.model_fields:
+        return (f"unknown top-level key `{key}`: dataset settings go in [datasets.general] or in a "
+                "[[datasets.train]] / [[datasets.val]] table")
+    return unknown_key_message(key, sorted(key_to_section) + ["datasets"])
+
+
+def _validate_section(
+    cls: type[Section], values: dict[str, Any], prefix: str, problems: list[str], failed: set[str]
+) -> Any:
+    """Validate one section. Keys with problems are reported, added to ``failed`` and left at their default."""
+    before = len(problems)
+    kept = check_kinds(cls, values, prefix, problems)
+    failed.update(prefix + k for k in values if k not in kept)
+    if len(problems) > before:
+        failed.update(prefix + k for k in values if any(f"`{prefix}{k}" in p for p in problems[before:]))
     try:
-        return cls.model_validate(values)
+        return cls.model_validate(kept)
     except ValidationError as exc:
-        for err in exc.errors():
-            problems.append(_format_error(cls, err, prefix))
+        flat = all_flat_keys()
+        messages = [format_error(cls, err, prefix, flat) for err in exc.errors()]
+        problems.extend(dict.fromkeys(messages))  # union branches can repeat the same message
+        bad = {err["loc"][0] for err in exc.errors() if err.get("loc")}
+        failed.update(f"{prefix}{k}" for k in bad)
+    try:
+        return cls.model_validate({k: v for k, v in kept.items() if k not in bad})
+    except ValidationError:
         return cls.model_construct()
-
-
-def _format_error(cls: type[BaseModel], err: dict[str, Any], prefix: str) -> str:
-    loc = err.get("loc", ())
-    key = prefix + _loc_to_key(loc)
-    kind = err.get("type", "")
-    if kind == "extra_forbidden":
-        parent_cls = _model_at(cls, loc[:-1])
-        valid = sorted(parent_cls.model_fields) if parent_cls is not None else []
-        parent = prefix + _loc_to_key(loc[:-1])
-        return _unknown_key_message(str(loc[-1]), valid, prefix=f"{parent}." if parent else prefix)
-    if kind == "missing":
-        return f"`{key}` is required but missing"
-    value = err.get("input")
-    msg = err.get("msg", "invalid value")
-    msg = msg.replace("Value error, ", "")
-    return f"`{key}`: {msg} (got {value!r}, a {_type_name(value)})"
-
-
-def _loc_to_key(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("int", "str", "list[int]", "float"):
-            # Union branch names that pydantic puts in the location: not part of the key.
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _model_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """Follow a pydantic error location down nested models to the model that holds the last key."""
-    current: Any = cls
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        fld = current.model_fields.get(part) if isinstance(current, type) else None
-        if fld is None:
-            return None
-        ann = fld.annotation
-        inner = getattr(ann, "__args__", None)
-        candidates = [ann] + list(inner or [])
-        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if nxt is None:
-            return None
-        current = nxt
-    return current if isinstance(current, type) else None
-
-
-def _unknown_key_message(key: str, valid: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    hint = f"; did you mean `{prefix}{close[0]}`?" if close else "; see `wantrainer config template` for every key"
-    return f"unknown key `{prefix}{key}`{hint}"
-
-
-def _type_name(value: Any) -> str:
-    return {str: "string", int: "integer", float: "number", bool: "boolean", list: "list", dict: "table"}.get(
-        type(value), type(value).__name__
-    )
 
 
 def _resolve(path: Path, base: Path) -> Path:
@@ -263,6 +276,7 @@ def cross_field_problems(cfg: WanTrainerConfig) -> list[str]:
 
 
 __all__ = [
+    "ConfigError",
     "DatasetEntry",
     "LatentCacheConfig",
     "TextEncoderCacheConfig",
@@ -270,5 +284,6 @@ __all__ = [
     "all_flat_keys",
     "cross_field_problems",
     "load_config",
+    "load_config_for_command",
     "parse_config",
 ]

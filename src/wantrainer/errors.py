@@ -20,7 +20,8 @@ class ConfigError(UserError):
         self.problems = list(problems)
         self.source = source
         where = f" in {source}" if source else ""
-        lines = [f"{len(self.problems)} problem(s){where}:"] + [f"  - {p}" for p in self.problems]
+        count = len(self.problems)
+        lines = [f"{count} problem{'s' if count != 1 else ''}{where}:"] + [f"  - {p}" for p in self.problems]
         super().__init__("\n".join(lines))
 
 

@@ -1,0 +1,145 @@
+"""``wantrainer validate --config X``: parse a config, check the files it names, and summarise it.
+
+Prints the values that differ from the defaults and one line per dataset. Exit code 0 when everything is in
+place, 2 (with every problem listed) when a referenced file or folder is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .config.toml_writer import format_value
+from .config_parser import WanTrainerConfig, load_config_for_command
+from .errors import UserError
+
+# (section, key, "file" | "dir" | "file-or-dir", what needs it when it is unset, or None when optional)
+_MODEL_FILES: tuple[tuple[str, str, str, str | None], ...] = (
+    ("model", "dit", "file", "train and sample"),
+    ("model", "dit_high_noise", "file", None),
+    ("model", "vae", "file", "cache-latents and sample"),
+    ("model", "t5", "file", "cache-text and sample"),
+    ("network", "network_weights", "file", None),
+    ("saving", "resume", "dir", None),
+)
+_SOURCES = {
+    "image_directory": ("images in", "dir"),
+    "video_directory": ("videos in", "dir"),
+    "image_jsonl_file": ("image list", "file"),
+    "video_jsonl_file": ("video list", "file"),
+}
+
+
+def _missing(path: Path, kind: str) -> str | None:
+    """Why ``path`` is unusable as a ``kind`` ("file" or "dir"), or None when it is fine."""
+    if not path.exists():
+        return "does not exist"
+    if kind == "file" and not path.is_file():
+        return "is a folder, expected a file"
+    if kind == "dir" and not path.is_dir():
+        return "is a file, expected a folder"
+    return None
+
+
+def file_problems(cfg: WanTrainerConfig) -> tuple[list[str], list[str]]:
+    """(problems, notes): referenced files and folders that are missing, and needed keys that are unset."""
+    problems: list[str] = []
+    notes: list[str] = []
+    for section, key, kind, needed_by in _MODEL_FILES:
+        value = getattr(getattr(cfg, section), key)
+        if value is None:
+            if needed_by:
+                notes.append(f"`{key}` is not set: {needed_by} need it")
+            continue
+        why = _missing(Path(value), kind)
+        if why:
+            problems.append(f"`{key}` = {value} {why}")
+    tokenizer = cfg.model.t5_tokenizer
+    if tokenizer is not None and Path(tokenizer).is_absolute():
+        why = _missing(Path(tokenizer), "dir")
+        if why:
+            problems.append(f"`t5_tokenizer` = {tokenizer} {why} (a folder with spiece.model, or a hub id)")
+    for split in ("train", "val"):
+        for index, entry in enumerate(getattr(cfg.datasets, split)):
+            for key, (_, kind) in _SOURCES.items():
+                value = getattr(entry, key)
+                why = _missing(Path(value), kind) if value is not None else None
+                if why:
+                    problems.append(f"`datasets.{split}[{index}].{key}` = {value} {why}")
+    if not cfg.datasets.train:
+        notes.append("no [[datasets.train]] table: cache-latents, cache-text and train need at least one")
+    return problems, notes
+
+
+def _dataset_entries(cfg: WanTrainerConfig, split: str) -> list[Any]:
+    """The datasets of a split with [datasets.general] merged in (resolved specs when possible)."""
+    from .dataset import blueprint
+
+    resolver = getattr(blueprint, "resolve_datasets", None)
+    if resolver is not None:
+        try:
+            return list(resolver(cfg.datasets, split))
+        except UserError:
+            pass  # file problems are reported separately; fall back to the merged entries
+    return [blueprint.merged_entry(cfg.datasets.general, e) for e in getattr(cfg.datasets, split)]
+
+
+def _resolution_text(resolution: Any) -> str:
+    if isinstance(resolution, tuple | list) and len(resolution) == 2:
+        return f"{resolution[0]}x{resolution[1]}"
+    return str(resolution)
+
+
+def dataset_summary(entry: Any, split: str, index: int) -> str:
+    """One line: split and index, the media source, resolution, batch size, repeats (and frames for video)."""
+    source = next(((label, getattr(entry, key)) for key, (label, _) in _SOURCES.items()
+                   if getattr(entry, key) is not None), ("no media", ""))
+    parts = [f"{split}[{index}]: {source[0]} {source[1]}".rstrip(),
+             f"resolution {_resolution_text(entry.resolution)}" + (" (buckets)" if entry.enable_bucket else ""),
+             f"batch {entry.batch_size}", f"repeats {entry.num_repeats}"]
+    if entry.video_directory is not None or entry.video_jsonl_file is not None:
+        frames = ", ".join(str(f) for f in entry.target_frames)
+        parts.append(f"frames [{frames}] ({entry.frame_extraction})")
+    if entry.is_reg:
+        parts.append("regularisation")
+    return ", ".join(parts)
+
+
+def _changed_lines(cfg: WanTrainerConfig) -> list[str]:
+    lines = []
+    for key, value in cfg.non_default_values().items():
+        if key == "sample_prompts":
+            lines.append(f"  {key}: {len(value)} prompt(s)")
+        elif value is None:
+            lines.append(f"  {key} = (unset)")
+        else:
+            lines.append(f"  {key} = {format_value(value)}")
+    return lines
+
+
+def report(cfg: WanTrainerConfig) -> tuple[str, list[str]]:
+    """The text that ``validate`` prints and the list of problems (empty when the config is usable)."""
+    problems, notes = file_problems(cfg)
+    lines = [f"config: {cfg.config_path}"]
+    changed = _changed_lines(cfg)
+    lines.append("values that differ from the defaults:" if changed else "every value is at its default")
+    lines.extend(changed)
+    for split in ("train", "val"):
+        entries = _dataset_entries(cfg, split)
+        if entries:
+            lines.append(f"{split} datasets:")
+            lines.extend("  " + dataset_summary(e, split, i) for i, e in enumerate(entries))
+    lines.extend(f"note: {n}" for n in notes)
+    return "\n".join(lines), problems
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config_for_command(args)
+    text, problems = report(cfg)
+    print(text)
+    if problems:
+        head = f"the config refers to {len(problems)} missing path{'s' if len(problems) != 1 else ''}:"
+        raise UserError("\n".join([head] + [f"  - {p}" for p in problems]))
+    print("config OK")
+    return 0
