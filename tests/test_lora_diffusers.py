@@ -1,0 +1,94 @@
+"""A saved LoRA loads through diffusers' Wan loader and gives the same output as our wrapped model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import WanPipeline, WanTransformer3DModel
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+from wantrainer.config.training import NetworkConfig
+from wantrainer.models.wan.configs import WanModelConfig
+from wantrainer.models.wan.transformer import WanModel
+from wantrainer.networks.formats import from_kohya, load_lora, read_safetensors, save_lora
+from wantrainer.networks.lora_wan import create_network
+from wantrainer.utils.atomic import save_safetensors_atomic
+
+pytest.importorskip("peft")  # diffusers needs peft to inject LoRA layers
+
+TINY = WanModelConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=64)
+
+
+def diffusers_twin(ours: WanModel) -> WanTransformer3DModel:
+    c = ours.config
+    ref = WanTransformer3DModel(
+        patch_size=c.patch_size, num_attention_heads=c.num_heads, attention_head_dim=c.head_dim,
+        in_channels=c.in_dim, out_channels=c.out_dim, text_dim=c.text_dim, freq_dim=c.freq_dim,
+        ffn_dim=c.ffn_dim, num_layers=c.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=c.eps,
+    ).eval()  # fmt: skip
+    ref.load_state_dict(convert_wan_transformer_to_diffusers({k: v.clone() for k, v in ours.state_dict().items()}))
+    return ref
+
+
+def padded(context: list[torch.Tensor], text_len: int = 512) -> torch.Tensor:
+    out = torch.zeros(len(context), text_len, context[0].shape[-1])
+    for i, c in enumerate(context):
+        out[i, : c.shape[0]] = c
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Our tiny DiT with a LoRA whose up weights are non-zero, the LoRA saved in fp32, and a reference output."""
+    torch.manual_seed(0)
+    dit = WanModel(TINY).eval()
+    ref_base = diffusers_twin(dit)
+    network = create_network(NetworkConfig(network_dim=4, network_alpha=2.0), dit)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in network.lora_modules:
+            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=gen) * 0.05)
+    network.apply_to(dit)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 2, 4, 6, generator=gen)
+    t = torch.tensor([250.0, 800.0])
+    ctx = [torch.randn(6, 64, generator=gen), torch.randn(11, 64, generator=gen)]
+    with torch.no_grad():
+        ours = dit(x, t, ctx)
+        base = ref_base(x, t, padded(ctx), return_dict=False)[0]
+    path = tmp_path_factory.mktemp("lora") / "wan_lora.safetensors"
+    save_lora(path, network.state_dict(), {"ss_network_dim": "4"}, dtype="fp32")
+    return {"dit": dit, "x": x, "t": t, "ctx": ctx, "ours": ours, "base": base, "path": path}
+
+
+def diffusers_output(trained, lora_path) -> torch.Tensor:
+    ref = diffusers_twin(trained["dit"])  # the state dict of the wrapped model is the base model
+    sd = WanPipeline.lora_state_dict(str(lora_path))
+    WanPipeline.load_lora_into_transformer(sd, transformer=ref)
+    with torch.no_grad():
+        return ref(trained["x"], trained["t"], padded(trained["ctx"]), return_dict=False)[0]
+
+
+def test_saved_lora_matches_in_diffusers(trained):
+    assert (trained["ours"] - trained["base"]).abs().max().item() > 1e-2  # the LoRA changes the output
+    got = diffusers_output(trained, trained["path"])
+    assert (got - trained["ours"]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["diffusion_model", "diffusers"])
+def test_converted_layouts_match_in_diffusers_and_reload(trained, tmp_path, layout):
+    sd, _ = read_safetensors(trained["path"])
+    converted = from_kohya(sd, layout)
+    assert not any(k.endswith(".alpha") for k in converted)
+    out = tmp_path / f"{layout}.safetensors"
+    save_safetensors_atomic(converted, out)
+    got = diffusers_output(trained, out)
+    assert (got - trained["ours"]).abs().max().item() < 1e-4
+    # back to kohya through load_lora: alpha = rank, scale folded into down -> same product
+    back, _ = load_lora(out)
+    for name in ("lora_unet_blocks_0_self_attn_q", "lora_unet_blocks_1_ffn_2"):
+        assert back[f"{name}.alpha"].item() == 4.0
+        before = sd[f"{name}.lora_up.weight"] @ sd[f"{name}.lora_down.weight"] * (sd[f"{name}.alpha"] / 4)
+        after = back[f"{name}.lora_up.weight"] @ back[f"{name}.lora_down.weight"]
+        torch.testing.assert_close(after, before)
