@@ -1,0 +1,156 @@
+"""Match scanned media items to the latent and text cache files on disk.
+
+An item is usable when both its latent cache (exact name, so the bucket and window match the current
+settings) and its caption's text cache exist. Everything else is counted and reported; when nothing is
+usable the user is told which command to run.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from ..common.logger import get_logger
+from ..errors import UserError
+from .blueprint import DatasetSpec
+from .cache_format import LATENT_SUFFIX
+from .sources import scan_dataset
+
+logger = get_logger(__name__)
+
+_LATENT_NAME = re.compile(r"^(?P<key>.+)_(?P<w>\d{4})x(?P<h>\d{4})" + re.escape(LATENT_SUFFIX) + "$")
+_LATENT_KEY = re.compile(r"^latents_(\d+)x(\d+)x(\d+)_")
+
+
+@dataclass(frozen=True)
+class CachedItem:
+    """One usable training item: its two cache files and where it belongs."""
+
+    key: str
+    latent_path: Path
+    text_path: Path
+    latent_shape: tuple[int, int, int]
+    """(F, H, W) of the cached latents, read from the tensor name; items batch only with equal shapes."""
+    dataset_index: int
+    loss_weight: float
+    caption_dropout_rate: float
+
+
+@dataclass
+class CacheReport:
+    """How many items of one dataset could be used, and why the others could not."""
+
+    name: str
+    media_items: int = 0
+    usable: int = 0
+    missing_latents: list[str] = field(default_factory=list)
+    stale_latents: list[str] = field(default_factory=list)
+    """Items with a latent cache only at another size or window (settings changed since caching)."""
+    missing_text: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{self.usable} of {self.media_items} item(s) usable"]
+        if self.missing_latents:
+            parts.append(f"{len(self.missing_latents)} without latent cache (e.g. {self.missing_latents[0]})")
+        if self.stale_latents:
+            parts.append(f"{len(self.stale_latents)} cached at another size (re-run cache-latents)")
+        if self.missing_text:
+            parts.append(f"{len(self.missing_text)} without text cache (e.g. {self.missing_text[0]})")
+        if self.unreadable:
+            parts.append(f"{len(self.unreadable)} with an unreadable cache file")
+        return f"{self.name}: " + ", ".join(parts)
+
+
+def _latent_shape(path: Path) -> tuple[int, int, int]:
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            match = _LATENT_KEY.match(name)
+            if match:
+                return int(match.group(1)), int(match.group(2)), int(match.group(3))
+    raise ValueError(f"{path} holds no latents_* tensor")
+
+
+def _cached_keys(folder: Path) -> dict[str, list[str]]:
+    """Latent cache file names in ``folder`` grouped by item key."""
+    found: dict[str, list[str]] = {}
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            match = _LATENT_NAME.match(entry.name)
+            if match:
+                found.setdefault(match.group("key"), []).append(entry.name)
+    return found
+
+
+def _stale_key(key: str, by_key: dict[str, list[str]], is_video: bool) -> bool:
+    if by_key.get(key):
+        return True
+    if is_video:  # a window of the same video at another length / start
+        stem = key.rsplit("_", 1)[0]
+        return any(re.fullmatch(re.escape(stem) + r"_\d{5}-\d{3}", k) for k in by_key)
+    return False
+
+
+def discover_cached_items(
+    spec: DatasetSpec, prior_loss_weight: float = 1.0, dataset_index: int | None = None
+) -> tuple[list[CachedItem], CacheReport]:
+    """Scan ``spec``'s media and keep the items whose caches exist (``dataset_index`` defaults to spec.index)."""
+    scan = scan_dataset(spec)
+    report = CacheReport(spec.name, media_items=len(scan.items))
+    by_key = _cached_keys(spec.cache_directory)
+    weight = prior_loss_weight if spec.is_reg else 1.0
+    items: list[CachedItem] = []
+    for item in scan.items:
+        if not item.latent_cache_path.is_file():
+            stale = _stale_key(item.key, by_key, item.is_video)
+            (report.stale_latents if stale else report.missing_latents).append(item.key)
+            continue
+        if not item.text_cache_path.is_file():
+            report.missing_text.append(item.key)
+            continue
+        try:
+            shape = _latent_shape(item.latent_cache_path)
+        except (OSError, ValueError, SafetensorError) as exc:
+            logger.warning("%s: cannot read %s: %s", spec.name, item.latent_cache_path, exc)
+            report.unreadable.append(item.key)
+            continue
+        items.append(CachedItem(item.key, item.latent_cache_path, item.text_cache_path, shape,
+                                spec.index if dataset_index is None else dataset_index,
+                                weight, spec.caption_dropout_rate if spec.split == "train" else 0.0))
+    report.usable = len(items)
+    return items, report
+
+
+def discover_all(specs: list[DatasetSpec], prior_loss_weight: float = 1.0) -> tuple[list[CachedItem], list[CacheReport]]:
+    """Usable items of every dataset (``dataset_index`` = position in ``specs``); warns about the rest,
+    ``UserError`` when nothing at all is usable."""
+    if not specs:
+        raise UserError("no datasets configured: add a [[datasets.train]] table with a media folder")
+    items: list[CachedItem] = []
+    reports: list[CacheReport] = []
+    for position, spec in enumerate(specs):
+        found, report = discover_cached_items(spec, prior_loss_weight, dataset_index=position)
+        items.extend(found)
+        reports.append(report)
+        if report.usable < report.media_items:
+            logger.warning("%s", report.summary())
+        else:
+            logger.info("%s", report.summary())
+    if not items:
+        raise UserError(_nothing_usable_message(reports))
+    return items, reports
+
+
+def _nothing_usable_message(reports: list[CacheReport]) -> str:
+    lines = ["no training item has both a latent cache and a text cache:"]
+    lines += [f"  {r.summary()}" for r in reports]
+    if not any(r.media_items for r in reports):
+        lines.append("no media was found: check the dataset folders (`wantrainer doctor --config ...`)")
+    if any(r.missing_latents or r.stale_latents or r.unreadable for r in reports):
+        lines.append("run `wantrainer cache-latents --config <your config>` to encode the media")
+    if any(r.missing_text for r in reports):
+        lines.append("run `wantrainer cache-text --config <your config>` to encode the captions")
+    return "\n".join(lines)

@@ -1,0 +1,222 @@
+"""Batches for training and validation, read from the latent and text caches.
+
+The plan of an epoch (which items form which batch, in which order) is made in the main process from
+``seed + epoch``: items are grouped by dataset and latent shape (so a batch never mixes resolutions or
+frame counts), repeated ``num_repeats`` times, shuffled within their group, cut into batches, and the
+batches shuffled. Validation data is never shuffled. Under DDP every rank takes a disjoint, equally long
+share of the batches. DataLoader workers only read files. ``state_dict()`` records the epoch and the
+next batch, so a resumed run continues with exactly the batch an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..common.logger import get_logger
+from .blueprint import DatasetSpec
+from .cache_format import load_latent_cache, load_text_cache
+from .cached_items import CachedItem, CacheReport, discover_all
+
+logger = get_logger(__name__)
+
+BatchPlan = tuple[tuple[int, bool], ...]
+"""One batch: (item index, caption dropped) per sample."""
+
+
+class CachedBatchReader(Dataset):
+    """Reads one planned batch from disk (runs in DataLoader workers when there are any)."""
+
+    def __init__(self, items: list[CachedItem]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, plan: BatchPlan) -> dict[str, Any]:
+        latents, embeds, weights, keys = [], [], [], []
+        for index, dropped in plan:
+            item = self.items[index]
+            latent, _ = load_latent_cache(item.latent_path)
+            latents.append(latent.to(torch.float32))
+            text = load_text_cache(item.text_path).to(torch.float32)
+            embeds.append(text[:0].clone() if dropped else text)
+            weights.append(item.loss_weight)
+            keys.append(item.key)
+        return {
+            "latents": torch.stack(latents),  # [B, 16, F, H, W]
+            "text_embeds": embeds,  # B x [L, D]
+            "loss_weight": torch.tensor(weights, dtype=torch.float32),  # [B]
+            "keys": keys,
+        }
+
+
+class _PlanSampler(Sampler):
+    """Yields the batches its owner sets before each pass (the DataLoader's sampler cannot be swapped)."""
+
+    def __init__(self) -> None:
+        self.plans: list[BatchPlan] = []
+
+    def __iter__(self) -> Iterator[BatchPlan]:
+        return iter(list(self.plans))
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+
+def _identity(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+class CachedDataLoader:
+    """Iterable of batches with a resumable position. See the module docstring."""
+
+    def __init__(
+        self,
+        items: list[CachedItem],
+        batch_sizes: dict[int, int],
+        num_repeats: dict[int, int],
+        *,
+        seed: int,
+        shuffle: bool,
+        num_workers: int = 0,
+        persistent_workers: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        reports: list[CacheReport] | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.items = items
+        self.batch_sizes = batch_sizes
+        self.num_repeats = num_repeats
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.reports = reports or []
+        self.epoch = 0
+        self.position = 0
+        """Index of the next batch of this rank in the current epoch."""
+        self._reader = CachedBatchReader(items)
+        self._groups = self._group_items()
+        self._global_batches = sum(
+            -(-len(idx) * self.num_repeats[ds] // self.batch_sizes[ds]) for (ds, _), idx in self._groups
+        )
+        self._sampler = _PlanSampler()
+        self._loader = None
+        if num_workers > 0:
+            self._loader = DataLoader(self._reader, batch_size=None, sampler=self._sampler, num_workers=num_workers,
+                                      persistent_workers=persistent_workers, collate_fn=_identity)
+
+    def _group_items(self) -> list[tuple[tuple[int, tuple[int, int, int]], list[int]]]:
+        groups: dict[tuple[int, tuple[int, int, int]], list[int]] = {}
+        for index, item in enumerate(self.items):
+            groups.setdefault((item.dataset_index, item.latent_shape), []).append(index)
+        return sorted(groups.items())
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return max(1, self._global_batches // self.world_size) if self.world_size > 1 else self._global_batches
+
+    def epoch_plan(self, epoch: int) -> list[BatchPlan]:
+        """This rank's batches of ``epoch``, in order."""
+        rng = random.Random(self.seed + epoch)
+        batches: list[list[int]] = []
+        for (dataset, _), indices in self._groups:
+            pool = indices * self.num_repeats[dataset]
+            if self.shuffle:
+                rng.shuffle(pool)
+            size = self.batch_sizes[dataset]
+            batches.extend(pool[i:i + size] for i in range(0, len(pool), size))
+        if self.shuffle:
+            rng.shuffle(batches)
+        positions = self._shard(len(batches))
+        return [self._with_dropout(batches[p], epoch, p) for p in positions]
+
+    def _shard(self, total: int) -> list[int]:
+        """Global batch positions of this rank: every world_size-th, all ranks the same count."""
+        if self.world_size == 1:
+            return list(range(total))
+        per_rank = len(self)
+        positions = [(self.rank + self.world_size * i) % total for i in range(per_rank)]
+        return positions
+
+    def _with_dropout(self, batch: list[int], epoch: int, position: int) -> BatchPlan:
+        plan = []
+        for slot, index in enumerate(batch):
+            rate = self.items[index].caption_dropout_rate
+            dropped = False
+            if rate > 0:
+                draw = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, position, slot]).random()
+                dropped = bool(draw < rate)
+            plan.append((index, dropped))
+        return tuple(plan)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch (keeps a resumed position when it is the same epoch)."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.position = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        plans = self.epoch_plan(self.epoch)[self.position:]
+        if self._loader is None:
+            batches: Iterator[dict[str, Any]] = (self._reader[plan] for plan in plans)
+        else:
+            self._sampler.plans = plans
+            batches = iter(self._loader)
+        for batch in batches:
+            self.position += 1
+            yield batch
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "batches_per_epoch": len(self), "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue at the saved epoch and next batch."""
+        if state.get("seed", self.seed) != self.seed:
+            logger.warning("data order: resuming with seed %s, the state was saved with seed %s: the batch order "
+                           "differs from the interrupted run", self.seed, state["seed"])
+        if state.get("batches_per_epoch", len(self)) != len(self):
+            logger.warning("data order: the datasets changed since the state was saved (%s batches per epoch, "
+                           "now %d): the epoch continues from the same position", state["batches_per_epoch"], len(self))
+        self.epoch = int(state["epoch"])
+        self.position = min(int(state["position"]), len(self))
+
+
+def build_dataloader(
+    specs: list[DatasetSpec],
+    *,
+    seed: int,
+    shuffle: bool,
+    prior_loss_weight: float = 1.0,
+    num_workers: int = 0,
+    persistent_workers: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> CachedDataLoader:
+    """Scan ``specs``, match their caches and return the loader. Raises ``UserError`` when nothing is usable."""
+    items, reports = discover_all(specs, prior_loss_weight)
+    loader = CachedDataLoader(
+        items,
+        {i: s.batch_size for i, s in enumerate(specs)},
+        {i: s.num_repeats for i, s in enumerate(specs)},
+        seed=seed, shuffle=shuffle, num_workers=num_workers,
+        persistent_workers=persistent_workers and num_workers > 0,
+        rank=rank, world_size=world_size, reports=reports,
+    )
+    if world_size > 1 and loader._global_batches % world_size:
+        kind = "repeated" if loader._global_batches < world_size else "left out this epoch"
+        logger.warning("%d batch(es) do not divide over %d processes: %d %s so every rank gets %d",
+                       loader._global_batches, world_size, abs(loader._global_batches - len(loader) * world_size),
+                       kind, len(loader))
+    return loader

@@ -1,0 +1,183 @@
+"""The cached-item loader: bucketed batches, seeded order, resume, DDP shards, workers, missing caches."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from wantrainer.config_parser import parse_config
+from wantrainer.dataset.blueprint import resolve_datasets
+from wantrainer.dataset.cache_format import latent_cache_name, save_latent_cache, save_text_cache
+from wantrainer.dataset.loader import build_dataloader
+from wantrainer.dataset.sources import scan_dataset
+from wantrainer.devkit.synthetic import make_synthetic_dataset
+from wantrainer.errors import UserError
+
+TEXT_DIM = 8
+
+
+def _write_caches(spec, text: bool = True) -> None:
+    """Cache files in the real format; latents hold the item's number so batches can be checked."""
+    for number, item in enumerate(scan_dataset(spec).items):
+        frames = item.frames or 1
+        shape = (16, (frames - 1) // 4 + 1, item.bucket[1] // 8, item.bucket[0] // 8)
+        save_latent_cache(item.latent_cache_path, torch.full(shape, float(number), dtype=torch.bfloat16),
+                          *item.bucket, frame_count=item.frames)
+        if text and not item.text_cache_path.exists():
+            length = 3 + len(item.caption.split())
+            save_text_cache(item.text_cache_path, torch.randn(length, TEXT_DIM).to(torch.bfloat16))
+
+
+def _specs(root: Path, split: str = "train", **overrides):
+    datasets = {
+        "general": {"resolution": 64, "enable_bucket": True, "batch_size": 2},
+        split: [{"image_directory": "images", "cache_directory": "cache_i", **overrides},
+                {"video_directory": "videos", "cache_directory": "cache_v", "target_frames": [9, 17]}],
+    }
+    return resolve_datasets(parse_config({"datasets": datasets}, config_dir=root).datasets, split)
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cached")
+    make_synthetic_dataset(root, seed=1, num_images=7, num_videos=3, video_frames=(17, 25))
+    for spec in _specs(root):
+        _write_caches(spec)
+    return root
+
+
+def _keys(loader, epochs=1) -> list[tuple[str, ...]]:
+    out = []
+    for _ in range(epochs):
+        out.extend(tuple(batch["keys"]) for batch in loader)
+    return out
+
+
+def test_batches_never_mix_buckets_and_hold_the_cached_data(cached):
+    specs = _specs(cached)
+    loader = build_dataloader(specs, seed=0, shuffle=True)
+    media = {i.key: i for s in specs for i in scan_dataset(s).items}
+    seen = []
+    for batch in loader:
+        latents = batch["latents"]
+        assert latents.dtype == torch.float32 and latents.shape[:2] == (len(batch["keys"]), 16)
+        assert len({(media[k].bucket, media[k].frames) for k in batch["keys"]}) == 1
+        assert all(t.dtype == torch.float32 and t.shape[1] == TEXT_DIM and t.shape[0] > 3 for t in batch["text_embeds"])
+        assert torch.equal(batch["loss_weight"], torch.ones(len(batch["keys"])))
+        assert 1 <= len(batch["keys"]) <= 2
+        seen.extend(batch["keys"])
+    assert sorted(seen) == sorted(media) and len(loader) == len(_keys(loader))
+    image_keys = [k for k in media if k.startswith("image_")]
+    assert len(image_keys) == 7 and len(media) == 13  # 7 images + 3 clips x 2 windows
+
+
+def test_order_is_deterministic_per_seed_and_epoch(cached):
+    specs = _specs(cached)
+    first = _keys(build_dataloader(specs, seed=5, shuffle=True), epochs=2)
+    again = _keys(build_dataloader(specs, seed=5, shuffle=True), epochs=2)
+    other = _keys(build_dataloader(specs, seed=6, shuffle=True), epochs=2)
+    half = len(first) // 2
+    assert first == again and first != other and first[:half] != first[half:]
+    val = build_dataloader(_specs(cached, "val"), seed=5, shuffle=False)
+    assert _keys(val) == _keys(val) == _keys(build_dataloader(_specs(cached, "val"), seed=9, shuffle=False))
+
+
+def test_num_repeats_and_reg_loss_weight(cached):
+    specs = _specs(cached, num_repeats=3, is_reg=True)
+    loader = build_dataloader(specs, seed=0, shuffle=True, prior_loss_weight=0.25)
+    counts: dict[str, int] = {}
+    for batch in loader:
+        weight = 0.25 if batch["keys"][0].startswith("image_") else 1.0
+        assert torch.equal(batch["loss_weight"], torch.full((len(batch["keys"]),), weight))
+        for key in batch["keys"]:
+            counts[key] = counts.get(key, 0) + 1
+    assert {k: v for k, v in counts.items() if k.startswith("image_")} == {f"image_{i:03d}": 3 for i in range(7)}
+    assert {v for k, v in counts.items() if k.startswith("clip_")} == {1}
+
+
+def _trace(batches) -> list[tuple]:
+    return [(tuple(b["keys"]), tuple(t.shape[0] for t in b["text_embeds"]), b["latents"].sum().item()) for b in batches]
+
+
+def test_mid_epoch_resume_gives_the_same_remaining_batches(cached):
+    specs = _specs(cached, caption_dropout_rate=0.5)
+    straight = build_dataloader(specs, seed=3, shuffle=True)
+    _trace(straight)  # epoch 0
+    straight.set_epoch(1)
+    it = iter(straight)
+    head = _trace(next(it) for _ in range(3))
+    state = straight.state_dict()
+    assert state["epoch"] == 1 and state["position"] == 3
+    rest = _trace(it)
+    straight.set_epoch(2)
+    rest += _trace(straight)
+
+    resumed = build_dataloader(specs, seed=3, shuffle=True)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)  # the trainer's own epoch loop: same epoch keeps the position
+    replay = _trace(resumed)
+    resumed.set_epoch(2)
+    replay += _trace(resumed)
+    assert replay == rest and len(head) + len(rest) == 2 * len(straight)
+    dropped = sum(n == 0 for batch in head + rest for n in batch[1])
+    assert 0 < dropped < sum(len(batch[1]) for batch in head + rest)  # dropout 0.5 on the images only
+
+
+def test_caption_dropout_only_at_train_time(cached):
+    loader = build_dataloader(_specs(cached, caption_dropout_rate=1.0), seed=0, shuffle=True)
+    for batch in loader:
+        dropped = batch["keys"][0].startswith("image_")
+        assert all((t.shape == (0, TEXT_DIM)) == dropped for t in batch["text_embeds"])
+    val = build_dataloader(_specs(cached, "val", caption_dropout_rate=1.0), seed=0, shuffle=False)
+    assert all(t.shape[0] > 0 for batch in val for t in batch["text_embeds"])
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ddp_shards_are_disjoint_and_equal(cached, world_size):
+    specs = _specs(cached)
+    full = _keys(build_dataloader(specs, seed=4, shuffle=True))
+    shards = [build_dataloader(specs, seed=4, shuffle=True, rank=r, world_size=world_size) for r in range(world_size)]
+    keys = [_keys(s) for s in shards]
+    assert len({len(s) for s in shards}) == 1 and all(len(k) == len(shards[0]) for k in keys)
+    flat = [batch for k in keys for batch in k]
+    assert len(flat) == len(set(flat)) == len(full) // world_size * world_size
+    assert set(flat) <= set(full)
+
+
+def test_workers_give_the_same_batches(cached):
+    specs = _specs(cached, caption_dropout_rate=0.5)
+    plain = build_dataloader(specs, seed=2, shuffle=True)
+    workers = build_dataloader(specs, seed=2, shuffle=True, num_workers=2, persistent_workers=True)
+    assert _trace(plain) + _trace(plain) == _trace(workers) + _trace(workers)
+    it = iter(workers)
+    next(it), next(it)
+    assert workers.state_dict()["position"] == 2
+
+
+def test_missing_caches_are_reported(tmp_path, caplog):
+    make_synthetic_dataset(tmp_path, seed=1, num_images=3, num_videos=1)
+    spec_i, spec_v = _specs(tmp_path)
+    with pytest.raises(UserError) as err:
+        build_dataloader([spec_i, spec_v], seed=0, shuffle=True)
+    assert "wantrainer cache-latents" in str(err.value) and "0 of 3 item(s) usable" in str(err.value)
+
+    _write_caches(spec_i, text=False)
+    with pytest.raises(UserError, match="wantrainer cache-text"):
+        build_dataloader([spec_i], seed=0, shuffle=True)
+
+    _write_caches(spec_i)
+    item = scan_dataset(spec_i).items[0]
+    item.text_cache_path.unlink()
+    stale = spec_i.cache_directory / latent_cache_name("image_001", 16, 256)
+    shutil.move(scan_dataset(spec_i).items[1].latent_cache_path, stale)
+    with caplog.at_level(logging.WARNING):
+        loader = build_dataloader([spec_i, spec_v], seed=0, shuffle=True)
+    report = loader.reports[0]
+    assert (report.usable, report.missing_text, report.stale_latents) == (1, [item.key], ["image_001"])
+    assert loader.reports[1].missing_latents == ["clip_000_00000-009", "clip_000_00000-017"]
+    assert "1 of 3 item(s) usable" in caplog.text and "without text cache" in caplog.text
+    assert _keys(loader) == [("image_002",)]
