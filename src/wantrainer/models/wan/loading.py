@@ -1,0 +1,264 @@
+"""Loading Wan DiT checkpoints: file discovery, layout checks, architecture inference, dtype / fp8 rules.
+
+The model is built on the meta device and filled with ``load_state_dict(assign=True)`` from memory-mapped
+safetensors, one tensor at a time, so loading never holds two full copies of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from wantrainer.common.logger import get_logger
+from wantrainer.errors import UserError
+
+from .configs import HEAD_DIM, WanModelConfig, known_config_name
+from .fp8 import FP8_DTYPES, is_fp8_block_linear, quantize_weight, replace_block_linears
+from .transformer import WanModel
+
+logger = get_logger(__name__)
+
+PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_SHARD = re.compile(r"^(?P<stem>.+)-\d{5}-of-\d{5}\.safetensors$")
+_IGNORED_KEYS = ("scaled_fp8",)  # marker tensor of scaled-fp8 ComfyUI files
+
+
+class CheckpointMismatchError(UserError):
+    """The file is not a Wan text-to-video DiT in the original layout (or is incomplete)."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    key: str  # key inside the file (with its prefix)
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name, e.g. "BF16", "F8_E4M3"
+
+
+# ----- files ------------------------------------------------------------------------------------------------
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint given as a file, the first shard, an index json or a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"DiT checkpoint not found: {path} (check the `dit` / `dit_high_noise` path)")
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        singles = sorted(path.glob("*.safetensors"))
+        if indexes:
+            return _files_from_index(indexes[0])
+        if len(singles) == 1:
+            return singles
+        raise UserError(
+            f"{path} is a folder without an index json and with {len(singles)} .safetensors files"
+        )
+    if path.name.endswith(".index.json"):
+        return _files_from_index(path)
+    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        raise UserError(f"{path}: only .safetensors DiT checkpoints are supported; convert this file first")
+    match = _SHARD.match(path.name)
+    if match:
+        index = path.with_name(f"{match['stem']}.safetensors.index.json")
+        if index.exists():
+            return _files_from_index(index)
+        return sorted(path.parent.glob(f"{match['stem']}-*-of-*.safetensors"))
+    return [path]
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{index}: not a safetensors index json ({exc})") from None
+    files = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise UserError(f"{index} names shards that do not exist: {', '.join(missing[:3])}")
+    return files
+
+
+def read_tensor_index(files: list[Path]) -> dict[str, TensorEntry]:
+    """Map each (prefix-stripped) key to its file, shape and stored dtype, reading headers only."""
+    entries: dict[str, TensorEntry] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    tensor_slice = handle.get_slice(key)
+                    name = strip_prefix(key)
+                    entries[name] = TensorEntry(
+                        file, key, tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()
+                    )
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise UserError(f"{file}: cannot read as safetensors ({exc})") from None
+    return entries
+
+
+def strip_prefix(key: str) -> str:
+    for prefix in PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+# ----- layout ---------------------------------------------------------------------------------------------
+def guess_layout(keys) -> str:
+    """A short description of what a state dict with these keys looks like."""
+    keys = list(keys)
+    joined = "\n".join(keys[:20000])
+    if re.search(r"lora_(down|up|A|B)\b|\.alpha$|lora_unet_", joined, re.M):
+        return "this looks like a LoRA, not a base model (put it in the network / sampling LoRA options)"
+    if "condition_embedder." in joined or ".attn1.to_q." in joined or "scale_shift_table" in joined:
+        return (
+            "this looks like a diffusers-layout file (WanTransformer3DModel); use the original / ComfyUI file"
+        )
+    if re.search(
+        r"^(encoder|decoder)\.(conv1|conv_in|downsamples|down_blocks|upsamples|up_blocks)", joined, re.M
+    ):
+        return "this looks like a VAE"
+    if "shared.weight" in joined or "encoder.block." in joined or "token_embedding." in joined:
+        return "this looks like a text encoder (T5 / UMT5)"
+    if "img_emb." in joined or ".k_img." in joined:
+        return "this looks like an image-to-video Wan DiT; only text-to-video models are supported"
+    if "vace_blocks." in joined:
+        return "this looks like a Wan VACE model; only text-to-video models are supported"
+    if "patch_embedding.weight" in joined and "blocks.0.self_attn.q.weight" in joined:
+        return "this looks like a Wan DiT in the original layout, but incomplete or of another variant"
+    return "this does not look like a Wan DiT"
+
+
+def _mismatch(what: str, missing: list[str], unexpected: list[str], keys) -> CheckpointMismatchError:
+    lines = [f"{what} does not match the Wan DiT layout: {guess_layout(keys)}."]
+    if missing:
+        lines.append(
+            f"  missing ({len(missing)}): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
+    if unexpected:
+        more = " ..." if len(unexpected) > 5 else ""
+        lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:5])}{more}")
+    return CheckpointMismatchError("\n".join(lines))
+
+
+def infer_wan_config(shapes: dict[str, tuple[int, ...]], source: str = "the checkpoint") -> WanModelConfig:
+    """The architecture from the tensor shapes of an original-layout state dict (prefix already stripped)."""
+    required = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
+                "blocks.0.ffn.0.weight", "head.head.weight")  # fmt: skip
+    missing = [k for k in required if k not in shapes]
+    if missing:
+        raise _mismatch(source, missing, [], shapes)
+    dim, in_dim, *patch = shapes["patch_embedding.weight"]
+    if len(patch) != 3:
+        raise _mismatch(source, ["patch_embedding.weight (5-D)"], [], shapes)
+    layers = 1 + max(
+        int(k.split(".")[1]) for k in shapes if k.startswith("blocks.") and k.split(".")[1].isdigit()
+    )
+    if dim % HEAD_DIM and dim > HEAD_DIM:
+        raise CheckpointMismatchError(f"{source}: dim {dim} is not a multiple of the head width {HEAD_DIM}")
+    return WanModelConfig(
+        dim=dim,
+        ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
+        num_heads=max(1, dim // HEAD_DIM),
+        num_layers=layers,
+        in_dim=in_dim,
+        out_dim=shapes["head.head.weight"][0] // math.prod(patch),
+        text_dim=shapes["text_embedding.0.weight"][1],
+        freq_dim=shapes["time_embedding.0.weight"][1],
+        patch_size=tuple(patch),
+    )
+
+
+# ----- dtype rules ----------------------------------------------------------------------------------------
+def _target_dtype(key: str, stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a non-fp8 parameter gets: precision-sensitive ones float32 when a dtype is chosen."""
+    if dtype is None:
+        return torch.bfloat16 if stored in FP8_DTYPES else stored
+    keep = set(WanModel._keep_in_fp32_modules)
+    return torch.float32 if keep & set(key.split(".")) else dtype
+
+
+def _convert(key: str, tensor: torch.Tensor, scale: torch.Tensor | None, expected: torch.Tensor,
+             dtype: torch.dtype | None, scaled: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The tensors the model receives for one file tensor (a quantised weight brings its scale)."""
+    if scale is not None:  # a pre-scaled fp8 file: scale [] or [out]
+        tensor = tensor.float() * scale.float().reshape(-1, *([1] * (tensor.ndim - 1)))
+    if expected.dtype in FP8_DTYPES:
+        if tensor.dtype in FP8_DTYPES and not scaled:
+            return {key: tensor.to(expected.dtype)}
+        weight, new_scale = quantize_weight(tensor, scaled)
+        out = {key: weight}
+        if new_scale is not None:
+            out[key.removesuffix("weight") + "scale_weight"] = new_scale
+        return out
+    return {key: tensor.to(_target_dtype(key, tensor.dtype, dtype))}
+
+
+# ----- the loader -----------------------------------------------------------------------------------------
+def load_wan_dit(
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    fp8_base: bool = False,
+    fp8_scaled: bool = False,
+    attn_mode: str = "sdpa",
+) -> WanModel:
+    """Load a Wan DiT checkpoint (architecture inferred from its shapes) onto ``device``.
+
+    ``dtype``: the compute dtype (precision-sensitive parameters stay float32); None keeps the stored dtypes.
+    ``fp8_base`` / ``fp8_scaled``: store the block Linear weights in fp8 (see ``fp8.py``). A file whose block
+    Linear weights are already fp8 keeps them in fp8 when ``dtype`` is None.
+    """
+    files = checkpoint_files(path)
+    entries = read_tensor_index(files)
+    source = str(path)
+    config = infer_wan_config({k: v.shape for k, v in entries.items()}, source)
+    stored_fp8 = any(is_fp8_block_linear(k) and e.dtype.startswith("F8") for k, e in entries.items())
+    use_fp8 = fp8_base or fp8_scaled or (stored_fp8 and dtype is None)
+    # a scaled-fp8 file loaded as stored keeps its scales
+    fp8_scaled = fp8_scaled or (
+        use_fp8 and dtype is None and any(k.endswith(".scale_weight") for k in entries)
+    )
+    with torch.device("meta"):
+        model = WanModel(config, attn_mode=attn_mode)
+    if use_fp8:
+        replace_block_linears(model, scaled=fp8_scaled)
+    expected = model.state_dict()
+    file_keys = {k for k in entries if not k.endswith(".scale_weight") and k not in _IGNORED_KEYS}
+    model_keys = {k for k in expected if not k.endswith(".scale_weight")}
+    if file_keys != model_keys:
+        raise _mismatch(source, sorted(model_keys - file_keys), sorted(file_keys - model_keys), entries)
+
+    state: dict[str, torch.Tensor] = {}
+    device = torch.device(device)
+    for file in files:
+        with safe_open(file, framework="pt", device=str(device)) as handle:
+            for key in sorted(file_keys & {k for k, e in entries.items() if e.file == file}):
+                scale_entry = (
+                    entries.get(key.removesuffix("weight") + "scale_weight")
+                    if key.endswith("weight")
+                    else None
+                )
+                scale = _read(scale_entry, device) if scale_entry is not None else None
+                tensor = handle.get_tensor(entries[key].key)
+                state.update(_convert(key, tensor, scale, expected[key], dtype, fp8_scaled))
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    name = known_config_name(config) or "custom size"
+    logger.info("loaded Wan DiT %s (%s): %s, compute dtype %s%s", source, name, _describe(config), model.dtype,
+                ", fp8 scaled" if fp8_scaled else ", fp8" if use_fp8 else "")  # fmt: skip
+    return model
+
+
+def _read(entry: TensorEntry, device: torch.device) -> torch.Tensor:
+    with safe_open(entry.file, framework="pt", device=str(device)) as handle:
+        return handle.get_tensor(entry.key)
+
+
+def _describe(config: WanModelConfig) -> str:
+    return (f"dim {config.dim}, ffn {config.ffn_dim}, {config.num_layers} layers, {config.num_heads} heads, "
+            f"in/out {config.in_dim}/{config.out_dim}, text_dim {config.text_dim}")  # fmt: skip
