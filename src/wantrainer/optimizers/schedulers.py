@@ -1,0 +1,80 @@
+"""Learning-rate schedules as ``LambdaLR`` multipliers of each group's peak lr.
+
+``s`` = optimiser step, ``W`` = warm-up steps, ``T`` = total steps, ``p = (s - W) / (T - W)`` clipped to [0, 1].
+Warm-up applies to every schedule: the multiplier is ``s / W`` for ``s < W`` (0 at the first step).
+
+- constant, constant_with_warmup: 1 after warm-up (the same schedule; both names are accepted)
+- linear: ``1 - p``                      - cosine: ``0.5 (1 + cos(pi p))``
+- cosine_with_restarts: ``0.5 (1 + cos(pi ((cycles p) mod 1)))``, 0 at the end
+- polynomial: ``(1 - p) ** power``       - cosine_with_min_lr: ``m + (1 - m) 0.5 (1 + cos(pi p))``
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..config.training import OptimizerConfig
+from ..errors import UserError
+
+SCHEDULES = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "cosine_with_min_lr",
+)  # fmt: skip
+
+
+def warmup_steps(value: int | float, total_steps: int) -> int:
+    """``lr_warmup_steps``: an int is a step count, a float below 1 a fraction of ``total_steps``."""
+    if isinstance(value, float) and value < 1.0:
+        return int(round(value * total_steps))
+    return int(value)
+
+
+@dataclass
+class LrMultiplier:
+    """The multiplier for one schedule (a picklable callable, so it lives in the scheduler state)."""
+
+    name: str
+    warmup: int
+    total: int
+    num_cycles: int = 1
+    power: float = 1.0
+    min_lr_ratio: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / self.warmup
+        if self.name in ("constant", "constant_with_warmup"):
+            return 1.0
+        p = min(max((step - self.warmup) / max(1, self.total - self.warmup), 0.0), 1.0)
+        if self.name == "linear":
+            return 1.0 - p
+        if self.name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * p))
+        if self.name == "cosine_with_restarts":
+            return 0.0 if p >= 1.0 else 0.5 * (1.0 + math.cos(math.pi * ((self.num_cycles * p) % 1.0)))
+        if self.name == "polynomial":
+            return (1.0 - p) ** self.power
+        if self.name == "cosine_with_min_lr":
+            return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+        raise ValueError(f"unknown lr_scheduler {self.name!r}")
+
+
+def create_lr_scheduler(cfg: OptimizerConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
+    """A ``LambdaLR`` stepping once per optimiser step over ``total_steps``."""
+    if cfg.lr_scheduler not in SCHEDULES:
+        raise UserError(f"lr_scheduler = {cfg.lr_scheduler!r} is unknown; use one of {', '.join(SCHEDULES)}")
+    warmup = warmup_steps(cfg.lr_warmup_steps, total_steps)
+    if warmup >= total_steps > 0:
+        raise UserError(f"lr_warmup_steps = {cfg.lr_warmup_steps} covers the whole run of {total_steps} steps")
+    multiplier = LrMultiplier(
+        name=cfg.lr_scheduler,
+        warmup=warmup,
+        total=total_steps,
+        num_cycles=cfg.lr_scheduler_num_cycles,
+        power=cfg.lr_scheduler_power,
+        min_lr_ratio=cfg.lr_scheduler_min_lr_ratio,
+    )
+    return LambdaLR(optimizer, multiplier)
