@@ -1,0 +1,154 @@
+"""``wantrainer doctor --config X``: what the datasets hold, what is wrong with them, and the buckets.
+
+Per dataset: items found, captions missing, unreadable files, videos too short for each target length,
+cache files present, and the bucket and frame-count histograms as text and as a PNG
+(``{output_dir}/doctor_{split}_{index}.png``). Exit 0 when training can proceed, 2 when not. No models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..common.logger import get_logger
+from ..errors import UserError
+from ..utils.atomic import atomic_path
+from .blueprint import DatasetSpec, resolve_datasets
+from .sources import DatasetScan, scan_dataset
+
+logger = get_logger(__name__)
+_BAR = 40
+
+
+@dataclass
+class DatasetDiagnosis:
+    spec: DatasetSpec
+    scan: DatasetScan | None = None
+    error: str | None = None
+    buckets: Counter = field(default_factory=Counter)
+    frame_lengths: Counter = field(default_factory=Counter)
+    too_short: dict[int, list[tuple[Path, int]]] = field(default_factory=dict)
+    latent_caches: int = 0
+    text_caches: int = 0
+    plot: Path | None = None
+
+
+def diagnose(spec: DatasetSpec) -> DatasetDiagnosis:
+    """Scan one dataset and collect what the report shows."""
+    found = DatasetDiagnosis(spec)
+    try:
+        found.scan = scan = scan_dataset(spec)
+    except UserError as exc:
+        found.error = str(exc)
+        return found
+    for item in scan.items:
+        found.buckets[item.bucket] += 1
+        if item.frames is not None:
+            found.frame_lengths[item.frames] += 1
+    if spec.is_video and spec.frame_extraction != "full":
+        for target in spec.target_frames:
+            short = [(path, count) for path, count in scan.frame_counts.items() if count < target]
+            if short:
+                found.too_short[target] = short
+    found.latent_caches = sum(item.latent_cache_path.is_file() for item in scan.items)
+    found.text_caches = len({item.text_cache_path for item in scan.items if item.text_cache_path.is_file()})
+    return found
+
+
+def _histogram(counter: Counter, label) -> list[str]:
+    if not counter:
+        return ["    (none)"]
+    peak = max(counter.values())
+    return [f"    {label(key):>10}  {'#' * max(1, round(_BAR * n / peak)):<{_BAR}} {n}" for key, n in sorted(counter.items())]
+
+
+def format_diagnosis(d: DatasetDiagnosis) -> str:
+    """The text report of one dataset."""
+    spec = d.spec
+    kind = "videos" if spec.is_video else "images"
+    lines = [f"{spec.name}: {kind} from {spec.source} (cache: {spec.cache_directory})"]
+    if d.error is not None or d.scan is None:
+        return "\n".join(lines + [f"  ERROR: {d.error}"])
+    scan = d.scan
+    sources = len({item.path for item in scan.items})
+    lines.append(f"  items: {len(scan.items)} from {sources} file(s); unreadable or skipped: {len(scan.skipped)}; "
+                 f"captions missing: {len(scan.missing_captions)}")
+    lines.append(f"  caches present: {d.latent_caches} of {len(scan.items)} latent, "
+                 f"{d.text_caches} of {sources} text")
+    if scan.skipped:
+        lines.append("  skipped files:")
+        lines += [f"    {s.path}: {s.reason}" for s in scan.skipped]
+    if scan.missing_captions:
+        lines.append(f"  captions missing (an empty caption is used; add <name>{spec.caption_extension}):")
+        lines += [f"    {p}" for p in scan.missing_captions]
+    for target, short in sorted(d.too_short.items()):
+        lines.append(f"  too short for {target} frames ({len(short)} video(s)):")
+        lines += [f"    {path.name}: {count} frames" for path, count in short]
+    lines.append("  buckets (width x height: items):")
+    lines += _histogram(d.buckets, lambda b: f"{b[0]}x{b[1]}")
+    if spec.is_video:
+        lines.append("  frame counts (window length: items):")
+        lines += _histogram(d.frame_lengths, str)
+    return "\n".join(lines)
+
+
+def write_plot(d: DatasetDiagnosis, path: Path) -> None:
+    """Bucket and frame-count histograms of one dataset as a PNG (atomic write)."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    panels = [("buckets (W x H)", d.buckets, lambda b: f"{b[0]}x{b[1]}")]
+    if d.spec.is_video:
+        panels.append(("window length (frames)", d.frame_lengths, str))
+    figure = Figure(figsize=(5 * len(panels), 3.6), layout="constrained")
+    for axes, (title, counter, label) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        keys = sorted(counter)
+        axes.bar([label(k) for k in keys], [counter[k] for k in keys], color="#4c72b0")
+        axes.set_title(title)
+        axes.set_ylabel("items")
+        axes.yaxis.get_major_locator().set_params(integer=True)
+        axes.tick_params(axis="x", labelrotation=45)
+    figure.suptitle(f"{d.spec.name}: {sum(d.buckets.values())} items")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=80)
+
+
+def _blockers(train: list[DatasetDiagnosis], val: list[DatasetDiagnosis]) -> list[str]:
+    problems = [f"{d.spec.name}: {d.error}" for d in train + val if d.error]
+    if not train:
+        problems.append("no [[datasets.train]] entry")
+    elif not any(d.scan and d.scan.items for d in train):
+        problems.append("no training dataset holds a usable item")
+    return problems
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report, write the plots; 0 when training can proceed, 2 when not."""
+    from ..config_parser import load_config_for_command
+
+    cfg = load_config_for_command(args)
+    output_dir = Path(cfg.saving.output_dir)
+    results: dict[str, list[DatasetDiagnosis]] = {}
+    out = sys.stdout
+    for split in ("train", "val"):
+        results[split] = []
+        for spec in resolve_datasets(cfg.datasets, split):
+            d = diagnose(spec)
+            if d.scan is not None:
+                d.plot = output_dir / f"doctor_{split}_{spec.index}.png"
+                write_plot(d, d.plot)
+            results[split].append(d)
+            out.write(format_diagnosis(d) + "\n")
+            if d.plot is not None:
+                out.write(f"  plot: {d.plot}\n")
+            out.write("\n")
+    problems = _blockers(results["train"], results["val"])
+    if problems:
+        out.write("training cannot start:\n" + "".join(f"  - {p}\n" for p in problems))
+        return 2
+    total = sum(len(d.scan.items) for d in results["train"] if d.scan)
+    out.write(f"ok: {total} training item(s) ready to cache and train\n")
+    return 0
