@@ -18,3 +18,11 @@ def synthetic_media(tmp_path_factory):
     from wantrainer.devkit.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic_media"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_kit(tmp_path_factory):
+    """The tiny model kit (3 DiTs, VAE, UMT5, tokenizer in the release layouts), built once per session. Read-only."""
+    from wantrainer.devkit.tiny_kit import make_tiny_model_kit
+
+    return make_tiny_model_kit(tmp_path_factory.mktemp("tiny_kit"), seed=0)
