@@ -21,19 +21,19 @@ class DatasetEntry(Section):
     video_directory: Path | None = None
     """Folder of videos (mp4, webm, mkv, mov, avi) or of frame folders, with captions beside them."""
     image_jsonl_file: Path | None = None
-    """JSONL file, one {"image_path": ..., "caption": ...} object a line."""
+    """JSONL file, one {"image_path": ..., "caption": ...} object a line (relative paths: from the file's folder)."""
     video_jsonl_file: Path | None = None
-    """JSONL file, one {"video_path": ..., "caption": ...} object a line."""
+    """JSONL file, one {"video_path": ..., "caption": ...} object a line (relative paths: from the file's folder)."""
     cache_directory: Path | None = None
-    """Where the latent and text caches go (default: the media folder). Must differ between datasets."""
+    """Where the latent and text caches go (default: the media folder, or the JSONL file's folder). Must differ between datasets."""
     caption_extension: str = ".txt"
     """Caption file extension: <stem><caption_extension>."""
     resolution: Resolution = Field(default_factory=lambda: [832, 480])
-    """Target size: 960, "960x544", [960, 544], "480p" or "720p"."""
+    """Target size (width x height, multiples of 16): 960, "960x544", [960, 544], "480p" (832x480) or "720p" (1280x720)."""
     enable_bucket: bool = False
     """Group items into aspect-ratio buckets of about the target area instead of one fixed size."""
     bucket_no_upscale: bool = False
-    """With buckets: never upscale a smaller source; it keeps its own size (floored to 16)."""
+    """With enable_bucket: never upscale a smaller source; it keeps its own size (floored to 16)."""
     batch_size: int = Field(1, ge=1)
     """Items per batch (a batch never mixes buckets)."""
     num_repeats: int = Field(1, ge=1)
@@ -45,9 +45,9 @@ class DatasetEntry(Section):
     frame_stride: int = Field(1, ge=1)
     """Video, slide mode: frames between window starts."""
     frame_sample: int = Field(1, ge=1)
-    """Video, uniform mode: number of evenly spaced windows."""
+    """Video, uniform mode: number of evenly spaced windows per target length."""
     max_frames: int = Field(129, ge=1)
-    """Video, full mode: longest window."""
+    """Video, full mode: longest window (rounded down to 4n+1)."""
     source_fps: float | None = Field(None, gt=0)
     """Video: frame rate of the source; frames are resampled to Wan's 16 fps. Unset keeps every frame."""
     caption_dropout_rate: float = Field(0.0, ge=0, le=1)
