@@ -110,7 +110,7 @@ def _changed_lines(cfg: WanTrainerConfig) -> list[str]:
     lines = []
     for key, value in cfg.non_default_values().items():
         if key == "sample_prompts":
-            lines.append(f"  {key}: {len(value)} prompt(s)")
+            lines.append(f"  {key}: {len(value)} prompt{'s' if len(value) != 1 else ''}")
         elif value is None:
             lines.append(f"  {key} = (unset)")
         else:
