@@ -1,0 +1,82 @@
+"""Merge one or more LoRAs into a Wan DiT checkpoint file: W += multiplier * alpha / rank * up @ down.
+
+    python tools/merge_lora.py --dit DIT.safetensors --lora A.safetensors [--lora B.safetensors]
+        [--multiplier 1.0 [--multiplier 0.5]] --out MERGED.safetensors [--dtype bf16]
+
+The sum is computed in fp32 and stored in each weight's own dtype (or --dtype). Key prefixes
+(``model.diffusion_model.``) are kept; fp8 checkpoints must be converted to bf16 first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from wantrainer.errors import UserError
+from wantrainer.networks.formats import SAVE_DTYPES, kohya_to_path, load_lora, read_safetensors
+from wantrainer.utils.atomic import save_safetensors_atomic
+
+DIT_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _weight_key(dit: dict[str, torch.Tensor], path: str) -> str:
+    for prefix in DIT_PREFIXES:
+        if f"{prefix}{path}.weight" in dit:
+            return f"{prefix}{path}.weight"
+    raise UserError(f"the DiT has no weight for LoRA module {path!r}; is this LoRA for this model?")
+
+
+@torch.no_grad()
+def merge(dit_path: str, loras: list[str], multipliers: list[float], out: str, dtype: str | None = None) -> int:
+    """Write the merged checkpoint; returns the number of weights changed."""
+    if len(multipliers) not in (0, 1, len(loras)):
+        raise UserError(f"give one --multiplier, or one per --lora ({len(loras)}), not {len(multipliers)}")
+    multipliers = multipliers or [1.0]
+    if len(multipliers) == 1:
+        multipliers = multipliers * len(loras)
+    dit, meta = read_safetensors(dit_path)
+    if any(k.endswith("scale_weight") for k in dit):
+        raise UserError(f"{dit_path} is an fp8 scaled checkpoint; merge into the bf16/fp16 release instead")
+    changed: dict[str, torch.Tensor] = {}
+    for lora_path, multiplier in zip(loras, multipliers):
+        sd, _ = load_lora(lora_path)
+        for name in sorted({k.rsplit(".", 2)[0] for k in sd if k.endswith(".lora_down.weight")}):
+            key = _weight_key(dit, kohya_to_path(name))
+            if dit[key].dtype in FP8:
+                raise UserError(f"{dit_path}: {key} is fp8; merge into the bf16/fp16 release instead")
+            up, down = sd[f"{name}.lora_up.weight"].float(), sd[f"{name}.lora_down.weight"].float()
+            if (up.shape[0], down.shape[1]) != tuple(dit[key].shape):
+                raise UserError(f"{lora_path}: {name} is {up.shape[0]}x{down.shape[1]}, the DiT's {key} is {list(dit[key].shape)}")
+            scale = float(sd[f"{name}.alpha"]) / down.shape[0]
+            base = changed.get(key, dit[key].float())
+            changed[key] = base + multiplier * scale * (up @ down)
+    for key, value in changed.items():
+        dit[key] = value.to(dit[key].dtype)
+    if dtype is not None:
+        dit = {k: v.to(SAVE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in dit.items()}
+    save_safetensors_atomic(dit, out, metadata=meta or None)
+    return len(changed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dit", required=True, help="DiT checkpoint (single .safetensors file)")
+    parser.add_argument("--lora", required=True, action="append", help="LoRA file (repeat for several)")
+    parser.add_argument("--multiplier", type=float, action="append", default=[], help="strength (one, or one per --lora)")
+    parser.add_argument("--out", required=True, help="merged checkpoint to write")
+    parser.add_argument("--dtype", choices=sorted(SAVE_DTYPES), help="cast all float tensors (default: keep)")
+    args = parser.parse_args(argv)
+    try:
+        n = merge(args.dit, args.lora, args.multiplier, args.out, args.dtype)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {n} weights merged from {len(args.lora)} LoRA file(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
