@@ -254,3 +254,16 @@ def test_synthetic_media_is_deterministic(tmp_path, synthetic_media):
         assert again.captions[twin] == caption and twin.read_bytes() == path.read_bytes()
     assert len(synthetic_media.video_frames) == 3 and all(17 <= n <= 33 for n in synthetic_media.video_frames.values())
     assert all(" moving " in synthetic_media.captions[p] for p in synthetic_media.video_frames)
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    image = Image.new("RGB", (64, 32), (250, 0, 0))
+    image.paste((0, 0, 250), (0, 0, 32, 32))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: left half ends up on top
+    image.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    spec, = _specs({"train": [{"image_directory": ".", "resolution": [32, 64]}]}, tmp_path)
+    item, = scan_dataset(spec).items
+    pixels = item.load_pixels()
+    assert pixels.shape == (3, 1, 64, 32)
+    assert pixels[2, 0, 8, 16] > 0.8 and pixels[0, 0, 56, 16] > 0.8  # blue on top, red below

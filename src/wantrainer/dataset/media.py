@@ -8,12 +8,15 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import MediaError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi")
+_EXIF_ORIENTATION = 0x0112
+_ROTATED_ORIENTATIONS = (5, 6, 7, 8)
+"""EXIF orientations that swap width and height when applied."""
 _READ_ERRORS = (OSError, ValueError, EOFError, RuntimeError, SyntaxError, UnidentifiedImageError, av.FFmpegError)
 
 
@@ -40,11 +43,14 @@ class VideoInfo:
 
 
 def probe_image(path: Path) -> tuple[int, int]:
-    """(width, height) of an image; checks the file's structure without decoding all pixels."""
+    """(width, height) of an image as shown (EXIF rotation applied); checks the file without decoding pixels."""
     try:
         with Image.open(path) as image:
+            image.verify()  # must come first on a freshly opened file
+        with Image.open(path) as image:
             size = image.size
-            image.verify()
+            if image.getexif().get(_EXIF_ORIENTATION) in _ROTATED_ORIENTATIONS:
+                size = (size[1], size[0])
     except _READ_ERRORS as exc:
         raise MediaError(f"unreadable image ({type(exc).__name__}: {exc})") from None
     if size[0] <= 0 or size[1] <= 0:
@@ -53,10 +59,10 @@ def probe_image(path: Path) -> tuple[int, int]:
 
 
 def load_image(path: Path) -> Image.Image:
-    """The decoded RGB image."""
+    """The decoded RGB image, turned upright by its EXIF orientation."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")
     except _READ_ERRORS as exc:
         raise MediaError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
 
@@ -100,6 +106,7 @@ def read_video_frames(path: Path, indices: list[int]) -> list[Image.Image]:
         try:
             with av.open(str(path)) as container:
                 stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
                 for number, frame in enumerate(container.decode(stream)):
                     if number in wanted_set:
                         found[number] = frame.to_image().convert("RGB")
