@@ -181,3 +181,18 @@ def test_missing_caches_are_reported(tmp_path, caplog):
     assert loader.reports[1].missing_latents == ["clip_000_00000-009", "clip_000_00000-017"]
     assert "1 of 3 item(s) usable" in caplog.text and "without text cache" in caplog.text
     assert _keys(loader) == [("image_002",)]
+
+
+def test_state_saved_after_the_last_batch_continues_with_the_next_epoch(cached):
+    specs = _specs(cached)
+    straight = build_dataloader(specs, seed=8, shuffle=True)
+    it = iter(straight)
+    for _ in range(len(straight)):
+        next(it)  # the consumer stops at the epoch's length without exhausting the iterator
+    state = straight.state_dict()
+    assert (state["epoch"], state["position"]) == (1, 0)
+    straight.set_epoch(1)
+    expected = _keys(straight)
+    resumed = build_dataloader(specs, seed=8, shuffle=True)
+    resumed.load_state_dict(state)
+    assert _keys(resumed) == expected

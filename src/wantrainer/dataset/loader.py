@@ -164,7 +164,14 @@ class CachedDataLoader:
             self.epoch = epoch
             self.position = 0
 
+    def _roll_over(self) -> None:
+        """A finished epoch continues with the next one."""
+        if self.position >= len(self):
+            self.epoch += 1
+            self.position = 0
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._roll_over()
         plans = self.epoch_plan(self.epoch)[self.position:]
         if self._loader is None:
             batches: Iterator[dict[str, Any]] = (self._reader[plan] for plan in plans)
@@ -178,6 +185,7 @@ class CachedDataLoader:
         self.position = 0
 
     def state_dict(self) -> dict[str, int]:
+        self._roll_over()
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "batches_per_epoch": len(self), "world_size": self.world_size}
 
