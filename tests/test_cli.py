@@ -178,3 +178,9 @@ def test_batch_wrappers_map_the_same_operations():
     text = (ROOT / "run_trainer.bat").read_text(encoding="utf-8")
     assert "wantrainer.cli menu" in text and "wantrainer.cli train %*" in text and "wantrainer.cli %*" in text
     assert "torch==2.13.0" in (ROOT / "install.bat").read_text(encoding="utf-8")
+
+
+def test_validate_notes_a_tokenizer_read_as_hub_id(tmp_path, capsys):
+    cfg = write(tmp_path / "c.toml", 't5_tokenizer = "google/umt5-xxl"\n')
+    assert main(["validate", "--config", str(cfg)]) == 0
+    assert 'note: `t5_tokenizer` = "google/umt5-xxl" is not a folder' in capsys.readouterr().out

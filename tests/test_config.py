@@ -343,3 +343,13 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
 def test_wan_trainer_config_defaults_build_without_a_file():
     cfg = WanTrainerConfig()
     assert cfg.config_path is None and tomllib.loads(cfg.to_toml())["seed"] == 42
+
+
+def test_array_item_of_the_wrong_kind():
+    assert one_problem({"sample_prompts": ["a cat"]}) == '`sample_prompts[0]` must be a table, got "a cat" (a string)'
+    assert one_problem({"datasets": 5}).startswith("`datasets` must be a table")
+
+
+def test_value_check_inside_a_validator_names_the_key():
+    message = one_problem({"validation_timesteps": [100, 2000]})
+    assert message.startswith("`validation_timesteps`:") and "0..1000" in message and "2000" in message

@@ -60,6 +60,9 @@ def file_problems(cfg: WanTrainerConfig) -> tuple[list[str], list[str]]:
         why = _missing(Path(tokenizer), "dir")
         if why:
             problems.append(f"`t5_tokenizer` = {tokenizer} {why} (a folder with spiece.model, or a hub id)")
+    elif tokenizer is not None:
+        notes.append(f'`t5_tokenizer` = "{tokenizer}" is not a folder next to the config, so it is read as a '
+                     "Hugging Face hub id from the local cache; write a path (e.g. ./tokenizer) for a folder")
     for split in ("train", "val"):
         for index, entry in enumerate(getattr(cfg.datasets, split)):
             for key, (_, kind) in _SOURCES.items():
