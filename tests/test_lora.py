@@ -195,3 +195,29 @@ def test_shared_lora_on_two_dits():
         assert not torch.allclose(low(x, t, ctx), base_low)
         network.remove()
         assert torch.equal(high(x, t, ctx), base_high) and torch.equal(low(x, t, ctx), base_low)
+
+
+def test_wraps_fp8_linears_and_block_swap(tmp_path):
+    from wantrainer.models.wan.fp8 import FP8Linear
+    from wantrainer.models.wan.loading import load_wan_dit
+    from wantrainer.utils.atomic import save_safetensors_atomic
+
+    path = tmp_path / "dit.safetensors"
+    save_safetensors_atomic(tiny_dit().state_dict(), path)
+    dit = load_wan_dit(path, dtype=torch.float32, fp8_base=True, fp8_scaled=True)
+    assert isinstance(dit.blocks[0].self_attn.q, FP8Linear)
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        base = dit(x, t, ctx)
+    network = net(dit, network_dim=4)
+    network.apply_to(dit)
+    dit.enable_block_swap(1, "cpu")
+    dit.move_to_device_except_swap_blocks("cpu")
+    dit.prepare_block_swap_before_forward()
+    with torch.no_grad():
+        assert torch.equal(dit(x, t, ctx), base)
+    randomise_up(network)
+    dit(x, t, ctx).square().mean().backward()
+    assert all(m.lora_up.weight.grad.abs().sum() > 0 for m in network.lora_modules)
+    with pytest.raises(UserError, match="fp8"):
+        network.merge_to(dit)
