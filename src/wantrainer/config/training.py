@@ -69,9 +69,9 @@ class NetworkConfig(Section):
     network_dropout: float | None = Field(None, ge=0, lt=1)
     """Dropout on the LoRA down-projection output during training."""
     network_args: list[str] = Field(default_factory=list)
-    """Extra network arguments as "key=value" strings, e.g. include_patterns / exclude_patterns (regex lists)."""
+    """Extra network arguments as "key=value" literals: include_patterns / exclude_patterns (lists of regex matched against whole module paths such as "blocks.3.ffn.0"), verbose = True."""
     network_weights: Path | None = None
-    """Continue training from this existing LoRA file."""
+    """Continue training from this existing LoRA file (kohya, diffusion_model or diffusers layout; network_dim must match)."""
     use_rslora: bool = False
     """Rank-stabilised LoRA: scale by alpha / sqrt(rank)."""
     rank_dropout: float | None = Field(None, ge=0, lt=1)
@@ -95,17 +95,17 @@ class TimestepConfig(Section):
     discrete_flow_shift: float = Field(3.0, gt=0)
     """Shift applied by timestep_sampling = "shift" (higher = noisier timesteps)."""
     sigmoid_scale: float = Field(1.0, gt=0)
-    """Scale of the normal draw before the sigmoid (sigmoid, shift, flux_shift)."""
+    """Scale of the normal draw before the sigmoid (sigmoid, shift, flux_shift, qinglong); larger = flatter."""
     weighting_scheme: Literal["none", "sigma_sqrt", "cosmap", "logit_normal", "mode"] = "none"
     """Per-sample loss weighting by timestep."""
     logit_mean: float = 0.0
-    """Mean for logit_normal sampling / weighting."""
+    """Mean for logit_normal / logsnr / qinglong sampling and the logit_normal weighting."""
     logit_std: float = Field(1.0, gt=0)
-    """Standard deviation for logit_normal sampling / weighting."""
+    """Standard deviation for logit_normal / logsnr / qinglong sampling and the logit_normal weighting."""
     mode_scale: float = 1.29
     """Scale for the "mode" weighting scheme."""
     min_timestep: int | None = Field(None, ge=0, le=1000)
-    """Lowest training timestep (0-1000)."""
+    """Lowest training timestep (0-1000); the draw is rescaled into [min, max], keeping its shape."""
     max_timestep: int | None = Field(None, ge=0, le=1000)
     """Highest training timestep (0-1000)."""
 
