@@ -1,0 +1,157 @@
+"""Saving LoRA files and state folders on the configured triggers, with retention.
+
+- ``save_every_n_steps`` -> ``{output_name}-step00000100.safetensors`` (+ ``-state/`` with ``save_state``);
+- ``save_every_n_epochs`` -> ``{output_name}-epoch000002.safetensors`` (+ ``-state/``);
+- end of training -> ``{output_name}.safetensors`` (+ a final ``-step…-state/`` with ``save_state``);
+- SIGINT / SIGTERM -> ``-step…`` LoRA and state, whatever ``save_state`` says, so the run can be resumed;
+- a run stopped by non-finite losses saves nothing: the last good files stay as they are.
+
+With two networks (Wan 2.2, ``dual_lora_mode = "separate"``) every LoRA name gets the expert suffix:
+``{output_name}_high_noise-step00000100.safetensors``, ``{output_name}_low_noise.safetensors``.
+``save_last_n_steps`` deletes step saves older than N steps; ``save_last_n_epochs`` keeps the last N epoch saves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ...common.logger import get_logger
+from ...networks.formats import build_lora_metadata, save_lora
+from .. import checkpoint_io as io
+from ..experts import DEFAULT, HIGH_NOISE, LOW_NOISE
+from .base import Handler
+
+logger = get_logger(__name__)
+
+_NETWORK_META_KEYS = ("network_dim", "network_alpha", "use_rslora", "network_dropout", "rank_dropout",
+                      "module_dropout", "network_args", "loraplus_lr_ratio", "dual_lora_mode")
+
+
+class CheckpointHandler(Handler):
+    name = "checkpointing"
+
+    def __init__(self, cfg: Any, config_text: str, resolution: tuple[int, int] | None = None):
+        self.saving = cfg.saving
+        self.model_cfg = cfg.model
+        self.network_cfg = cfg.network
+        self.timestep_cfg = cfg.timesteps
+        self.config_text = config_text
+        self.resolution = resolution
+        self.output_dir = Path(self.saving.output_dir)
+        self.written: list[Path] = []
+        self._state_saved_at: int | None = None
+
+    # -- triggers --------------------------------------------------------------------------------
+    def on_step_end(self, trainer: Any) -> None:
+        every = self.saving.save_every_n_steps
+        if every and trainer.state.step % every == 0 and trainer.state.step < trainer.total_steps:
+            self.save(trainer, step=trainer.state.step, with_state=self.saving.save_state)
+            self._retain_steps(trainer, trainer.state.step)
+
+    def on_epoch_end(self, trainer: Any) -> None:
+        every = self.saving.save_every_n_epochs
+        if every and trainer.state.epoch % every == 0 and trainer.state.step < trainer.total_steps:
+            self.save(trainer, epoch=trainer.state.epoch, with_state=self.saving.save_state)
+            self._retain_epochs(trainer)
+
+    def on_train_end(self, trainer: Any) -> None:
+        step = trainer.state.step
+        if trainer.stop_reason == "completed":
+            self.save(trainer, with_state=False)
+            if self.saving.save_state and self._state_saved_at != step:
+                self.save_state(trainer, io.save_name(self.saving.output_name, step=step))
+        elif trainer.stop_reason == "interrupted":
+            self.save(trainer, step=step, with_state=self._state_saved_at != step)
+            state = self.output_dir / f"{io.save_name(self.saving.output_name, step=step)}-state"
+            logger.warning("interrupted at step %d: state saved to %s; continue with resume = \"%s\" or "
+                           "auto_resume = true", step, state, state)
+
+    # -- saving ----------------------------------------------------------------------------------
+    def save(self, trainer: Any, *, step: int | None = None, epoch: int | None = None, with_state: bool) -> None:
+        if trainer.accelerator.is_main_process:
+            for group in trainer.groups:
+                if group.network is None:
+                    continue
+                suffix = "" if len(trainer.groups) == 1 else f"_{group.name}"
+                name = io.save_name(self.saving.output_name, step=step, epoch=epoch, suffix=suffix)
+                path = self.output_dir / f"{name}.safetensors"
+                save_lora(path, group.network.state_dict(), self.metadata(trainer, group.name, name),
+                          self.network_cfg.save_precision)
+                self.written.append(path)
+                logger.info("saved %s", path)
+        if with_state:
+            self.save_state(trainer, io.save_name(self.saving.output_name, step=step, epoch=epoch))
+        trainer.accelerator.wait_for_everyone()
+
+    def save_state(self, trainer: Any, name: str) -> Path:
+        """Write ``{name}-state/`` atomically (every process adds its own random state and data position)."""
+        final = self.output_dir / f"{name}-state"
+        sd = trainer.state_dict()
+        accelerator = trainer.accelerator
+        tmp = io.tmp_folder_for(final)
+        if accelerator.is_main_process:
+            io.begin_state_folder(final)
+            io.write_main_part(tmp, io.payload_from_state(sd, self.config_text))
+        accelerator.wait_for_everyone()
+        io.write_rank_part(tmp, trainer.rank, sd["rank"])
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            io.finish_state_folder(tmp, final, {"step": trainer.state.step, "epoch": trainer.state.epoch})
+            logger.info("saved state %s", final)
+        accelerator.wait_for_everyone()
+        self._state_saved_at = trainer.state.step
+        self.written.append(final)
+        return final
+
+    def metadata(self, trainer: Any, group: str, title: str) -> dict[str, str]:
+        m, t = self.model_cfg, self.timestep_cfg
+        lo, hi = t.min_timestep or 0, t.max_timestep if t.max_timestep is not None else 1000
+        boundary = trainer.experts.boundary
+        base = m.dit_high_noise if group == HIGH_NOISE else m.dit
+        if group == HIGH_NOISE:
+            lo = max(lo, round(boundary * 1000))
+        elif group == LOW_NOISE:
+            hi = min(hi, round(boundary * 1000))
+        elif trainer.experts.names == [HIGH_NOISE]:
+            base = m.dit_high_noise
+        extra = {"ss_experts": ",".join(trainer.experts.names), "ss_expert_steps": self._expert_steps(trainer)}
+        if group != DEFAULT:
+            extra["ss_expert"] = group
+        if boundary is not None:
+            extra["ss_timestep_boundary"] = f"{boundary * 1000:g}"
+        return build_lora_metadata(
+            config_toml=self.config_text,
+            network={k: getattr(self.network_cfg, k) for k in _NETWORK_META_KEYS},
+            steps=trainer.state.step,
+            epochs=trainer.state.epoch,
+            target_model=m.target_model,
+            base_model=base,
+            title=title,
+            resolution=self.resolution,
+            timestep_range=(int(lo), int(hi)),
+            extra=extra,
+        )
+
+    @staticmethod
+    def _expert_steps(trainer: Any) -> str:
+        return ",".join(f"{k}={v}" for k, v in trainer.state.expert_steps.items())
+
+    # -- retention -------------------------------------------------------------------------------
+    def _retain_steps(self, trainer: Any, step: int) -> None:
+        keep = self.saving.save_last_n_steps
+        if not keep or not trainer.accelerator.is_main_process:
+            return
+        saves = io.saved_steps(self.output_dir, self.saving.output_name, "step")
+        io.remove_saves([p for n, paths in saves.items() if n <= step - keep for p in paths])
+
+    def _retain_epochs(self, trainer: Any) -> None:
+        keep = self.saving.save_last_n_epochs
+        if not keep or not trainer.accelerator.is_main_process:
+            return
+        saves = io.saved_steps(self.output_dir, self.saving.output_name, "epoch")
+        old = sorted(saves)[:-keep]
+        io.remove_saves([p for n in old for p in saves[n]])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}

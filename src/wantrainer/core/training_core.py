@@ -1,0 +1,448 @@
+"""The training loop: ``Trainer.train()`` -> ``train_step()`` -> ``forward_backward()``.
+
+The loop knows flow matching, gradient accumulation, the optimiser step and when to call the handlers
+(checkpointing, metrics, validation, sampling) and enhancements; it never names an optional feature.
+
+Flow matching: x_t = (1 - t) * x0 + t * noise, target = noise - x0, the model sees timestep 1000 * t.
+Noise, timesteps and the expert of each step come from the trainer's own seeded generators, so anything else
+that draws random numbers (validation, sampling, data loading) never shifts the training trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..common.logger import get_logger
+from ..enhancements.base import StepContext
+from ..errors import UserError
+from .distributed import average_gradients, broadcast_parameters, sum_across
+from .experts import Experts, RegimeSampler
+from .signals import StopRequest
+from .state import TrainState, global_rng_state, seeded_generator, set_global_rng_state
+
+logger = get_logger(__name__)
+
+
+class NonFiniteLossError(UserError):
+    """Too many consecutive steps had a NaN / Inf loss; the run stops (the last saved files are kept)."""
+
+
+@dataclass
+class TrainGroup:
+    """One trained network with its optimiser and learning-rate schedule."""
+
+    name: str
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    scheduler: Any
+    network: torch.nn.Module | None = None
+    experts: tuple[str, ...] = ()
+    """The experts whose steps update this group."""
+    steps: int = 0
+
+
+@dataclass
+class StepResult:
+    """What the last optimiser step did (read by the metrics / progress handlers)."""
+
+    step: int
+    expert: str
+    loss: float
+    grad_norm: float | None
+    skipped: bool
+    samples: int
+    lrs: dict[str, float]
+    timings: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Runs the loop on parts the builder (``wan_network_trainer``) made."""
+
+    def __init__(
+        self,
+        *,
+        accelerator: Any,
+        experts: Experts,
+        regimes: RegimeSampler,
+        groups: Sequence[TrainGroup],
+        loader: Any,
+        loss_fn: Any,
+        total_steps: int,
+        seed: int,
+        gradient_accumulation_steps: int = 1,
+        max_grad_norm: float = 0.0,
+        max_nonfinite_steps: int = 5,
+        handlers: Sequence[Any] = (),
+        enhancements: Sequence[Any] = (),
+        metrics: Any = None,
+        cfg: Any = None,
+        resume_from: Path | None = None,
+    ):
+        self.accelerator = accelerator
+        self.experts = experts
+        self.regimes = regimes
+        self.groups = list(groups)
+        self.loader = loader
+        self.loss_fn = loss_fn
+        self.total_steps = total_steps
+        self.grad_accum = gradient_accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.handlers = list(handlers)
+        self.enhancements = list(enhancements)
+        self.metrics = metrics
+        self.cfg = cfg
+        self.resume_from = resume_from
+        self.state = TrainState(expert_steps={name: 0 for name in experts.names})
+        self.progress_postfix: dict[str, Any] = {}
+        self.last_step: StepResult | None = None
+        self.stop = StopRequest()
+        self.stop_reason = "running"
+        """"completed", "interrupted" or "failed" once ``train()`` ends (handlers read it in on_train_end)."""
+        self.noise_gen = seeded_generator(seed + 1)
+        self.timestep_gen = seeded_generator(seed + 2)
+        self.regime_gen = seeded_generator(seed + 3)
+        self._iter: Iterator[Any] | None = None
+        self._epoch_len = len(loader)
+        self._data_time = 0.0
+        if self._epoch_len == 0:
+            raise UserError("the training data loader is empty: check [[datasets.train]] and the caches")
+        for group in self.groups:
+            broadcast_parameters(group.params)
+
+    # ------------------------------------------------------------------ properties used by handlers
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.experts.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def wait_for_everyone(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    @property
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """The trained network of every group ("default", or "high_noise" / "low_noise" when separate)."""
+        return {g.name: g.network for g in self.groups if g.network is not None}
+
+    def call_model(
+        self, model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, context: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """One forward pass in the run's precision (what training, validation and sampling all use)."""
+        with self.accelerator.autocast():
+            return model(x, timestep=timestep, context=context).float()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self._epoch_len / self.grad_accum)
+
+    def groups_for(self, expert: str) -> list[TrainGroup]:
+        return [g for g in self.groups if expert in g.experts]
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> str:
+        """Train to ``total_steps``; returns the stop reason ("completed" or "interrupted")."""
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
+        self.stop_reason = "running"
+        try:
+            self._call("on_train_start")
+            with self.stop.installed():
+                self._run_steps()
+            self.stop_reason = "interrupted" if self.stop.requested else "completed"
+        except BaseException:
+            self.stop_reason = "failed"
+            raise
+        finally:
+            self._call("on_train_end")
+            for enh in self.enhancements:
+                enh.teardown()
+        return self.stop_reason
+
+    def _run_steps(self) -> None:
+        while self.state.step < self.total_steps:
+            micro_batches = self._next_micro_batches()
+            if not micro_batches:
+                self._end_epoch()
+                continue
+            self.train_step(micro_batches)
+            self._call("on_step_end")
+            if self.state.batches_in_epoch >= self._epoch_len:
+                self._end_epoch()
+            if self._stop_agreed():
+                logger.warning("stopping at step %d on request", self.state.step)
+                return
+
+    def _next_micro_batches(self) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        batches: list[dict[str, Any]] = []
+        while len(batches) < self.grad_accum and self.state.batches_in_epoch < self._epoch_len:
+            if self._iter is None:
+                self.loader.set_epoch(self.state.epoch)  # keeps a resumed position within the same epoch
+                self._iter = iter(self.loader)
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                self._epoch_len = self.state.batches_in_epoch
+                break
+            batches.append(batch)
+            self.state.batches_in_epoch += 1
+        self._data_time = time.perf_counter() - start
+        return batches
+
+    def _end_epoch(self) -> None:
+        self.state.epoch += 1
+        self.state.batches_in_epoch = 0
+        self._iter = None
+        self._epoch_len = len(self.loader)
+        self._call("on_epoch_end")
+
+    def _stop_agreed(self) -> bool:
+        flag = sum_across([1.0 if self.stop.requested else 0.0], self.device)[0]
+        if flag > 0:
+            self.stop.requested = True
+        return self.stop.requested
+
+    def _call(self, hook: str) -> None:
+        for handler in self.handlers:
+            getattr(handler, hook)(self)
+
+    # ------------------------------------------------------------------ one optimiser step
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> StepResult:
+        """Accumulate the micro-batches' gradients, then take one optimiser step (or skip a non-finite one)."""
+        step_start = time.perf_counter()
+        expert = self.regimes.choose(self.regime_gen)
+        self.experts.activate(expert)
+        groups = self.groups_for(expert)
+        timings = {"data": self._data_time, "forward": 0.0, "backward": 0.0}
+        scale = self.grad_accum / len(micro_batches)  # an epoch that ends mid-accumulation keeps the mean
+        losses, finite, samples, metrics = [], True, 0, {}
+        for batch in micro_batches:
+            loss, step_metrics = self.forward_backward(batch, expert, scale, timings)
+            finite = finite and bool(torch.isfinite(loss))
+            losses.append(float(loss))
+            samples += int(batch["latents"].shape[0])
+            for key, value in step_metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + float(value) / len(micro_batches)
+        local_loss = sum(losses) / len(losses) if finite else 0.0
+        bad, loss_sum, sample_sum = sum_across([0.0 if finite else 1.0, local_loss, samples], self.device)
+        opt_start = time.perf_counter()
+        grad_norm = None
+        if bad == 0:
+            grad_norm = self._optimizer_step(groups)
+            self.state.nonfinite_in_row = 0
+            self.state.expert_steps[expert] = self.state.expert_steps.get(expert, 0) + 1
+        else:
+            self._skip_step(groups)
+        timings["optimizer"] = time.perf_counter() - opt_start
+        self.state.step += 1
+        for enh in self.enhancements:
+            enh.on_step_end(self.state)
+        timings["step"] = time.perf_counter() - step_start + self._data_time
+        result = StepResult(
+            step=self.state.step,
+            expert=expert,
+            loss=loss_sum / self.world_size if bad == 0 else float("nan"),
+            grad_norm=grad_norm,
+            skipped=bad > 0,
+            samples=int(sample_sum),
+            lrs=self.current_lrs(),
+            timings=timings,
+            metrics=metrics,
+        )
+        self.last_step = result
+        return result
+
+    def forward_backward(
+        self, batch: dict[str, Any], expert: str, scale: float = 1.0, timings: dict[str, float] | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Noise one micro-batch, predict the flow, compute the loss and (when finite) backpropagate it."""
+        timings = timings if timings is not None else {"forward": 0.0, "backward": 0.0}
+        start = time.perf_counter()
+        batch = self._to_device(batch)
+        for enh in self.enhancements:
+            batch = enh.modify_inputs(batch)
+        ctx = self._noised_inputs(batch, expert)
+        ctx.pred = self.call_model(self.model, ctx.noisy, ctx.timesteps, batch["text_embeds"])
+        loss, metrics = self.compute_loss(ctx)
+        self._sync_device()
+        timings["forward"] += time.perf_counter() - start
+        if torch.isfinite(loss):
+            start = time.perf_counter()
+            self.accelerator.backward(loss * scale)
+            self._sync_device()
+            timings["backward"] += time.perf_counter() - start
+        return loss.detach(), metrics
+
+    def compute_loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training criterion plus every enhancement's term; all share one call shape."""
+        loss, metrics = self.loss_fn(ctx.pred, ctx.target, ctx.batch, ctx)
+        metrics = {k: float(v) for k, v in dict(metrics or {}).items()}
+        for enh in self.enhancements:
+            extra, extra_metrics = enh.loss(ctx)
+            if extra is not None:
+                loss = loss + extra
+            metrics.update({k: float(v) for k, v in (extra_metrics or {}).items()})
+        return loss, metrics
+
+    def _noised_inputs(self, batch: dict[str, Any], expert: str) -> StepContext:
+        latents = batch["latents"]  # [B, C, F, H, W]
+        b = latents.shape[0]
+        patch = getattr(getattr(self.model, "config", None), "patch_size", (1, 2, 2))
+        seq_len = (latents.shape[3] // patch[1]) * (latents.shape[4] // patch[2])  # tokens per latent frame
+        # Draw for the global batch and keep this process's slice: N processes x B == 1 process x N*B.
+        lo, hi = self.rank * b, (self.rank + 1) * b
+        t = self.regimes.sample(expert, b * self.world_size, self.timestep_gen, seq_len=seq_len)[lo:hi]
+        noise = torch.randn((b * self.world_size, *latents.shape[1:]), generator=self.noise_gen)[lo:hi]
+        t = t.to(self.device, torch.float32)
+        noise = noise.to(self.device, latents.dtype)
+        t_b = t.view(-1, 1, 1, 1, 1)
+        noisy = (1.0 - t_b) * latents + t_b * noise
+        return StepContext(
+            batch=batch,
+            latents=latents,
+            noise=noise,
+            noisy=noisy,
+            target=noise - latents,
+            t=t,
+            timesteps=t * 1000.0,
+            model=self.model,
+            expert=expert,
+            step=self.state.step,
+        )
+
+    def _optimizer_step(self, groups: list[TrainGroup]) -> float:
+        params = [p for g in groups for p in g.params]
+        average_gradients(params)
+        norm = self.accelerator.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
+        for group in groups:
+            group.optimizer.step()
+            group.scheduler.step()
+            group.steps += 1
+        self._zero_grad()
+        return float(norm) if norm is not None else float("nan")
+
+    def _skip_step(self, groups: list[TrainGroup]) -> None:
+        self._zero_grad()
+        self.state.nonfinite_in_row += 1
+        logger.warning(
+            "step %d skipped: non-finite loss (%d in a row, the limit is %d)",
+            self.state.step + 1,
+            self.state.nonfinite_in_row,
+            self.max_nonfinite_steps,
+        )
+        if self.state.nonfinite_in_row >= self.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"the loss was NaN/Inf for {self.state.nonfinite_in_row} steps in a row (max_nonfinite_steps); "
+                "stopped without saving, the last saved LoRA / state is kept. Lower learning_rate, set "
+                "max_grad_norm, or use mixed_precision = \"bf16\" instead of fp16"
+            )
+
+    def _zero_grad(self) -> None:
+        for group in self.groups:
+            group.optimizer.zero_grad(set_to_none=True)
+            for p in group.params:
+                p.grad = None
+
+    def current_lrs(self) -> dict[str, float]:
+        """Learning rate of every parameter group: ``group0`` ... (prefixed by the network name if several)."""
+        lrs = {}
+        for group in self.groups:
+            prefix = "" if len(self.groups) == 1 else f"{group.name}/"
+            for i, pg in enumerate(group.optimizer.param_groups):
+                lrs[f"{prefix}group{i}"] = float(pg["lr"])
+        return lrs
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = dict(batch)
+        out["latents"] = batch["latents"].to(self.device, torch.float32)
+        out["text_embeds"] = [e.to(self.device, torch.float32) for e in batch["text_embeds"]]
+        if "loss_weight" in batch:
+            out["loss_weight"] = batch["loss_weight"].to(self.device, torch.float32)
+        return out
+
+    def _sync_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run exactly: counters, networks, optimisers, RNGs, data position."""
+        return {
+            "world_size": self.world_size,
+            "state": self.state.state_dict(),
+            "networks": {g.name: g.network.state_dict() for g in self.groups if g.network is not None},
+            "optimizers": {g.name: g.optimizer.state_dict() for g in self.groups},
+            "schedulers": {g.name: g.scheduler.state_dict() for g in self.groups},
+            "group_steps": {g.name: g.steps for g in self.groups},
+            "handlers": {getattr(h, "name", type(h).__name__): h.state_dict() for h in self.handlers},
+            "enhancements": {e.name: e.state_dict() for e in self.enhancements if hasattr(e, "state_dict")},
+            "rank": {
+                "rng": global_rng_state(),
+                "generators": {
+                    "noise": self.noise_gen.get_state(),
+                    "timestep": self.timestep_gen.get_state(),
+                    "regime": self.regime_gen.get_state(),
+                },
+                "loader": self.loader.state_dict(),
+                "batches_in_epoch": self.state.batches_in_epoch,
+            },
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.state.load_state_dict(sd["state"])
+        for group in self.groups:
+            if group.network is not None:
+                group.network.load_state_dict(sd["networks"][group.name])
+            group.optimizer.load_state_dict(sd["optimizers"][group.name])
+            group.scheduler.load_state_dict(sd["schedulers"][group.name])
+            group.steps = int(sd.get("group_steps", {}).get(group.name, 0))
+        for handler in self.handlers:
+            name = getattr(handler, "name", type(handler).__name__)
+            if name in sd.get("handlers", {}):
+                handler.load_state_dict(sd["handlers"][name])
+        for enh in self.enhancements:
+            if enh.name in sd.get("enhancements", {}) and hasattr(enh, "load_state_dict"):
+                enh.load_state_dict(sd["enhancements"][enh.name])
+        rank = sd["rank"]
+        set_global_rng_state(rank["rng"])
+        self.noise_gen.set_state(rank["generators"]["noise"])
+        self.timestep_gen.set_state(rank["generators"]["timestep"])
+        self.regime_gen.set_state(rank["generators"]["regime"])
+        self.loader.load_state_dict(rank["loader"])
+        self.state.batches_in_epoch = int(rank["batches_in_epoch"])
+        self._iter = None
+        self._epoch_len = len(self.loader)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        from .checkpoint_io import read_state_folder, state_from_payload
+
+        payload = read_state_folder(folder, self.rank, self.world_size)
+        self.load_state_dict(state_from_payload(payload, self.rank))
+        logger.info("resumed from %s at step %d (epoch %d)", folder, self.state.step, self.state.epoch)

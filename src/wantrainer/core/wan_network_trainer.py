@@ -1,0 +1,248 @@
+"""``wantrainer train``: build everything from the config, then hand over to ``Trainer``.
+
+Order: accelerator and seed -> data loader -> DiT expert(s) on the device -> LoRA network(s) -> enhancements
+-> optimiser(s) and schedule(s) -> loss -> handlers -> resume point. Every user mistake found here is a
+``UserError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..common.logger import get_logger, setup_logging
+from ..config_parser import WanTrainerConfig, load_config
+from ..errors import UserError
+from .checkpoint_io import find_latest_state
+from .experts import DEFAULT, Experts, RegimeSampler, load_experts, plan_experts
+from .state import seeded_generator
+from .training_core import Trainer, TrainGroup
+
+logger = get_logger(__name__)
+
+_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_accelerator(cfg: WanTrainerConfig) -> Any:
+    from accelerate import Accelerator
+
+    return Accelerator(
+        mixed_precision=cfg.model.mixed_precision,
+        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+    )
+
+
+def total_steps_for(training_cfg: Any, batches_per_epoch: int) -> int:
+    """``max_train_steps``, or ``max_train_epochs`` x optimiser steps per epoch."""
+    if training_cfg.max_train_epochs is None:
+        return training_cfg.max_train_steps
+    return training_cfg.max_train_epochs * math.ceil(batches_per_epoch / training_cfg.gradient_accumulation_steps)
+
+
+def build_loader(cfg: WanTrainerConfig, accelerator: Any) -> Any:
+    from ..dataset.blueprint import resolve_datasets
+    from ..dataset.loader import build_dataloader
+
+    specs = resolve_datasets(cfg.datasets, "train")
+    if not specs:
+        raise UserError("no training data: add a [[datasets.train]] table (see `wantrainer config template`)")
+    t = cfg.training
+    return build_dataloader(
+        specs,
+        seed=t.seed,
+        shuffle=True,
+        prior_loss_weight=cfg.loss.prior_loss_weight,
+        num_workers=t.max_data_loader_n_workers,
+        persistent_workers=t.persistent_data_loader_workers,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+
+
+def build_experts(cfg: WanTrainerConfig, device: torch.device) -> Experts:
+    """Load the DiT expert(s), place the model on ``device`` and set the memory features."""
+    m = cfg.model
+    if device.type == "cpu" and m.mixed_precision != "no":
+        logger.warning('mixed_precision = "%s" on the CPU is very slow; use mixed_precision = "no" there',
+                       m.mixed_precision)
+    experts = load_experts(m, plan_experts(m, cfg.timesteps), _PRECISION[m.mixed_precision])
+    model = experts.model
+    model.requires_grad_(False)
+    if m.blocks_to_swap:
+        if m.blocks_to_swap >= model.config.num_layers:
+            raise UserError(f"`blocks_to_swap` = {m.blocks_to_swap}: the DiT has only {model.config.num_layers} "
+                            f"blocks; use at most {model.config.num_layers - 1}")
+        model.enable_block_swap(m.blocks_to_swap, device)
+        model.move_to_device_except_swap_blocks(device)
+    else:
+        model.to(device)
+    if m.gradient_checkpointing:
+        model.enable_gradient_checkpointing(cpu_offload=m.gradient_checkpointing_cpu_offload)
+    model.train()
+    experts.capture_stores(offload=m.offload_inactive_dit)
+    return experts
+
+
+def build_networks(cfg: WanTrainerConfig, experts: Experts, device: torch.device) -> dict[str, Any]:
+    """name -> network: "default" (one network for every expert) or one per expert ("separate")."""
+    from ..networks.lora_wan import create_network
+
+    generator = seeded_generator(cfg.training.seed)  # the same initial LoRA on every process
+    separate = experts.is_dual and cfg.network.dual_lora_mode == "separate"
+    names = experts.names if separate else [DEFAULT]
+    networks = {}
+    for name in names:
+        network = create_network(cfg.network, experts.model, multiplier=1.0, generator=generator)
+        network.to(device)
+        network.train()
+        networks[name] = network
+    experts.set_networks({e: networks[e if separate else DEFAULT] for e in experts.names})
+    return networks
+
+
+def build_groups(
+    cfg: WanTrainerConfig,
+    networks: dict[str, Any],
+    regimes: RegimeSampler,
+    extra_params: list[dict[str, Any]],
+    total_steps: int,
+    accelerator: Any,
+) -> list[TrainGroup]:
+    """One optimiser + schedule per network; a separate expert's schedule spans its expected share of steps."""
+    from ..optimizers import create_lr_scheduler, create_optimizer
+
+    opt_cfg = cfg.optimizer
+    groups = []
+    for index, (name, network) in enumerate(networks.items()):
+        experts = tuple(regimes.names) if name == DEFAULT else (name,)
+        share = sum(regimes.share(e) for e in experts)
+        steps = max(1, round(total_steps * share))
+        group_cfg = opt_cfg
+        if steps != total_steps and isinstance(opt_cfg.lr_warmup_steps, int) and opt_cfg.lr_warmup_steps:
+            group_cfg = opt_cfg.model_copy(update={"lr_warmup_steps": max(1, round(opt_cfg.lr_warmup_steps * share))})
+        param_groups = network.prepare_optimizer_params(opt_cfg.learning_rate)
+        if index == 0:
+            param_groups = param_groups + extra_params
+        optimizer = create_optimizer(group_cfg, param_groups)
+        scheduler = create_lr_scheduler(group_cfg, optimizer, steps)
+        params = [p for pg in param_groups for p in pg["params"]]
+        groups.append(TrainGroup(name, params, accelerator.prepare_optimizer(optimizer), scheduler, network, experts))
+        logger.info("network %s: %d tensors (%.2fM parameters), %d scheduled steps", name, len(params),
+                    sum(p.numel() for p in params) / 1e6, steps)
+    return groups
+
+
+def enhancement_param_groups(enhancements: list[Any], lr: float) -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = []
+    for enh in enhancements:
+        params = list(enh.trainable_params())
+        if params and isinstance(params[0], dict):
+            groups.extend({"lr": lr, **g, "params": list(g["params"])} for g in params)
+        elif params:
+            groups.append({"params": params, "lr": lr})
+    return groups
+
+
+def build_handlers(cfg: WanTrainerConfig, accelerator: Any, config_text: str) -> list[Any]:
+    """Metrics first, checkpointing last (so a saved state includes the other handlers' latest state)."""
+    from ..dataset.blueprint import resolve_datasets
+    from .handlers.checkpointing import CheckpointHandler
+    from .handlers.metrics import MetricsHandler
+    from .handlers.sampling import SamplingHandler
+    from .handlers.validation import ValidationHandler
+
+    handlers: list[Any] = [MetricsHandler()]
+    val = ValidationHandler.from_config(cfg.validation, resolve_datasets(cfg.datasets, "val"), cfg.loss,
+                                        cfg.timesteps, rank=accelerator.process_index,
+                                        world_size=accelerator.num_processes)
+    sampling = SamplingHandler.from_config(cfg.sampling, cfg.model, cfg.saving)
+    handlers.extend(h for h in (val, sampling) if h is not None)
+    train_specs = resolve_datasets(cfg.datasets, "train")
+    handlers.append(CheckpointHandler(cfg, config_text, train_specs[0].resolution if train_specs else None))
+    return handlers
+
+
+def resume_point(saving_cfg: Any) -> Path | None:
+    if saving_cfg.resume is not None:
+        return Path(saving_cfg.resume)
+    if saving_cfg.auto_resume:
+        found = find_latest_state(Path(saving_cfg.output_dir), saving_cfg.output_name)
+        if found is None:
+            logger.info("auto_resume: no state folder in %s yet; starting from step 0", saving_cfg.output_dir)
+        return found
+    return None
+
+
+def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = None,
+                  accelerator: Any = None) -> Trainer:
+    """Everything ``Trainer`` needs, built from the config."""
+    from accelerate.utils import set_seed
+
+    from ..criteria.training_loss import TrainingLoss
+    from ..enhancements.registry import build_enhancements
+    from ..scheduling.timesteps import TimestepSampler
+    from .handlers.metrics import MetricsLogger
+
+    accelerator = accelerator or make_accelerator(cfg)
+    set_seed(cfg.training.seed)
+    device = accelerator.device
+    loader = build_loader(cfg, accelerator)
+    experts = build_experts(cfg, device)
+    regimes = RegimeSampler(TimestepSampler.from_config(cfg.timesteps), experts.names, experts.boundary)
+    total = total_steps_for(cfg.training, len(loader))
+    networks = build_networks(cfg, experts, device)
+    enhancements = build_enhancements(cfg)
+    for enh in enhancements:
+        enh.setup(experts.model)
+    extra = enhancement_param_groups(enhancements, cfg.optimizer.learning_rate)
+    groups = build_groups(cfg, networks, regimes, extra, total, accelerator)
+    config_text = _config_text(cfg)
+    metrics = MetricsLogger.from_config(cfg.logging, cfg.saving, enabled=accelerator.is_main_process)
+    handlers = build_handlers(cfg, accelerator, config_text) + list(extra_handlers or [])
+    logger.info("training %s for %d steps (%d batches per epoch per process, %d process(es), accumulation %d)",
+                "/".join(experts.names), total, len(loader), accelerator.num_processes,
+                cfg.training.gradient_accumulation_steps)
+    return Trainer(
+        accelerator=accelerator,
+        experts=experts,
+        regimes=regimes,
+        groups=groups,
+        loader=loader,
+        loss_fn=TrainingLoss.from_config(cfg.loss, cfg.timesteps),
+        total_steps=total,
+        seed=cfg.training.seed,
+        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+        max_grad_norm=cfg.training.max_grad_norm,
+        max_nonfinite_steps=cfg.training.max_nonfinite_steps,
+        handlers=handlers,
+        enhancements=enhancements,
+        metrics=metrics,
+        cfg=cfg,
+        resume_from=resume_point(cfg.saving),
+    )
+
+
+def _config_text(cfg: WanTrainerConfig) -> str:
+    try:
+        return cfg.to_toml()
+    except (AttributeError, TypeError, ValueError):
+        return cfg.config_path.read_text(encoding="utf-8") if cfg.config_path else ""
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: train, with a progress bar on the main process."""
+    from .handlers.progress import ProgressBarHandler
+
+    cfg = load_config(args.config)
+    setup_logging(cfg.logging.logging_level)
+    trainer = build_trainer(cfg)
+    if trainer.is_main_process:
+        trainer.handlers.append(ProgressBarHandler())
+    reason = trainer.train()
+    if trainer.is_main_process:
+        logger.info("training %s at step %d; files in %s", reason, trainer.state.step, cfg.saving.output_dir)
+    return 0
