@@ -74,6 +74,8 @@ def test_include_exclude_patterns():
         net(dit, network_args=["exclude_patterns=['(']"])
     with pytest.raises(UserError, match="network_args"):
         net(dit, network_args=["dropout_all=1"])
+    with pytest.raises(UserError, match="loraplus_lr_ratio is a top-level key"):
+        net(dit, network_args=["loraplus_lr_ratio=4"])
     with pytest.raises(UserError, match="list of regex"):
         net(dit, network_args=["include_patterns='blocks'"])
     with pytest.raises(UserError, match="not available"):

@@ -249,6 +249,8 @@ def parse_network_args(args: list[str]) -> dict:
     for arg in args:
         key, sep, value = arg.partition("=")
         key = key.strip()
+        if sep and key in NetworkConfig.model_fields:
+            raise UserError(f"network_args: {key} is a top-level key; write `{key} = {value.strip()}` instead")
         if not sep or key not in NETWORK_ARG_KEYS:
             raise UserError(f"network_args: {arg!r} is not one of {', '.join(k + '=...' for k in NETWORK_ARG_KEYS)}")
         try:
