@@ -195,3 +195,13 @@ def test_run_trainer_wrapper_config_alone_means_train(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     # train ran (validate would accept this file and print "config OK"; argparse errors print usage)
     assert "config OK" not in proc.stdout and "usage:" not in proc.stderr and "error: " in proc.stderr
+
+
+def test_readme_error_example_is_real_output(tmp_path, capsys, monkeypatch):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("error: 3 problems in my.toml:")
+    shown = readme[start: readme.index("```", start)].strip()
+    write(tmp_path / "my.toml", 'learning_rat = 1e-4\nmax_train_steps = "2000"\nresume = "s"\nauto_resume = true\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", "--config", "my.toml"]) == 2
+    assert capsys.readouterr().err.strip() == shown
