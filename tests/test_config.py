@@ -353,3 +353,8 @@ def test_array_item_of_the_wrong_kind():
 def test_value_check_inside_a_validator_names_the_key():
     message = one_problem({"validation_timesteps": [100, 2000]})
     assert message.startswith("`validation_timesteps`:") and "0..1000" in message and "2000" in message
+
+
+def test_top_level_key_after_an_array_table_is_explained():
+    message = one_problem({"sample_prompts": [{"text": "a"}, {"text": "b", "sample_every_n_steps": 100}]})
+    assert message.startswith("`sample_every_n_steps` is a top-level key but was found in the 2nd [[sample_prompts]] table")

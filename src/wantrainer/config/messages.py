@@ -7,6 +7,7 @@ and, for unknown keys or values, suggests the nearest valid one.
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 import typing
 from typing import Any, Literal
@@ -213,6 +214,16 @@ def _extra_key_message(cls: type[BaseModel], loc: tuple[Any, ...], prefix: str, 
     name = str(loc[-1])
     message = unknown_key_message(name, valid, where)
     if name in flat_keys:
-        message = (f"`{name}` is a top-level key but was found in [{where}]: keys written after a [table] header "
-                   "belong to that table, so move it above the first header")
+        message = (f"`{name}` is a top-level key but was found in {_table_name(where)}: keys written after a "
+                   "[table] header belong to that table, so move it above the first header")
     return message
+
+
+def _table_name(where: str) -> str:
+    """``datasets.train[1]`` -> "the 2nd [[datasets.train]] table"; ``datasets.general`` -> "[datasets.general]"."""
+    found = re.fullmatch(r"(.+)\[(\d+)\]", where)
+    if not found:
+        return f"[{where}]"
+    number = int(found.group(2)) + 1
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"the {number}{suffix} [[{found.group(1)}]] table"
