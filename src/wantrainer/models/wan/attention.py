@@ -23,6 +23,12 @@ _PACKAGES = {
 }
 
 
+_SAGE_INFERENCE_ONLY = (
+    'attn_mode = "sage_attn" is inference only (it has no backward pass): use sdpa, flash_attn or xformers '
+    "for training; sage_attn can be used for sampling."
+)
+
+
 def _import_backend(mode: str):
     module, hint = _PACKAGES[mode]
     try:
@@ -34,10 +40,12 @@ def _import_backend(mode: str):
         ) from None
 
 
-def check_attn_mode(mode: str) -> None:
-    """Raise ``UserError`` if ``mode`` is unknown or its package is not installed."""
+def check_attn_mode(mode: str, for_training: bool = False) -> None:
+    """Raise ``UserError`` if ``mode`` is unknown, its package is not installed, or it cannot train."""
     if mode not in ATTN_MODES:
         raise UserError(f"unknown attn_mode {mode!r}: choose one of {', '.join(ATTN_MODES)}")
+    if for_training and mode == "sage_attn":
+        raise UserError(_SAGE_INFERENCE_ONLY)
     if mode in _PACKAGES:
         _import_backend(mode)
 
@@ -68,10 +76,7 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def _sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise UserError(
-            'attn_mode = "sage_attn" is inference only (it has no backward pass): use sdpa, flash_attn or '
-            "xformers for training; sage_attn can be used for sampling."
-        )
+        raise UserError(_SAGE_INFERENCE_ONLY)
     _half_precision_only("sage_attn", q)
     return _import_backend("sage_attn").sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
 

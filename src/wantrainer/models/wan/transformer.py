@@ -193,9 +193,12 @@ class WanModel(nn.Module):
         if zero_head:
             nn.init.zeros_(self.head.head.weight)
 
-    def set_attn_mode(self, mode: str) -> None:
-        """Choose the attention backend of every block (see ``attention.ATTN_MODES``)."""
-        check_attn_mode(mode)
+    def set_attn_mode(self, mode: str, for_training: bool = False) -> None:
+        """Choose the attention backend of every block (see ``attention.ATTN_MODES``).
+
+        Raises ``UserError`` if the backend is not installed, or cannot train and ``for_training`` is set.
+        """
+        check_attn_mode(mode, for_training)
         assert mode in ATTN_MODES
         self.attn_mode = mode
         for module in self.modules():
