@@ -66,11 +66,11 @@ class LatentCacheConfig(Section):
     skip_existing: bool = True
     """Do not re-encode items whose cache file exists."""
     keep_cache: bool = False
-    """Keep cache files whose media is gone (otherwise they are deleted)."""
+    """Keep latent caches the current media and settings no longer produce (removed media, changed size or windows); otherwise they are deleted."""
     vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """VAE compute dtype; "auto" is bfloat16 on CUDA and float32 on CPU."""
     vae_cache_cpu: bool = False
-    """Keep the VAE's causal-conv feature cache on the CPU (less VRAM)."""
+    """Keep the VAE's causal-conv feature cache (frames carried between chunks) on the CPU: less VRAM, more transfers."""
     vae_tiling: bool = False
     """Encode / decode large frames in tiles (less VRAM)."""
 
@@ -81,13 +81,13 @@ class TextEncoderCacheConfig(Section):
     batch_size: int = Field(16, ge=1)
     """Captions encoded together."""
     num_workers: int = Field(2, ge=0)
-    """Worker threads that read captions."""
+    """Worker threads that write the cache files while the encoder runs (0: write inline)."""
     skip_existing: bool = True
-    """Do not re-encode captions whose cache file exists."""
+    """Do not re-encode captions whose cache file exists and was made from the same caption."""
     keep_cache: bool = False
     """Keep text caches whose media is gone (otherwise they are deleted)."""
     fp8_t5: bool = False
-    """Store the text encoder's Linear weights in fp8 (less memory)."""
+    """Store the text encoder's block Linear weights in fp8 with per-row scales, upcast at use (less memory). The encoder computes in bfloat16 on CUDA, float32 on CPU."""
 
 
 class DatasetsConfig(Section):

@@ -4,7 +4,15 @@ Latents: ``{stem}_{W:04d}x{H:04d}_wan.safetensors`` (images) or
 ``{stem}_{start:05d}-{frames:03d}_{W:04d}x{H:04d}_wan.safetensors`` (video windows), holding
 ``latents_{F}x{H}x{W}_{dtype}`` of shape [16, F, H, W] (latent dims) and metadata ``architecture=wan``,
 ``width``, ``height``, ``format_version=1.0.1`` and, for video, ``frame_count``.
-Text: ``{stem}_wan_te.safetensors`` holding ``varlen_t5_{dtype}`` of shape [L, D] (L = real token count).
+Text: ``{stem}_wan_te.safetensors`` holding ``varlen_t5_{dtype}`` of shape [L, D] (L = real token count) and
+metadata ``architecture=wan``, ``caption1`` (the caption encoded) and ``format_version=1.0.1``.
+
+Checked against musubi-tuner's ``save_latent_cache_wan`` / ``save_text_encoder_output_cache_wan``: same names, keys,
+dtype strings and metadata keys. Two deliberate differences: musubi names a latent cache and fills ``width`` /
+``height`` with the *source* size and re-derives the bucket when training; here the name carries the bucket size
+(so a change of resolution or bucketing shows as a stale cache), while ``width`` / ``height`` in the metadata are
+the source size as in musubi. musubi replaces NaN latents by zeros with a warning; here NaN caches are not written
+(the caching commands report them).
 """
 
 from __future__ import annotations
@@ -72,11 +80,13 @@ def save_latent_cache(
     save_safetensors_atomic({latent_tensor_key(latents): latents.cpu()}, path, metadata=metadata)
 
 
-def save_text_cache(path: str | Path, embeds: torch.Tensor) -> None:
-    """Write one caption's embeddings [L, D] atomically."""
+def save_text_cache(path: str | Path, embeds: torch.Tensor, caption: str | None = None) -> None:
+    """Write one caption's embeddings [L, D] atomically; ``caption`` goes to the ``caption1`` metadata key."""
     if embeds.ndim != 2:
         raise ValueError(f"text embeddings must be [L, D], got {tuple(embeds.shape)}")
     metadata = {"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION}
+    if caption is not None:
+        metadata["caption1"] = caption
     save_safetensors_atomic({text_tensor_key(embeds): embeds.cpu()}, path, metadata=metadata)
 
 

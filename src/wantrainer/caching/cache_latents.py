@@ -1,0 +1,126 @@
+"""``wantrainer cache-latents``: encode every train / val item with the Wan VAE into ``*_wan.safetensors`` caches.
+
+Items are grouped by bucket and window length so a batch never mixes shapes; ``num_workers`` threads decode media
+ahead of the VAE. A file that cannot be read is listed in the summary and the run goes on; latents with NaN / Inf
+are reported and not written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..common.logger import get_logger
+from ..config.datasets import LatentCacheConfig
+from ..dataset.cache_format import save_latent_cache
+from ..dataset.sources import MediaItem, scan_dataset
+from .common import (
+    LATENT_FILE,
+    CacheSummary,
+    NoProgress,
+    Progress,
+    clean_orphans,
+    compute_dtype,
+    dataset_specs,
+    has_tensor,
+    is_finite,
+    media_stem,
+    prefetch,
+    require_file,
+    resolve_device,
+)
+
+logger = get_logger(__name__)
+
+
+def load_vae(vae_path: Path, settings: LatentCacheConfig):
+    from ..models.wan.vae import WanVAE
+
+    device = resolve_device(settings.device, "datasets.latent_cache.device")
+    return WanVAE.load(vae_path, device=device, dtype=compute_dtype(settings.vae_dtype, device),
+                       cache_cpu=settings.vae_cache_cpu, tiling=settings.vae_tiling)
+
+
+def _batches(items: list[MediaItem], batch_size: int) -> list[list[MediaItem]]:
+    """Items grouped by (bucket, frames), in first-seen order, cut into batches of ``batch_size``."""
+    groups: dict[tuple, list[MediaItem]] = {}
+    for item in items:
+        groups.setdefault((item.bucket, item.frames), []).append(item)
+    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+def _loaded_batches(batches: list[list[MediaItem]], workers: int, summary: CacheSummary, progress: Progress
+                    ) -> Iterator[tuple[list[MediaItem], torch.Tensor]]:
+    """(items, pixels [B, 3, F, H, W]) per batch; unreadable items are recorded in ``summary`` and dropped."""
+    flat = [(index, item) for index, batch in enumerate(batches) for item in batch]
+    current, good, pixels = 0, [], []
+    for (index, item), result in prefetch(flat, lambda pair: pair[1].load_pixels(), workers):
+        if index != current and good:
+            yield good, torch.stack(pixels)
+            good, pixels = [], []
+        current = index
+        if isinstance(result, Exception):
+            summary.failed.append((item.path, f"{item.key}: {result}"))
+            logger.warning("cannot read %s: %s", item.path, result)
+            progress.advance(1)
+        else:
+            good.append(item)
+            pixels.append(result)
+    if good:
+        yield good, torch.stack(pixels)
+
+
+def _write(items: list[MediaItem], latents: torch.Tensor, sizes: dict[Path, tuple[int, int]],
+           summary: CacheSummary) -> None:
+    for item, item_latents in zip(items, latents):
+        if not is_finite(item_latents):
+            summary.non_finite.append(item.key)
+            summary.failed.append((item.path, f"{item.key}: latents contain NaN / Inf (not written)"))
+            logger.warning("%s: latents contain NaN / Inf; not written", item.key)
+            continue
+        width, height = sizes.get(item.path, item.bucket)
+        save_latent_cache(item.latent_cache_path, item_latents, width, height, item.frames)
+        summary.cached += 1
+
+
+def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
+    """Encode the latents of every train / val dataset of ``cfg`` (a ``WanTrainerConfig``)."""
+    settings = cfg.datasets.latent_cache
+    progress = progress or NoProgress()
+    summary, start = CacheSummary("latent"), time.perf_counter()
+    todo: list[MediaItem] = []
+    sizes: dict[Path, tuple[int, int]] = {}
+    expected: dict[Path, set[str]] = {}
+    protected: dict[Path, set[str]] = {}
+    for spec in dataset_specs(cfg.datasets):
+        scan = scan_dataset(spec)
+        sizes.update(scan.sizes)
+        summary.failed += [(s.path, s.reason) for s in scan.skipped]
+        protected.setdefault(spec.cache_directory, set()).update(media_stem(s.path) for s in scan.skipped)
+        expected.setdefault(spec.cache_directory, set()).update(i.latent_cache_path.name for i in scan.items)
+        for item in scan.items:
+            if settings.skip_existing and has_tensor(item.latent_cache_path, "latents_"):
+                summary.skipped += 1
+            else:
+                todo.append(item)
+    if todo:
+        vae = load_vae(require_file(cfg.model.vae, "vae", "Wan 2.1 VAE file"), settings)
+        progress.start(len(todo), "cache-latents")
+        for items, pixels in _loaded_batches(_batches(todo, settings.batch_size), settings.num_workers, summary,
+                                                progress):
+            _write(items, vae.encode(pixels), sizes, summary)
+            progress.advance(len(items))
+        progress.close()
+    clean_orphans(expected, protected, LATENT_FILE, settings.keep_cache, summary)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli_support import run_caching
+
+    return run_caching(args, cache_latents, "cache-latents")

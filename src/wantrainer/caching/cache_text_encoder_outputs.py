@@ -1,0 +1,125 @@
+"""``wantrainer cache-text``: encode every caption with UMT5 into ``{stem}_wan_te.safetensors`` caches.
+
+One text cache per media file (all windows of a video share it). The caption is stored in the ``caption1``
+metadata, so with ``skip_existing`` a cache whose caption was edited since is encoded again. Caption dropout is not
+applied here: the loader swaps in an empty caption at train time (``caption_dropout_rate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+from safetensors import safe_open
+
+from ..common.logger import get_logger
+from ..config.datasets import TextEncoderCacheConfig
+from ..dataset.cache_format import save_text_cache
+from ..dataset.sources import scan_dataset
+from .common import (
+    TEXT_FILE,
+    CacheSummary,
+    NoProgress,
+    Progress,
+    clean_orphans,
+    compute_dtype,
+    dataset_specs,
+    has_tensor,
+    is_finite,
+    media_stem,
+    require_file,
+    resolve_device,
+)
+
+logger = get_logger(__name__)
+
+
+def load_text_encoder(model_cfg, settings: TextEncoderCacheConfig):
+    """The UMT5 encoder of ``model_cfg`` (``t5``, ``t5_tokenizer``) on the configured device; fp32 on CPU."""
+    from ..models.wan.text_encoder import WanTextEncoder, load_tokenizer
+
+    tokenizer = load_tokenizer(model_cfg.t5_tokenizer)
+    t5 = require_file(model_cfg.t5, "t5", "UMT5 text encoder file")
+    device = resolve_device(settings.device, "datasets.text_encoder_cache.device")
+    return WanTextEncoder.load(t5, tokenizer, device=device, dtype=compute_dtype("auto", device), fp8=settings.fp8_t5)
+
+
+def _up_to_date(path: Path, caption: str) -> bool:
+    """The cache exists, is readable and was made from ``caption`` (or does not record its caption)."""
+    if not has_tensor(path, "varlen_t5_"):
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        recorded = (f.metadata() or {}).get("caption1")
+    return recorded is None or recorded == caption
+
+
+def _write_all(pending: list[tuple[Path, str, Future | None]], summary: CacheSummary) -> None:
+    for path, _, future in pending:
+        try:
+            if future is not None:
+                future.result()
+            summary.cached += 1
+        except OSError as exc:
+            summary.failed.append((path, f"cannot write: {exc}"))
+
+
+def _encode_all(todo: list[tuple[Path, str]], encoder, settings: TextEncoderCacheConfig, summary: CacheSummary,
+                progress: Progress) -> None:
+    """Encode in batches; ``num_workers`` threads write the files while the encoder works on the next batch."""
+    pool = ThreadPoolExecutor(settings.num_workers, "cache-writer") if settings.num_workers > 0 else None
+    pending: list[tuple[Path, str, Future | None]] = []
+    with pool or nullcontext():
+        for i in range(0, len(todo), settings.batch_size):
+            batch = todo[i:i + settings.batch_size]
+            for (path, caption), embeds in zip(batch, encoder.encode([c for _, c in batch])):
+                if not is_finite(embeds):
+                    summary.non_finite.append(path.name)
+                    summary.failed.append((path, f"embeddings of {caption!r} contain NaN / Inf (not written)"))
+                    continue
+                if pool is None:
+                    save_text_cache(path, embeds, caption)
+                    pending.append((path, caption, None))
+                else:
+                    pending.append((path, caption, pool.submit(save_text_cache, path, embeds.cpu(), caption)))
+            progress.advance(len(batch))
+    _write_all(pending, summary)
+
+
+def cache_text(cfg, progress: Progress | None = None) -> CacheSummary:
+    """Encode the captions of every train / val dataset of ``cfg`` (a ``WanTrainerConfig``)."""
+    settings = cfg.datasets.text_encoder_cache
+    progress = progress or NoProgress()
+    summary, start = CacheSummary("text"), time.perf_counter()
+    captions: dict[Path, str] = {}
+    expected: dict[Path, set[str]] = {}
+    protected: dict[Path, set[str]] = {}
+    for spec in dataset_specs(cfg.datasets):
+        scan = scan_dataset(spec)
+        summary.failed += [(s.path, s.reason) for s in scan.skipped]
+        protected.setdefault(spec.cache_directory, set()).update(media_stem(s.path) for s in scan.skipped)
+        expected.setdefault(spec.cache_directory, set()).update(i.text_cache_path.name for i in scan.items)
+        for item in scan.items:
+            captions.setdefault(item.text_cache_path, item.caption)
+    todo = []
+    for path, caption in captions.items():
+        if settings.skip_existing and _up_to_date(path, caption):
+            summary.skipped += 1
+        else:
+            todo.append((path, caption))
+    if todo:
+        encoder = load_text_encoder(cfg.model, settings)
+        progress.start(len(todo), "cache-text")
+        _encode_all(todo, encoder, settings, summary, progress)
+        progress.close()
+    clean_orphans(expected, protected, TEXT_FILE, settings.keep_cache, summary)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli_support import run_caching
+
+    return run_caching(args, cache_text, "cache-text")

@@ -1,0 +1,189 @@
+"""What both caching commands share: datasets to cache, device / dtype choice, prefetching, orphans, the summary."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import torch
+from safetensors import safe_open
+
+from ..common.logger import get_logger
+from ..config.datasets import DatasetsConfig
+from ..dataset.blueprint import DatasetSpec, resolve_datasets
+from ..dataset.cache_format import LATENT_SUFFIX, TEXT_SUFFIX
+from ..errors import UserError
+
+logger = get_logger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+LATENT_FILE = re.compile(r"^(?P<stem>.+?)(?:_\d{5}-\d{3})?_\d{4}x\d{4}" + re.escape(LATENT_SUFFIX) + "$")
+TEXT_FILE = re.compile(r"^(?P<stem>.+)" + re.escape(TEXT_SUFFIX) + "$")
+
+
+class Progress(Protocol):
+    """A progress display the command layer hands to the library functions."""
+
+    def start(self, total: int, description: str) -> None: ...
+
+    def advance(self, count: int = 1) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NoProgress:
+    def start(self, total: int, description: str) -> None:
+        pass
+
+    def advance(self, count: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class CacheSummary:
+    """Outcome of one caching run."""
+
+    kind: str
+    """"latent" or "text"."""
+    cached: int = 0
+    skipped: int = 0
+    """Items whose cache file already existed (skip_existing)."""
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    """(file, reason) for media that could not be read or encoded; nothing was written for them."""
+    non_finite: list[str] = field(default_factory=list)
+    """Keys whose encoding held NaN / Inf; reported (also in ``failed``) and not written."""
+    removed: list[Path] = field(default_factory=list)
+    """Orphan cache files deleted (keep_cache = false)."""
+    orphans_kept: list[Path] = field(default_factory=list)
+    """Orphan cache files left in place (keep_cache = true)."""
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        rate = f", {self.cached / self.seconds:.2f} items/s" if self.cached and self.seconds > 0 else ""
+        out = [f"{self.kind} caches: {self.cached} cached, {self.skipped} skipped (existing), "
+               f"{len(self.failed)} failed in {self.seconds:.1f}s{rate}"]
+        out += [f"  failed: {path}: {reason}" for path, reason in self.failed]
+        if self.removed:
+            out.append(f"  removed {len(self.removed)} orphan cache file(s) of media that is gone or changed")
+        if self.orphans_kept:
+            out.append(f"  kept {len(self.orphans_kept)} orphan cache file(s) (keep_cache = true)")
+        return out
+
+
+def dataset_specs(datasets: DatasetsConfig) -> list[DatasetSpec]:
+    """Every train and val dataset (both are cached)."""
+    specs = resolve_datasets(datasets, "train") + resolve_datasets(datasets, "val")
+    if not specs:
+        raise UserError("no datasets configured: add a [[datasets.train]] table with a media folder")
+    return specs
+
+
+def resolve_device(spec: str, key: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; an unavailable or malformed device is a user error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"`{key}` = {spec!r} is not a device: use \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"`{key}` = {spec!r} but no CUDA device is available; use \"auto\" or \"cpu\"")
+    return device
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" -> bfloat16 on CUDA, float32 elsewhere (bfloat16 matmuls are very slow on CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def require_file(path: Path | None, key: str, what: str) -> Path:
+    if path is None:
+        raise UserError(f"`{key}` is not set: point it at the {what}")
+    if not Path(path).is_file():
+        raise UserError(f"`{key}`: {what} not found: {path}")
+    return Path(path)
+
+
+def has_tensor(path: Path, prefix: str) -> bool:
+    """True when ``path`` is a readable safetensors file holding a tensor named ``prefix*``."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any(k.startswith(prefix) for k in f.keys())
+    except Exception:  # truncated or foreign file: re-encode it
+        return False
+
+
+def media_stem(path: Path) -> str:
+    """The cache stem of a media file or frame folder (as the dataset scan names it)."""
+    return path.name if path.is_dir() else path.stem
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
+
+
+def prefetch(items: Iterable[T], load: Callable[[T], R], workers: int) -> Iterator[tuple[T, R | Exception]]:
+    """``(item, load(item))`` in order, loaded by ``workers`` threads a few items ahead (0: inline).
+
+    An exception raised by ``load`` is yielded in place of the result, so one bad file never stops the run.
+    """
+
+    def guarded(item: T) -> R | Exception:
+        try:
+            return load(item)
+        except Exception as exc:  # reported per item by the caller
+            return exc
+
+    if workers <= 0:
+        for item in items:
+            yield item, guarded(item)
+        return
+    window: list[tuple[T, Future]] = []
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cache-loader") as pool:
+        for item in items:
+            window.append((item, pool.submit(guarded, item)))
+            if len(window) > 2 * workers:
+                first, future = window.pop(0)
+                yield first, future.result()
+        for item, future in window:
+            yield item, future.result()
+
+
+def clean_orphans(
+    expected: dict[Path, set[str]], protected_stems: dict[Path, set[str]], pattern: re.Pattern, keep: bool,
+    summary: CacheSummary,
+) -> None:
+    """Delete (or with ``keep`` only list) cache files named like ours that no current item produces.
+
+    ``expected`` maps each cache folder to the file names the current media and settings produce; files of
+    ``protected_stems`` (media that exists but could not be read this time) are left alone. Only files matching
+    ``pattern`` are considered, so other files in a shared media / cache folder are never touched.
+    """
+    for folder, names in expected.items():
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            match = pattern.match(entry.name)
+            if not match or entry.name in names or not entry.is_file():
+                continue
+            if match.group("stem") in protected_stems.get(folder, set()):
+                continue
+            if keep:
+                summary.orphans_kept.append(entry)
+            else:
+                entry.unlink()
+                summary.removed.append(entry)
+                logger.info("removed orphan cache %s", entry)

@@ -1,0 +1,186 @@
+"""cache-latents / cache-text on synthetic media with the tiny kit: names, keys, values, skip, orphans, failures."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from wantrainer.caching.cache_latents import cache_latents
+from wantrainer.caching.cache_text_encoder_outputs import cache_text
+from wantrainer.caching.common import compute_dtype, resolve_device
+from wantrainer.cli import main
+from wantrainer.config_parser import load_config, parse_config
+from wantrainer.dataset.blueprint import resolve_datasets
+from wantrainer.dataset.loader import build_dataloader
+from wantrainer.devkit.synthetic import make_synthetic_dataset
+from wantrainer.errors import UserError
+from wantrainer.models.wan.text_encoder import WanTextEncoder
+from wantrainer.models.wan.vae import WanVAE
+
+IMAGE_LATENTS = [f"image_{i:03d}_0064x0064_wan.safetensors" for i in range(3)]
+VIDEO_LATENTS = [f"clip_{i:03d}_00000-009_0064x0064_wan.safetensors" for i in range(2)]
+IMAGE_TEXTS = [f"image_{i:03d}_wan_te.safetensors" for i in range(3)]
+VIDEO_TEXTS = [f"clip_{i:03d}_wan_te.safetensors" for i in range(2)]
+
+
+def _config(kit, root: Path, **cache_settings):
+    data = {
+        "vae": str(kit.vae), "t5": str(kit.t5), "t5_tokenizer": str(kit.tokenizer_dir),
+        "datasets": {
+            "general": {"resolution": 64},
+            "train": [{"image_directory": "images", "cache_directory": "cache_images"}],
+            "val": [{"video_directory": "videos", "cache_directory": "cache_videos", "target_frames": [9]}],
+            "latent_cache": {"batch_size": 2, "num_workers": 2, **cache_settings},
+            "text_encoder_cache": {"batch_size": 2, "num_workers": 1, **cache_settings},
+        },
+    }
+    return parse_config(data, config_dir=root)
+
+
+@pytest.fixture()
+def media(synthetic_media, tmp_path):
+    """A writable copy of 3 images and 2 clips of the session's synthetic set."""
+    for sub, names in (("images", [f"image_{i:03d}" for i in range(3)]), ("videos", [f"clip_{i:03d}" for i in range(2)])):
+        (tmp_path / sub).mkdir()
+        for name in names:
+            for file in (synthetic_media.root / sub).glob(name + ".*"):
+                shutil.copy(file, tmp_path / sub / file.name)
+    return tmp_path
+
+
+def _state(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in sorted(folder.iterdir())}
+
+
+def test_cache_names_keys_values_skip_and_orphans(tiny_kit, media):
+    cfg = _config(tiny_kit, media)
+    latent_summary, text_summary = cache_latents(cfg), cache_text(cfg)
+    assert (latent_summary.cached, latent_summary.skipped, latent_summary.failed) == (5, 0, [])
+    assert (text_summary.cached, text_summary.skipped, text_summary.failed) == (5, 0, [])
+    assert sorted(p.name for p in (media / "cache_images").iterdir()) == sorted(IMAGE_LATENTS + IMAGE_TEXTS)
+    assert sorted(p.name for p in (media / "cache_videos").iterdir()) == sorted(VIDEO_LATENTS + VIDEO_TEXTS)
+
+    # latents: literal key, metadata as musubi-tuner writes it, values = the VAE called directly
+    vae = WanVAE.load(tiny_kit.vae)
+    specs = resolve_datasets(cfg.datasets, "train") + resolve_datasets(cfg.datasets, "val")
+    from wantrainer.dataset.sources import scan_dataset
+
+    items = {i.latent_cache_path.name: i for s in specs for i in scan_dataset(s).items}
+    for name, key, frames in [(IMAGE_LATENTS[0], "latents_1x8x8_float32", None),
+                              (VIDEO_LATENTS[1], "latents_3x8x8_float32", "9")]:
+        path = media / ("cache_images" if frames is None else "cache_videos") / name
+        with safe_open(str(path), framework="pt") as f:
+            assert list(f.keys()) == [key]
+            meta = f.metadata()
+            tensor = f.get_tensor(key)
+        item = items[name]
+        if frames is None:
+            width, height = Image.open(item.path).size
+        else:
+            import av
+
+            with av.open(str(item.path)) as container:
+                stream = container.streams.video[0]
+                width, height = stream.codec_context.width, stream.codec_context.height
+        assert meta == {"architecture": "wan", "width": str(width), "height": str(height), "format_version": "1.0.1",
+                        **({"frame_count": frames} if frames else {})}
+        torch.testing.assert_close(tensor, vae.encode(item.load_pixels()[None])[0], rtol=0, atol=1e-5)
+
+    # text: literal key, [L, 64] with L = the caption's token count, caption recorded, values = the encoder
+    encoder = WanTextEncoder.load(tiny_kit.t5, tiny_kit.tokenizer_dir)
+    path = media / "cache_videos" / VIDEO_TEXTS[0]
+    caption = (media / "videos" / "clip_000.txt").read_text().strip()
+    with safe_open(str(path), framework="pt") as f:
+        assert list(f.keys()) == ["varlen_t5_float32"]
+        assert f.metadata() == {"architecture": "wan", "caption1": caption, "format_version": "1.0.1"}
+        embeds = f.get_tensor("varlen_t5_float32")
+    assert embeds.shape == (len(encoder.tokenizer(caption)["input_ids"]), 64)
+    torch.testing.assert_close(embeds, encoder.encode([caption])[0], rtol=0, atol=1e-5)
+
+    # the dataset loader reads every written file back
+    batches = list(build_dataloader(resolve_datasets(cfg.datasets, "train"), seed=0, shuffle=False))
+    assert sorted(k for b in batches for k in b["keys"]) == ["image_000", "image_001", "image_002"]
+    assert all(b["latents"].shape[1:] == (16, 1, 8, 8) and b["text_embeds"][0].shape[1] == 64 for b in batches)
+
+    # a second run with skip_existing touches nothing
+    before = {d: _state(media / d) for d in ("cache_images", "cache_videos")}
+    again_l, again_t = cache_latents(cfg), cache_text(cfg)
+    assert (again_l.cached, again_l.skipped, again_t.cached, again_t.skipped) == (0, 5, 0, 5)
+    assert not again_l.removed and not again_t.removed
+    assert before == {d: _state(media / d) for d in ("cache_images", "cache_videos")}
+
+    # an edited caption is encoded again, the rest is left alone
+    (media / "images" / "image_002.txt").write_text("a purple star spinning\n")
+    edited = cache_text(cfg)
+    assert (edited.cached, edited.skipped) == (1, 4)
+    assert safe_open(str(media / "cache_images" / IMAGE_TEXTS[2]), "pt").metadata()["caption1"] == "a purple star spinning"
+
+    # removed media: its caches are orphans, kept with keep_cache, deleted otherwise; foreign files survive
+    (media / "images" / "image_001.png").unlink()
+    (media / "cache_images" / "notes.safetensors").write_bytes(b"x")
+    kept = cache_latents(_config(tiny_kit, media, keep_cache=True))
+    assert [p.name for p in kept.orphans_kept] == [IMAGE_LATENTS[1]] and (media / "cache_images" / IMAGE_LATENTS[1]).exists()
+    removed_l, removed_t = cache_latents(cfg), cache_text(cfg)
+    assert [p.name for p in removed_l.removed] == [IMAGE_LATENTS[1]]
+    assert [p.name for p in removed_t.removed] == [IMAGE_TEXTS[1]]
+    assert sorted(p.name for p in (media / "cache_images").iterdir()) == sorted(
+        [IMAGE_LATENTS[0], IMAGE_LATENTS[2], IMAGE_TEXTS[0], IMAGE_TEXTS[2], "notes.safetensors"])
+    assert len(list((media / "cache_videos").iterdir())) == 4
+
+
+def test_corrupt_media_is_listed_and_the_command_goes_on(tiny_kit, tmp_path, caplog):
+    make_synthetic_dataset(tmp_path, seed=3, num_images=2, num_videos=1, with_corrupt_image=True,
+                           with_truncated_video=True)
+    config = tmp_path / "cache.toml"
+    config.write_text(
+        f'vae = "{tiny_kit.vae}"\nt5 = "{tiny_kit.t5}"\nt5_tokenizer = "{tiny_kit.tokenizer_dir}"\n'
+        "[datasets.general]\nresolution = 64\ntarget_frames = [9]\n"
+        '[[datasets.train]]\nimage_directory = "images"\ncache_directory = "ci"\n'
+        '[[datasets.train]]\nvideo_directory = "videos"\ncache_directory = "cv"\n'
+        "[datasets.latent_cache]\nnum_workers = 1\n", encoding="utf-8")
+    assert main(["cache-latents", "--config", str(config)]) == 0
+    assert main(["cache-text", "--config", str(config)]) == 0
+    assert sorted(p.name for p in (tmp_path / "ci").iterdir()) == [
+        "image_000_0064x0064_wan.safetensors", "image_000_wan_te.safetensors",
+        "image_001_0064x0064_wan.safetensors", "image_001_wan_te.safetensors"]
+    assert "clip_000_00000-009_0064x0064_wan.safetensors" in {p.name for p in (tmp_path / "cv").iterdir()}
+    summary = cache_latents(load_config(config))
+    assert {p.name for p, _ in summary.failed} == {"broken.png", "truncated.mp4"}
+    assert summary.skipped == 3
+
+
+def test_non_finite_latents_are_reported_not_written(tiny_kit, media, tmp_path):
+    state = load_file(str(tiny_kit.vae))
+    state["conv1.bias"] = torch.full_like(state["conv1.bias"], float("nan"))
+    save_file(state, str(tmp_path / "nan_vae.safetensors"))
+    cfg = _config(tiny_kit, media)
+    cfg.model.vae = tmp_path / "nan_vae.safetensors"
+    summary = cache_latents(cfg)
+    assert summary.cached == 0 and len(summary.non_finite) == 5 and len(summary.failed) == 5
+    assert not (media / "cache_images").exists() and not (media / "cache_videos").exists()
+    assert "NaN" in summary.lines()[1]
+
+
+def test_settings_errors(tiny_kit, media):
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device"):
+            resolve_device("cuda", "datasets.latent_cache.device")
+        assert resolve_device("auto", "datasets.latent_cache.device") == torch.device("cpu")
+    with pytest.raises(UserError, match="not a device"):
+        resolve_device("gpu0", "datasets.latent_cache.device")
+    assert compute_dtype("auto", torch.device("cpu")) == torch.float32
+    assert compute_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert compute_dtype("float16", torch.device("cpu")) == torch.float16
+    cfg = _config(tiny_kit, media)
+    cfg.model.vae = None
+    with pytest.raises(UserError, match="`vae` is not set"):
+        cache_latents(cfg)
+    cfg.model.t5_tokenizer = str(media / "no_tokenizer")
+    with pytest.raises(UserError, match="t5_tokenizer"):
+        cache_text(cfg)
