@@ -46,19 +46,25 @@ def build(args) -> tuple[WanModel, WanTransformer3DModel, WanModelConfig]:
     return ours, ref, config
 
 
-def step_time(fn, reps: int, device: torch.device) -> float:
-    """Median seconds of ``fn()`` (one warm-up call first)."""
+def _timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def step_times(fns, reps: int, device: torch.device) -> list[float]:
+    """Median seconds of each of ``fns``, alternating between them (so load changes hit both alike)."""
+    for fn in fns:  # warm-up
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, out in zip(fns, times):
+            out.append(_timed(fn, device))
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -102,8 +108,7 @@ def main() -> None:
     print(f"config: {args.layers} layers, dim {args.dim}, {config.num_heads} heads, ffn {config.ffn_dim}, "
           f"{tokens} tokens x batch {args.batch}, {args.dtype} on {args.device}, "
           f"{torch.get_num_threads()} threads; max |ours - diffusers| = {diff.max().item():.2e}")  # fmt: skip
-    t_ours = step_time(ours_step, args.reps, device)
-    t_ref = step_time(ref_step, args.reps, device)
+    t_ours, t_ref = step_times([ours_step, ref_step], args.reps, device)
     print(f"forward+backward  ours {t_ours * 1000:.1f} ms   diffusers {t_ref * 1000:.1f} ms   "
           f"ratio ours/diffusers {t_ours / t_ref:.3f}")  # fmt: skip
 
