@@ -26,3 +26,11 @@ def tiny_kit(tmp_path_factory):
     from wantrainer.devkit.tiny_kit import make_tiny_model_kit
 
     return make_tiny_model_kit(tmp_path_factory.mktemp("tiny_kit"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def train_workspace(tmp_path_factory, tiny_kit):
+    """Synthetic train (4 images) / val (3 images) sets cached by the kit's real VAE and UMT5. Read-only."""
+    from train_support import TrainWorkspace
+
+    return TrainWorkspace(tmp_path_factory.mktemp("train_workspace"), tiny_kit)

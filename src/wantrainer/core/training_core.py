@@ -262,6 +262,12 @@ class Trainer:
             self._skip_step(groups)
         timings["optimizer"] = time.perf_counter() - opt_start
         self.state.step += 1
+        if self.state.nonfinite_in_row >= self.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"the loss was NaN/Inf for {self.state.nonfinite_in_row} steps in a row (max_nonfinite_steps); "
+                "stopped without saving, the last saved LoRA / state is kept. Lower learning_rate, set "
+                'max_grad_norm, or use mixed_precision = "bf16" instead of fp16'
+            )
         for enh in self.enhancements:
             enh.on_step_end(self.state)
         timings["step"] = time.perf_counter() - step_start + self._data_time
@@ -357,12 +363,6 @@ class Trainer:
             self.state.nonfinite_in_row,
             self.max_nonfinite_steps,
         )
-        if self.state.nonfinite_in_row >= self.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"the loss was NaN/Inf for {self.state.nonfinite_in_row} steps in a row (max_nonfinite_steps); "
-                "stopped without saving, the last saved LoRA / state is kept. Lower learning_rate, set "
-                "max_grad_norm, or use mixed_precision = \"bf16\" instead of fp16"
-            )
 
     def _zero_grad(self) -> None:
         for group in self.groups:

@@ -45,6 +45,8 @@ class CheckpointHandler(Handler):
     # -- triggers --------------------------------------------------------------------------------
     def on_step_end(self, trainer: Any) -> None:
         every = self.saving.save_every_n_steps
+        if trainer.last_step is not None and trainer.last_step.skipped:
+            return  # a step with a non-finite loss is never saved; the last good save stays the newest
         if every and trainer.state.step % every == 0 and trainer.state.step < trainer.total_steps:
             self.save(trainer, step=trainer.state.step, with_state=self.saving.save_state)
             self._retain_steps(trainer, trainer.state.step)
