@@ -1,0 +1,130 @@
+"""Validation loss on the tiny kit: reproducible, the training trajectory untouched, logged, right objective."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from train_support import load, lora_tensors
+from wantrainer.core.handlers.base import Handler
+from wantrainer.core.handlers.validation import ValidationHandler, batch_noise, validation_losses
+from wantrainer.core.wan_network_trainer import build_trainer
+from wantrainer.criteria.training_loss import TrainingLoss
+from wantrainer.errors import UserError
+
+
+class _LossRecorder(Handler):
+    name = "loss_recorder"
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_step_end(self, trainer) -> None:
+        self.losses.append(trainer.last_step.loss)
+
+
+def _validation(trainer) -> ValidationHandler:
+    return next(h for h in trainer.handlers if isinstance(h, ValidationHandler))
+
+
+def _train_modes(trainer) -> list[bool]:
+    return [m.training for net in [trainer.model, *trainer.networks.values()] for m in net.modules()]
+
+
+def test_two_evaluations_are_identical_and_modes_restored(train_workspace, tmp_path):
+    cfg = load(train_workspace.write(tmp_path, val=True, validate_every_n_steps=2, log_with="none",
+                                     validation_timesteps="200, 800"))
+    trainer = build_trainer(cfg)
+    handler = _validation(trainer)
+    modes = _train_modes(trainer)
+    assert any(modes)
+    rng = torch.get_rng_state()
+    first = handler.evaluate(trainer)
+    second = handler.evaluate(trainer)
+    assert first == second
+    assert set(first) == {"val/loss", "val/loss_t200", "val/loss_t800"}
+    assert first["val/loss"] == pytest.approx((first["val/loss_t200"] + first["val/loss_t800"]) / 2)
+    assert first["val/loss_t800"] != first["val/loss_t200"]
+    assert _train_modes(trainer) == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_training_trajectory_is_the_same_with_and_without_validation(train_workspace, tmp_path):
+    runs = {}
+    for name, extra in (("plain", {}), ("validated", {"validate_every_n_steps": 1, "validate_on_epoch_end": True})):
+        out = tmp_path / name
+        cfg = load(train_workspace.write(out, val=bool(extra), max_train_steps=3, network_dropout=0.1, **extra))
+        trainer = build_trainer(cfg)
+        recorder = _LossRecorder()
+        trainer.handlers.append(recorder)
+        assert trainer.train() == "completed"
+        runs[name] = (recorder.losses, lora_tensors(out / "out" / "lora.safetensors"))
+        if extra:
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+            events = EventAccumulator(str(out / "out" / "logs"))
+            events.Reload()
+            assert [e.step for e in events.Scalars("val/loss")] == [1, 2, 3]
+            assert {"val/loss_t100", "val/loss_t900"} <= set(events.Tags()["scalars"])
+            assert "val" in trainer.progress_postfix
+    assert runs["plain"][0] == runs["validated"][0]
+    plain, validated = runs["plain"][1], runs["validated"][1]
+    assert plain.keys() == validated.keys()
+    assert all(torch.equal(plain[k], validated[k]) for k in plain)
+
+
+def test_the_loss_is_the_flow_matching_objective(train_workspace, tmp_path):
+    """Recompute one timestep by hand: x_t = (1-t) x0 + t noise, target noise - x0, model at 1000 t."""
+    cfg = load(train_workspace.write(tmp_path, val=True, validate_on_epoch_end=True, log_with="none",
+                                     validation_timesteps=[300], weighting_scheme="sigma_sqrt"))
+    trainer = build_trainer(cfg)
+    handler = _validation(trainer)
+    got = handler.evaluate(trainer)["val/loss_t300"]
+    batches = list(handler._batches())
+    expected_sum, count = 0.0, 0
+    with torch.no_grad():
+        trainer.model.eval()
+        for index, batch in enumerate(batches):
+            x0 = batch["latents"]
+            noise = batch_noise(x0.shape, handler.seed, index)
+            noisy = 0.7 * x0 + 0.3 * noise
+            pred = trainer.model(noisy, torch.full((x0.shape[0],), 300.0), batch["text_embeds"])
+            expected_sum += float(((pred - (noise - x0)) ** 2).mean()) * x0.shape[0]
+            count += x0.shape[0]
+    assert got == pytest.approx(expected_sum / count, rel=1e-5)
+
+
+def test_triggers_without_val_data_are_an_error(train_workspace, tmp_path):
+    cfg = load(train_workspace.write(tmp_path, validate_every_n_steps=5))
+    with pytest.raises(UserError, match="datasets.val"):
+        build_trainer(cfg)
+    cfg = load(train_workspace.write(tmp_path, val=True))
+    assert not any(isinstance(h, ValidationHandler) for h in build_trainer(cfg).handlers)
+
+
+def test_timesteps_are_grouped_by_expert():
+    """Each expert is activated once and serves only its own side of the boundary."""
+    served = []
+    active = {"name": None}
+
+    def forward(x, t, ctx):
+        served.append((active["name"], float(t[0])))
+        return torch.zeros_like(x)
+
+    def batches():
+        return iter([{"latents": torch.ones(1, 16, 1, 2, 2), "text_embeds": [torch.zeros(0, 4)]}])
+
+    loss = TrainingLoss.from_config(*_loss_sections())
+    sums = validation_losses(
+        forward, batches, [100, 900, 500, 950], loss, seed=0, device="cpu",
+        expert_for=lambda t: "high_noise" if t >= 0.875 else "low_noise",
+        activate=lambda name: active.__setitem__("name", name),
+    )
+    assert served == [("low_noise", 100.0), ("low_noise", 500.0), ("high_noise", 900.0), ("high_noise", 950.0)]
+    assert all(count == 1 for _, count in sums.values())
+
+
+def _loss_sections():
+    from wantrainer.config.training import LossConfig, TimestepConfig
+
+    return LossConfig(), TimestepConfig()
