@@ -28,9 +28,9 @@ class ModelConfig(Section):
     fp8_base: bool = False
     """Store the DiT block Linear weights as float8_e4m3fn and upcast them per layer at compute time."""
     fp8_scaled: bool = False
-    """With fp8_base: quantise with per-output-channel scales at load time (better accuracy than a plain cast)."""
+    """Store the block Linear weights in fp8 with per-output-channel scales computed at load time (implies fp8_base; more accurate than a plain cast)."""
     blocks_to_swap: int = Field(0, ge=0)
-    """Number of DiT blocks kept on the CPU and moved to the GPU just ahead of use (saves VRAM, costs speed)."""
+    """Number of DiT blocks kept on the CPU and moved to the GPU just ahead of use (0 = off, at most layers - 1; saves VRAM, costs speed)."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of storing them."""
     gradient_checkpointing_cpu_offload: bool = False
