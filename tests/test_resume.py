@@ -1,0 +1,114 @@
+"""Checkpoints and resume: a resumed run is bit-identical to an uninterrupted one (CPU, fp32)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from train_support import load, lora_tensors
+from wantrainer.core.checkpoint_io import find_latest_state
+from wantrainer.core.handlers.base import Handler
+from wantrainer.core.wan_network_trainer import build_trainer
+from wantrainer.errors import UserError
+
+
+class StopAt(Handler):
+    """Asks the trainer to stop (as SIGTERM would) after a given step."""
+
+    name = "stopper"
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer):
+        if trainer.state.step == self.step:
+            trainer.stop.request("SIGTERM")
+
+
+def assert_same_lora(a, b):
+    ta, tb = lora_tensors(a), lora_tensors(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+
+
+def run(ws, folder, handlers=None, **values):
+    values.setdefault("log_with", "none")
+    trainer = build_trainer(load(ws.write(folder, **values)), extra_handlers=handlers)
+    return trainer, trainer.train()
+
+
+def test_resume_mid_epoch_is_bit_identical(train_workspace, tmp_path):
+    common = dict(max_train_steps=6, lr_scheduler="linear", lr_warmup_steps=2, network_dropout=0.1,
+                  save_every_n_steps=3, save_state=True)
+    straight, _ = run(train_workspace, tmp_path / "a", **common)
+    state = tmp_path / "a" / "out" / "lora-step00000003-state"
+    resumed, reason = run(train_workspace, tmp_path / "b", resume=str(state), **common)
+    assert reason == "completed" and resumed.state.step == 6
+    assert resumed.state.epoch == straight.state.epoch == 3
+    assert_same_lora(tmp_path / "a" / "out" / "lora.safetensors", tmp_path / "b" / "out" / "lora.safetensors")
+    files = {p.name for p in state.iterdir()}
+    assert {"COMPLETE.json", "trainer_state.json", "config.toml", "network_default.safetensors",
+            "optimizer_default.pt", "scheduler_default.pt", "rank0.pt", "handlers.pt"} <= files
+    assert json.loads((state / "trainer_state.json").read_text())["step"] == 3
+    assert "learning_rate" in (state / "config.toml").read_text()
+
+
+def test_resume_across_epoch_boundary_with_accumulation(train_workspace, tmp_path):
+    # 4 images x 3 repeats in batches of 4 = 3 batches per epoch; accumulation 2 -> the second step of every
+    # epoch has one micro-batch, and the resumed part crosses epoch boundaries.
+    datasets = train_workspace.config(tmp_path)["datasets"]
+    datasets["train"][0].update(batch_size=4, num_repeats=3)
+    common = dict(max_train_steps=7, gradient_accumulation_steps=2, lr_scheduler="cosine", datasets=datasets,
+                  save_every_n_epochs=1, save_state=True)
+    straight, _ = run(train_workspace, tmp_path / "straight", **common)
+    assert straight.steps_per_epoch == 2 and straight.state.epoch == 3
+    final = tmp_path / "straight" / "out" / "lora.safetensors"
+
+    stopped, reason = run(train_workspace, tmp_path / "stopped", handlers=[StopAt(3)], **common)
+    assert reason == "interrupted" and stopped.state.step == 3 and stopped.state.batches_in_epoch == 2
+    mid = tmp_path / "stopped" / "out" / "lora-step00000003-state"
+    _, reason = run(train_workspace, tmp_path / "r1", resume=str(mid), **common)
+    assert_same_lora(final, tmp_path / "r1" / "out" / "lora.safetensors")
+
+    boundary = tmp_path / "straight" / "out" / "lora-epoch000001-state"
+    resumed, _ = run(train_workspace, tmp_path / "r2", resume=str(boundary), **common)
+    assert resumed.state.step == 7
+    assert_same_lora(final, tmp_path / "r2" / "out" / "lora.safetensors")
+
+
+def test_auto_resume_picks_newest_valid_state(train_workspace, tmp_path, caplog):
+    common = dict(save_every_n_steps=2, save_state=True)
+    run(train_workspace, tmp_path, max_train_steps=4, **common)
+    out = tmp_path / "out"
+    assert (out / "lora-step00000002-state").is_dir() and (out / "lora-step00000004-state").is_dir()
+    (out / "lora-step00000009-state").mkdir()  # half-written: no marker
+    (out / "lora-step00000009-state" / "trainer_state.json").write_text("{}")
+    (out / ".lora-step00000010-state.tmp").mkdir()
+    with caplog.at_level(logging.WARNING, logger="wantrainer"):
+        assert find_latest_state(out, "lora") == out / "lora-step00000004-state"
+    assert "lora-step00000009-state" in caplog.text and ".lora-step00000010-state.tmp" in caplog.text
+    trainer, _ = run(train_workspace, tmp_path, max_train_steps=6, auto_resume=True, **common)
+    assert trainer.state.step == 6 and trainer.groups[0].steps == 6
+
+
+def test_resume_from_an_incomplete_state_is_a_user_error(train_workspace, tmp_path):
+    broken = tmp_path / "broken-state"
+    broken.mkdir()
+    trainer = build_trainer(load(train_workspace.write(tmp_path, resume=str(broken), log_with="none")))
+    with pytest.raises(UserError, match="incomplete"):
+        trainer.train()
+
+
+def test_retention_of_step_and_epoch_saves(train_workspace, tmp_path):
+    run(train_workspace, tmp_path, max_train_steps=8, save_every_n_steps=1, save_last_n_steps=2,
+        save_every_n_epochs=1, save_last_n_epochs=2, save_state=True)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("lora"))
+    assert names == [
+        "lora-epoch000002-state", "lora-epoch000002.safetensors", "lora-epoch000003-state",
+        "lora-epoch000003.safetensors", "lora-step00000006-state", "lora-step00000006.safetensors",
+        "lora-step00000007-state", "lora-step00000007.safetensors", "lora-step00000008-state", "lora.safetensors",
+    ]
