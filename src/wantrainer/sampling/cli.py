@@ -1,0 +1,144 @@
+"""``wantrainer sample --config X [--lora F ...] [--multiplier M] [--output-dir D]``.
+
+Generates the config's ``[[sample_prompts]]`` without training: encode the prompts (text encoder loaded,
+used, freed), load the DiT (wan22: both experts) with the LoRA(s), denoise, free the DiT, decode with the VAE
+and write ``{name}_p{index:02d}_s{seed}.mp4`` / ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..common.logger import get_logger, setup_logging
+from ..errors import UserError
+from .generate import ExpertSwitch, ModelFn, boundary_timestep
+from .loras import assign_loras
+from .pipeline import (
+    compute_dtype,
+    decode_and_write,
+    dit_model_fn,
+    encode_sample_prompts,
+    free_memory,
+    generate_all_latents,
+)
+
+logger = get_logger(__name__)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class LoadedExperts:
+    """The DiT(s) for sampling: ``low`` is ``dit`` (the only one for wan21), ``high`` the wan22 high-noise one."""
+
+    low: nn.Module
+    high: nn.Module | None = None
+    networks: list[nn.Module] = field(default_factory=list)
+
+    def models(self) -> list[nn.Module]:
+        return [m for m in (self.high, self.low) if m is not None]
+
+
+def load_dit_for_sampling(model_cfg, path: Path, device: torch.device, resident: bool) -> nn.Module:
+    """Load one DiT in the compute dtype; ``resident`` puts it on ``device`` now (else it stays on the CPU)."""
+    from ..models.wan.loading import load_wan_dit
+
+    if not Path(path).is_file():
+        raise UserError(f"DiT checkpoint not found: {path}")
+    dtype = compute_dtype(model_cfg.mixed_precision, device)
+    dit = load_wan_dit(
+        path, device="cpu", dtype=dtype, fp8_base=model_cfg.fp8_base, fp8_scaled=model_cfg.fp8_scaled,
+        attn_mode=model_cfg.attn_mode,
+    )  # fmt: skip
+    dit.eval().requires_grad_(False)
+    if model_cfg.blocks_to_swap and device.type == "cuda":
+        dit.enable_block_swap(model_cfg.blocks_to_swap, device)
+    if resident:
+        place_dit(dit, device)
+    return dit
+
+
+def place_dit(dit: nn.Module, device: torch.device) -> None:
+    """Move a DiT to ``device`` (with block swap: all but the swapped blocks)."""
+    if getattr(dit, "block_swapper", None) is not None:
+        dit.move_to_device_except_swap_blocks(device)
+    else:
+        dit.to(device)
+
+
+def load_experts(model_cfg, loras: list[Path], multiplier: float, device: torch.device) -> LoadedExperts:
+    """Load the DiT(s) named by the model section and apply the ``--lora`` files to the matching expert."""
+    from .loras import apply_lora_file
+
+    if model_cfg.dit is None:
+        raise UserError("`dit` is not set: the sampling DiT checkpoint is needed")
+    two = model_cfg.target_model == "wan22" and model_cfg.dit_high_noise is not None
+    if model_cfg.target_model == "wan22" and not two:
+        logger.warning("wan22 without `dit_high_noise`: the low-noise expert `dit` serves every step")
+    offload = two and model_cfg.offload_inactive_dit and device.type == "cuda"
+    assigned = assign_loras(loras, two)
+    experts = LoadedExperts(low=load_dit_for_sampling(model_cfg, model_cfg.dit, device, resident=not offload))
+    if two:
+        experts.high = load_dit_for_sampling(model_cfg, model_cfg.dit_high_noise, device, resident=not offload)
+    for name, dit in (("low", experts.low), ("high", experts.high)):
+        if dit is not None and assigned[name] is not None:
+            experts.networks.append(apply_lora_file(dit, assigned[name], multiplier))
+    return experts
+
+
+def experts_model_fn(experts: LoadedExperts, model_cfg, device: torch.device) -> ModelFn:
+    """One ``ModelFn`` over the loaded DiT(s); wan22 switches at ``timestep_boundary``."""
+    if experts.high is None:
+        return dit_model_fn(experts.low)
+    offload = model_cfg.offload_inactive_dit and device.type == "cuda"
+
+    def on_switch(name: str) -> None:
+        if not offload:
+            return
+        active, inactive = (experts.high, experts.low) if name == "high" else (experts.low, experts.high)
+        inactive.to("cpu")
+        free_memory(device)
+        place_dit(active, device)
+
+    return ExpertSwitch(
+        high=dit_model_fn(experts.high),
+        low=dit_model_fn(experts.low),
+        boundary=boundary_timestep(model_cfg.timestep_boundary),
+        on_switch=on_switch,
+    )
+
+
+def output_name(cfg, loras: list[Path]) -> str:
+    """The LoRA's stem (without an expert suffix) when one name fits, else ``output_name``."""
+    stems = {p.stem.removesuffix("_high_noise").removesuffix("_low_noise") for p in loras}
+    return stems.pop() if len(stems) == 1 else cfg.saving.output_name
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config_parser import load_config
+
+    cfg = load_config(args.config)
+    setup_logging(cfg.logging.logging_level)
+    prompts = list(cfg.sampling.sample_prompts)
+    if not prompts:
+        raise UserError(f"{args.config}: no [[sample_prompts]] to generate; add at least one table with `text`")
+    loras = [Path(p).expanduser() for p in (args.lora or [])]
+    device = default_device()
+    out_dir = Path(args.output_dir).expanduser() if args.output_dir else cfg.saving.output_dir / "sample"
+
+    embeds = encode_sample_prompts(cfg.model, prompts, device)
+    experts = load_experts(cfg.model, loras, args.multiplier, device)
+    with torch.no_grad():
+        latents = generate_all_latents(experts_model_fn(experts, cfg.model, device), prompts, embeds, device)
+    del experts
+    free_memory(device)
+    results = decode_and_write(latents, prompts, cfg.model.vae, device, out_dir, output_name(cfg, loras), step=None)
+    logger.info("%d sample(s) written to %s", len(results), out_dir)
+    return 0
