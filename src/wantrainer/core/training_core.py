@@ -283,6 +283,8 @@ class Trainer:
             metrics=metrics,
         )
         self.last_step = result
+        if self.experts.is_dual:
+            logger.info("step %d trained the %s expert (loss %.4f)", result.step, expert, result.loss)
         return result
 
     def forward_backward(

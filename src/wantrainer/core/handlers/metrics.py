@@ -2,7 +2,8 @@
 
 Per step: ``loss/current``, ``loss/average`` (moving average of the last ``window`` steps), ``lr/group<i>``
 (``lr/<network>/group<i>`` with two networks), ``grad_norm``, ``samples_per_sec``, ``timing/data``,
-``timing/forward``, ``timing/backward``, ``timing/optimizer``, plus the loss terms' own metrics. Only the main
+``timing/forward``, ``timing/backward``, ``timing/optimizer``, plus the loss terms' own metrics and, with two
+Wan 2.2 experts, ``expert/high_noise`` (1 when the step trained the high-noise expert, else 0). Only the main
 process writes.
 """
 
@@ -115,6 +116,8 @@ class MetricsHandler(Handler):
         }
         if result.grad_norm is not None:
             values["grad_norm"] = result.grad_norm
+        if trainer.experts.is_dual:
+            values["expert/high_noise"] = 1.0 if result.expert == "high_noise" else 0.0
         trainer.metrics.log(values, step=result.step)
         first_lr = next(iter(result.lrs.values()), float("nan"))
         postfix = trainer.progress_postfix
