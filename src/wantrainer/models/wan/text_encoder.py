@@ -195,7 +195,10 @@ def load_tokenizer(spec: str | Path | None) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(str(spec))
     except OSError as exc:
-        raise UserError(f"cannot load the tokenizer {spec!r} from the hub ({exc}); offline, {TOKENIZER_HELP}") from None
+        raise UserError(
+            f"`t5_tokenizer` = {str(spec)!r}: no such folder, and it cannot be loaded as a hub id ({exc}); offline, "
+            f"{TOKENIZER_HELP}"
+        ) from None
 
 
 def clean_prompt(text: str) -> str:
@@ -269,4 +272,4 @@ class WanTextEncoder:
         ids, mask = self.tokenize(prompts)
         hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
         lengths = mask.sum(dim=1).tolist()
-        return [hidden[i, :n] for i, n in enumerate(lengths)]
+        return [hidden[i, :n].clone() for i, n in enumerate(lengths)]
