@@ -19,12 +19,15 @@ KIT_FILES = {
 
 
 def _load_dit(path):
-    from wantrainer.models.wan.transformer import WanModel
+    """The kit file through the loader real checkpoints take; its config must be inferred as the kit's."""
+    from wantrainer.models.wan.loading import load_wan_dit
 
+    model = load_wan_dit(path, dtype=torch.float32)
+    assert model.config == TINY_DIT_CONFIG
     state = load_file(str(path))
     assert all(k.startswith(COMFY_PREFIX) for k in state)
-    model = WanModel(TINY_DIT_CONFIG)
-    model.load_state_dict({k[len(COMFY_PREFIX):]: v.float() for k, v in state.items()}, strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[COMFY_PREFIX + key].float()), key
     return model
 
 
