@@ -238,8 +238,10 @@ def run(args: argparse.Namespace) -> int:
     from .handlers.progress import ProgressBarHandler
 
     cfg = load_config(args.config)
-    setup_logging(cfg.logging.logging_level)
-    trainer = build_trainer(cfg)
+    accelerator = make_accelerator(cfg)
+    # Under DDP only the main process logs at the configured level; the others report warnings and errors.
+    setup_logging(cfg.logging.logging_level if accelerator.is_main_process else "WARNING")
+    trainer = build_trainer(cfg, accelerator=accelerator)
     if trainer.is_main_process:
         trainer.handlers.append(ProgressBarHandler())
     reason = trainer.train()
