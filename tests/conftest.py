@@ -34,3 +34,15 @@ def train_workspace(tmp_path_factory, tiny_kit):
     from train_support import TrainWorkspace
 
     return TrainWorkspace(tmp_path_factory.mktemp("train_workspace"), tiny_kit)
+
+
+@pytest.fixture()
+def torch_one_thread():
+    """Run the test with one intra-op thread (restored after). Small CPU models on a loaded 2-core machine run
+    up to ~100x slower with 2 threads than with 1 (threads spin-waiting for a busy core)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

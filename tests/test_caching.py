@@ -23,6 +23,8 @@ from wantrainer.errors import UserError
 from wantrainer.models.wan.text_encoder import WanTextEncoder
 from wantrainer.models.wan.vae import WanVAE
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 IMAGE_LATENTS = [f"image_{i:03d}_0064x0064_wan.safetensors" for i in range(3)]
 VIDEO_LATENTS = [f"clip_{i:03d}_00000-009_0064x0064_wan.safetensors" for i in range(2)]
 IMAGE_TEXTS = [f"image_{i:03d}_wan_te.safetensors" for i in range(3)]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from wantrainer.devkit.tiny_kit import COMFY_PREFIX, TINY_DIT_CONFIG, make_tiny_model_kit
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 KIT_FILES = {
     "dit_wan21.safetensors",

@@ -14,6 +14,8 @@ from transformers import UMT5Config, UMT5EncoderModel
 from wantrainer.errors import UserError
 from wantrainer.models.wan.text_encoder import WanTextEncoder, clean_prompt, load_tokenizer
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 PROMPTS = ["a red circle moving left on a blue background", "two dogs play", ""]
 
 # Wan .pth key (inside blocks.N) -> transformers UMT5 key (inside encoder.block.N), written out independently
