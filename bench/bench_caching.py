@@ -1,7 +1,7 @@
 """Latent caching throughput vs calling the VAE directly on the same clips.
 
     .venv/bin/python bench/bench_caching.py [--clips 6] [--frames 17] [--size 64] [--workers 2] [--batch 1]
-                                            [--vae PATH] [--device cpu] [--reps 2]
+                                            [--vae PATH] [--device cpu] [--reps 3] [--threads N]
 
 Builds the tiny kit (or uses ``--vae``) and synthetic clips in a temporary folder, then times
 (a) ``cache_latents`` end to end (scan, decode with ``--workers`` threads, encode, atomic writes),
@@ -61,7 +61,10 @@ def main() -> None:
     parser.add_argument("--vae", type=Path, default=None, help="a real Wan VAE file (default: the tiny kit's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     root = Path(tempfile.mkdtemp(prefix="bench_caching_"))
     try:
@@ -98,7 +101,7 @@ def main() -> None:
 
     n = len(items)
     print(f"{n} clips of {args.frames} frames at {args.size}x{args.size}, device {args.device}, "
-          f"batch {args.batch}, workers {args.workers}, VAE {vae_path.name}")
+          f"batch {args.batch}, workers {args.workers}, {torch.get_num_threads()} torch thread(s), VAE {vae_path.name}")
     for name, seconds in times.items():
         print(f"  {name:20s} {seconds:7.3f} s  {n / seconds:7.2f} items/s")
     print(f"  cache_latents / vae only           = {times['cache_latents'] / times['vae only']:.2f}x")
