@@ -71,11 +71,12 @@ def test_latent_statistics_are_wans(vae):
 def test_pth_and_diffusers_layout_files_give_the_same_latents(vae, tiny_kit, tmp_path):
     original = load_file(str(tiny_kit.vae))
     torch.save(original, tmp_path / "Wan2.1_VAE.pth")
+    torch.save(original, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     save_file(convert_wan_vae_to_diffusers(dict(original)), str(tmp_path / "diffusers_vae.safetensors"))
     save_file({f"first_stage_model.{k}": v for k, v in original.items()}, str(tmp_path / "prefixed.safetensors"))
     pixels = _pixels(frames=1)
     expected = vae.encode(pixels)
-    for name in ("Wan2.1_VAE.pth", "diffusers_vae.safetensors", "prefixed.safetensors"):
+    for name in ("Wan2.1_VAE.pth", "legacy.pth", "diffusers_vae.safetensors", "prefixed.safetensors"):
         assert torch.equal(WanVAE.load(tmp_path / name).encode(pixels), expected), name
 
 

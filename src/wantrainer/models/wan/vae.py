@@ -42,7 +42,7 @@ def read_weights(path: str | Path, what: str) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        state = _torch_load(path)
     except Exception as exc:  # corrupt or truncated file: tell the user which one
         raise UserError(f"cannot read the {what} file {path}: {exc}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -50,6 +50,16 @@ def read_weights(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} does not hold a plain state dict of tensors ({what})")
     return state
+
+
+def _torch_load(path: Path):
+    """``torch.load`` memory-mapped (zip-format files), falling back to a plain read for legacy-format files."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
