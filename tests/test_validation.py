@@ -128,3 +128,38 @@ def _loss_sections():
     from wantrainer.config.training import LossConfig, TimestepConfig
 
     return LossConfig(), TimestepConfig()
+
+
+def test_wan22_each_timestep_uses_its_own_expert(train_workspace, tmp_path):
+    """Two different tiny experts: t=800 is measured with the high-noise weights, t=200 with the low-noise ones."""
+    from wantrainer.models.wan.loading import load_wan_dit
+
+    kit = train_workspace.kit
+    cfg = load(train_workspace.write(
+        tmp_path, val=True, validate_on_epoch_end=True, log_with="none", validation_timesteps=[200, 800],
+        target_model="wan22", dit=str(kit.dit_wan22_low), dit_high_noise=str(kit.dit_wan22_high),
+        timestep_boundary=0.5,
+    ))
+    trainer = build_trainer(cfg)
+    handler = _validation(trainer)
+    active = trainer.experts.active
+    got = handler.evaluate(trainer)
+    assert trainer.experts.active == active
+    raw = {name: load_wan_dit(path, dtype=torch.float32).eval()
+           for name, path in (("high", kit.dit_wan22_high), ("low", kit.dit_wan22_low))}
+
+    def loss_with(dit, t):
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for index, batch in enumerate(handler._batches()):
+                x0 = batch["latents"]
+                noise = batch_noise(x0.shape, handler.seed, index)
+                pred = dit((1 - t / 1000) * x0 + t / 1000 * noise, torch.full((x0.shape[0],), float(t)),
+                           batch["text_embeds"])
+                total += float(((pred - (noise - x0)) ** 2).mean()) * x0.shape[0]
+                count += x0.shape[0]
+        return total / count
+
+    assert got["val/loss_t800"] == pytest.approx(loss_with(raw["high"], 800), rel=1e-5)
+    assert got["val/loss_t200"] == pytest.approx(loss_with(raw["low"], 200), rel=1e-5)
+    assert got["val/loss_t800"] != pytest.approx(loss_with(raw["low"], 800), rel=1e-3)

@@ -49,6 +49,7 @@ class SamplingHandler(Handler):
         self.embeds: list[PromptEmbeds] | None = None
         self.written: list[Path] = []
         self._last_step: int | None = None
+        self._warned_single = False
 
     @classmethod
     def from_config(cls, cfg: SamplingConfig, model_cfg: Any, saving_cfg: Any) -> SamplingHandler | None:
@@ -99,6 +100,10 @@ class SamplingHandler(Handler):
             return trainer.call_model(model, x, t, ctx)
 
         if not experts.is_dual:
+            if self.model_cfg.target_model == "wan22" and not self._warned_single:
+                logger.warning("sampling with the %s expert only: this run loads one Wan 2.2 expert, so it "
+                               "serves every denoising step", experts.names[0])
+                self._warned_single = True
             return forward
         names = {"high": HIGH_NOISE, "low": LOW_NOISE}
         return ExpertSwitch(
