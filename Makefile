@@ -20,5 +20,8 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check src tests tools bench
 
+demo: install
+	$(VENV)/bin/wantrainer demo $(DEMO_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
