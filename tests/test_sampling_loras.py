@@ -77,3 +77,33 @@ def test_lora_for_another_model_is_a_user_error(tmp_path):
         apply_lora_file(_tiny_dit(), path, multiplier=1.0)
     with pytest.raises(UserError, match="not found"):
         apply_lora_file(_tiny_dit(), tmp_path / "missing.safetensors", multiplier=1.0)
+
+
+def test_fp8_base_keeps_the_lora_as_a_wrapper(tiny_kit, tmp_path):
+    from wantrainer.models.wan.loading import load_wan_dit
+
+    full = load_wan_dit(tiny_kit.dit_wan21, dtype=torch.float32).eval()
+    network = LoRANetwork(full, rank=2, alpha=2.0)
+    with torch.no_grad():
+        for m in network.lora_modules:
+            m.lora_up.weight.normal_(0, 0.2)
+    path = tmp_path / "l.safetensors"
+    save_lora(path, network.state_dict(), dtype="fp32")
+
+    fp8 = load_wan_dit(tiny_kit.dit_wan21, dtype=torch.float32, fp8_base=True).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([500.0]), [torch.randn(3, 64, generator=g)]
+    with torch.no_grad():
+        base, full_base = fp8(x, t, ctx), full(x, t, ctx)
+        applied = apply_lora_file(fp8, path, multiplier=1.0, device="cpu")
+        with_lora = fp8(x, t, ctx)
+        network.apply_to(full)
+        reference = full(x, t, ctx)
+    assert any(v.dtype == torch.float8_e4m3fn for v in fp8.state_dict().values())
+    # the LoRA acts on the fp8 model as on the full-precision one (fp8 only rounds the base weights)
+    lora_fp8, lora_full = with_lora - base, reference - full_base
+    assert lora_full.abs().max() > 1e-2
+    assert (lora_fp8 - lora_full).norm() < 0.2 * lora_full.norm()
+    applied.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(fp8(x, t, ctx), base)

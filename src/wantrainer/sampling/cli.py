@@ -89,7 +89,7 @@ def load_experts(model_cfg, loras: list[Path], multiplier: float, device: torch.
         experts.high = load_dit_for_sampling(model_cfg, model_cfg.dit_high_noise, device, resident=not offload)
     for name, dit in (("low", experts.low), ("high", experts.high)):
         if dit is not None and assigned[name] is not None:
-            experts.networks.append(apply_lora_file(dit, assigned[name], multiplier))
+            experts.networks.append(apply_lora_file(dit, assigned[name], multiplier, device))
     return experts
 
 

@@ -57,8 +57,14 @@ def _lora_modules(sd: dict[str, torch.Tensor]) -> dict[str, int]:
     return {key[: -len(".lora_down.weight")]: int(v.shape[0]) for key, v in sd.items() if key.endswith(".lora_down.weight")}
 
 
-def apply_lora_file(dit: nn.Module, path: Path, multiplier: float) -> nn.Module:
-    """Apply the LoRA in ``path`` to ``dit`` at ``multiplier``; returns the ``LoRANetwork`` used."""
+def apply_lora_file(
+    dit: nn.Module, path: Path, multiplier: float, device: torch.device | str | None = None
+) -> nn.Module:
+    """Apply the LoRA in ``path`` to ``dit`` at ``multiplier``; returns the ``LoRANetwork`` used.
+
+    A wrapped LoRA (fp8 base) keeps its small tensors on ``device`` (the compute device; default: where the
+    DiT is now), so it stays in place while an offloaded expert moves between the CPU and the GPU.
+    """
     from ..networks.formats import load_lora
     from ..networks.lora_wan import LoRANetwork, kohya_name
 
@@ -81,12 +87,13 @@ def apply_lora_file(dit: nn.Module, path: Path, multiplier: float) -> nn.Module:
     targets = [re.escape(by_kohya[name]) for name in ranks]
     network = LoRANetwork(dit, rank=rank, alpha=float(rank), multiplier=multiplier, include_patterns=targets)
     network.load_weights(path)
-    network.to(device=dit.device)
     network.eval()
-    if any(p.dtype in _FP8 for p in dit.parameters()):
+    if any(t.dtype in _FP8 for t in dit.state_dict().values()):
+        network.to(device=device if device is not None else dit.device)
         network.apply_to(dit)
         logger.info("LoRA %s applied to %d fp8 Linear(s) at multiplier %g", Path(path).name, len(ranks), multiplier)
     else:
+        network.to(device=dit.device)
         network.merge_to(dit)
         logger.info("LoRA %s merged into %d Linear(s) at multiplier %g", Path(path).name, len(ranks), multiplier)
     return network
