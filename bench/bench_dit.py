@@ -8,7 +8,6 @@ fp32 on the CPU by default (``--device cuda --dtype bf16`` on a GPU). Not a test
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -57,14 +56,14 @@ def _timed(fn, device: torch.device) -> float:
 
 
 def step_times(fns, reps: int, device: torch.device) -> list[float]:
-    """Median seconds of each of ``fns``, alternating between them (so load changes hit both alike)."""
+    """Best-of-``reps`` seconds of each of ``fns``, alternating between them (robust to other load)."""
     for fn in fns:  # warm-up
         fn()
     times = [[] for _ in fns]
     for _ in range(reps):
         for fn, out in zip(fns, times):
             out.append(_timed(fn, device))
-    return [statistics.median(t) for t in times]
+    return [min(t) for t in times]
 
 
 def main() -> None:
@@ -80,7 +79,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     ours, ref, config = build(args)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
