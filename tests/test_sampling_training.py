@@ -130,7 +130,7 @@ def test_sample_command_user_errors(train_workspace, tmp_path, capsys):
 
 def test_triggers_need_prompts_and_models(train_workspace, tmp_path):
     with pytest.raises(UserError, match="sample_prompts"):
-        build_trainer(load(train_workspace.write(tmp_path, sample_every_n_steps=1)))
+        load(train_workspace.write(tmp_path, sample_every_n_steps=1))
     values = _sampling_values(train_workspace.kit, sample_every_n_epochs=1)
     del values["vae"]
     with pytest.raises(UserError, match="`vae`"):

@@ -95,9 +95,8 @@ def test_the_loss_is_the_flow_matching_objective(train_workspace, tmp_path):
 
 
 def test_triggers_without_val_data_are_an_error(train_workspace, tmp_path):
-    cfg = load(train_workspace.write(tmp_path, validate_every_n_steps=5))
     with pytest.raises(UserError, match="datasets.val"):
-        build_trainer(cfg)
+        load(train_workspace.write(tmp_path, validate_every_n_steps=5))
     cfg = load(train_workspace.write(tmp_path, val=True))
     assert not any(isinstance(h, ValidationHandler) for h in build_trainer(cfg).handlers)
 

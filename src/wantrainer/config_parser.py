@@ -269,6 +269,13 @@ def cross_field_problems(cfg: WanTrainerConfig) -> list[str]:
     warm = cfg.optimizer.lr_warmup_steps
     if isinstance(warm, float) and not warm.is_integer() and warm >= 1:
         problems.append(f"`lr_warmup_steps` = {warm}: use an integer step count or a fraction below 1")
+    sp, v = cfg.sampling, cfg.validation
+    if (sp.sample_at_first or sp.sample_every_n_steps or sp.sample_every_n_epochs) and not sp.sample_prompts:
+        problems.append("`sample_at_first` / `sample_every_n_steps` / `sample_every_n_epochs` need at least one "
+                        "[[sample_prompts]] table (with `text`); add one or remove the trigger")
+    if (v.validate_every_n_steps or v.validate_on_epoch_end) and not cfg.datasets.val:
+        problems.append("`validate_every_n_steps` / `validate_on_epoch_end` need a [[datasets.val]] dataset; "
+                        "add one (and cache it) or remove the trigger")
     from .dataset.blueprint import blueprint_problems
 
     problems.extend(blueprint_problems(cfg.datasets))
