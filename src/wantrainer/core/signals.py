@@ -1,6 +1,6 @@
 """SIGINT / SIGTERM during training: finish the current step, save state, exit cleanly.
 
-A second SIGINT restores the default behaviour (the next one interrupts immediately).
+A second SIGINT (Ctrl-C twice) interrupts immediately, without saving.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ class StopRequest:
     def _handler(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
         if self.requested and signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            logger.warning("second %s: the next one stops immediately", name)
-            return
+            logger.warning("second %s: stopping now without saving", name)
+            raise KeyboardInterrupt
         self.request(name)
         logger.warning("%s received: finishing the current step, then saving the state", name)
 
