@@ -69,6 +69,8 @@ def test_dtype_rules(tmp_path, tiny_model):
     save_file(contiguous_sd(tiny_model, torch.bfloat16), tmp_path / "bf16.safetensors")
     kept = load_wan_dit(tmp_path / "bf16.safetensors")  # dtype None: as stored
     assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+    save_file(contiguous_sd(tiny_model, torch.float16), tmp_path / "fp16.safetensors")
+    assert {p.dtype for p in load_wan_dit(tmp_path / "fp16.safetensors").parameters()} == {torch.float16}
     cast = load_wan_dit(tmp_path / "bf16.safetensors", dtype=torch.float16)
     assert cast.dtype == torch.float16
     assert cast.blocks[0].ffn[0].weight.dtype == torch.float16

@@ -64,14 +64,14 @@ def _with_lora(model, seed=1):
     return network
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["no_ckpt", "ckpt"])
+@pytest.mark.parametrize("checkpointing", ["off", "on", "cpu_offload"])
 def test_block_swap_same_outputs_grads_and_move_order(checkpointing):
     model = fresh_model()
     network = _with_lora(model)
     params = list(network.parameters())
-    inputs = make_inputs()
-    if checkpointing:
-        model.enable_gradient_checkpointing()
+    inputs = make_inputs(per_token=checkpointing == "cpu_offload")
+    if checkpointing != "off":
+        model.enable_gradient_checkpointing(cpu_offload=checkpointing == "cpu_offload")
     ref_loss, ref_grads = loss_and_grads(model, inputs, params)
 
     model.enable_block_swap(2, "cpu")
