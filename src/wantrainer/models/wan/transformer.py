@@ -298,7 +298,8 @@ class WanModel(nn.Module):
         p_t, p_h, p_w = self.config.patch_size
         grid = (frames // p_t, height // p_h, width // p_w)
         # 1. patchify: [B, C, F, H, W] -> [B, dim, f, h, w] -> [B, L, dim]
-        h = self.patch_embedding(x.to(self.device, self.dtype)).flatten(2).transpose(1, 2).float().contiguous()
+        h = self.patch_embedding(x.to(self.device, self.dtype)).flatten(2).transpose(1, 2)
+        h = h.float().contiguous()
         # 2. conditions
         e, e0 = self.embed_time(timestep, batch, h.shape[1])
         ctx = self.embed_text(context, batch)
