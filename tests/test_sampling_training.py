@@ -36,10 +36,13 @@ def _handler(trainer) -> SamplingHandler:
 
 @pytest.fixture(scope="module")
 def sampled_run(train_workspace, tmp_path_factory):
-    """Two training steps with samples at step 0 and step 2; returns (trainer, handler, out_dir, cfg path)."""
+    """Three steps (two batches an epoch): samples at step 0 (first), 2 (epoch end) and 3 (every 3 steps).
+
+    Returns (trainer, handler, out_dir, cfg path)."""
     tmp = tmp_path_factory.mktemp("sampled_run")
     path = train_workspace.write(tmp, **_sampling_values(train_workspace.kit, sample_at_first=True,
-                                                         sample_every_n_steps=2, network_dropout=0.1))
+                                                         sample_every_n_steps=3, sample_every_n_epochs=1,
+                                                         max_train_steps=3, network_dropout=0.1))
     trainer = build_trainer(load(path))
     assert trainer.train() == "completed"
     return trainer, _handler(trainer), tmp / "out", path
@@ -51,13 +54,14 @@ def test_sample_files_have_the_asked_size_and_frames(sampled_run):
     assert names == [
         "lora_step00000000_p00_s5.mp4", "lora_step00000000_p01_s9.png",
         "lora_step00000002_p00_s5.mp4", "lora_step00000002_p01_s9.png",
+        "lora_step00000003_p00_s5.mp4", "lora_step00000003_p01_s9.png",
     ]
-    with av.open(str(out / "sample" / names[2])) as container:
+    with av.open(str(out / "sample" / names[4])) as container:
         stream = container.streams.video[0]
         assert (stream.codec_context.width, stream.codec_context.height) == (64, 48)
         assert stream.average_rate == Fraction(16, 1)
-    assert read_video_frames(out / "sample" / names[2]).shape == (5, 48, 64, 3)
-    with Image.open(out / "sample" / names[3]) as img:
+    assert read_video_frames(out / "sample" / names[4]).shape == (5, 48, 64, 3)
+    with Image.open(out / "sample" / names[5]) as img:
         assert img.size == (32, 32)
 
 
@@ -69,28 +73,28 @@ def test_samples_are_logged_to_tensorboard(sampled_run):
     events.Reload()
     assert {"sample/p00", "sample/p01"} <= set(events.Tags()["images"])
     first = events.Images("sample/p00")
-    assert [e.step for e in first] == [0, 2]
+    assert [e.step for e in first] == [0, 2, 3]
     assert (first[0].width, first[0].height) == (3 * 64, 48)  # first, middle and last frame side by side
 
 
 def test_same_seed_and_weights_give_identical_frames_and_the_lora_is_active(sampled_run):
     trainer, handler, out, _ = sampled_run
     handler._last_step = None
-    again = handler.sample(trainer)  # same weights as the step-2 samples, same seeds
-    at_two = read_video_frames(out / "sample" / "lora_step00000002_p00_s5.mp4")
-    assert np.array_equal(read_video_frames(again[0].path), at_two)
-    with Image.open(out / "sample" / "lora_step00000002_p01_s9.png") as img:
+    again = handler.sample(trainer)  # same weights as the step-3 samples, same seeds
+    at_three = read_video_frames(out / "sample" / "lora_step00000003_p00_s5.mp4")
+    assert np.array_equal(read_video_frames(again[0].path), at_three)
+    with Image.open(out / "sample" / "lora_step00000003_p01_s9.png") as img:
         assert np.array_equal(np.asarray(img), again[1].frames[0])
-    # the trained LoRA changes the output: step 0 (LoRA up = 0) differs from step 2
+    # the trained LoRA changes the output: step 0 (LoRA up = 0) differs from step 3
     at_zero = read_video_frames(out / "sample" / "lora_step00000000_p00_s5.mp4")
-    assert not np.array_equal(at_zero, at_two)
+    assert not np.array_equal(at_zero, at_three)
     # modes restored after sampling
     assert trainer.model.training and all(n.training for n in trainer.networks.values())
 
 
 def test_sampling_leaves_the_training_trajectory_alone(sampled_run, train_workspace, tmp_path):
     _, _, out, _ = sampled_run
-    path = train_workspace.write(tmp_path, learning_rate=2e-2, max_train_steps=2, network_dropout=0.1)
+    path = train_workspace.write(tmp_path, learning_rate=2e-2, max_train_steps=3, network_dropout=0.1)
     assert build_trainer(load(path)).train() == "completed"
     plain, sampled = lora_tensors(tmp_path / "out" / "lora.safetensors"), lora_tensors(out / "lora.safetensors")
     assert plain.keys() == sampled.keys()
@@ -105,11 +109,11 @@ def test_sample_command_reproduces_the_training_samples(sampled_run, tmp_path):
     assert code == 0
     assert sorted(p.name for p in dest.iterdir()) == ["lora_p00_s5.mp4", "lora_p01_s9.png"]
     # merged LoRA (standalone) vs wrapped LoRA (training): the same frames up to rounding
-    with Image.open(dest / "lora_p01_s9.png") as a, Image.open(out / "sample" / "lora_step00000002_p01_s9.png") as b:
+    with Image.open(dest / "lora_p01_s9.png") as a, Image.open(out / "sample" / "lora_step00000003_p01_s9.png") as b:
         diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
     assert diff.max() <= 1
     video = read_video_frames(dest / "lora_p00_s5.mp4").astype(np.int16)
-    trained = read_video_frames(out / "sample" / "lora_step00000002_p00_s5.mp4").astype(np.int16)
+    trained = read_video_frames(out / "sample" / "lora_step00000003_p00_s5.mp4").astype(np.int16)
     assert np.abs(video - trained).mean() < 0.5
     # --multiplier 0 is the base model: the step-0 samples
     base = tmp_path / "base"
