@@ -112,7 +112,7 @@ def test_enhancement_protocol_hooks_and_params(train_workspace, tmp_path, record
     assert calls[0] == "setup" and calls[-1] == "teardown"
     assert calls.count("modify_inputs") == 6  # 3 steps x 2 micro-batches
     assert [c for c in calls if c.startswith("step")] == ["step1", "step2", "step3"]
-    assert 0.0 < float(enh.param) <= 1.0  # trained by the same optimiser as the LoRA
+    assert 0.0 < float(enh.param.detach()) <= 1.0  # trained by the same optimiser as the LoRA
     assert "recorder/param" in trainer.last_step.metrics
 
 
