@@ -126,7 +126,9 @@ class BlockSwapper:
                 event.record(self._stream)
             self._events[index] = event
         else:
-            self._events.pop(index, None)
+            pending = self._events.pop(index, None)
+            if pending is not None:  # an asynchronous move of this block must land before a synchronous one
+                pending.synchronize()
             nbytes = move_block_tensors(block, self.device if to_device else torch.device("cpu"), None, None)
         self._on_device[index] = to_device
         self.moves.append((phase, TO_DEVICE if to_device else TO_CPU, index))
