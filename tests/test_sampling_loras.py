@@ -107,3 +107,4 @@ def test_fp8_base_keeps_the_lora_as_a_wrapper(tiny_kit, tmp_path):
     applied.remove()
     with torch.no_grad():
         torch.testing.assert_close(fp8(x, t, ctx), base)
+

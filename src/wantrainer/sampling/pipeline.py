@@ -59,6 +59,42 @@ def _require(value: object, key: str, why: str) -> None:
         raise UserError(f"`{key}` is not set: {why}")
 
 
+GIB = 1 << 30
+TEXT_ENCODER_MARGIN = 2 * GIB
+"""Free GPU memory kept besides the text encoder's weights (activations, CUDA context)."""
+
+
+def text_encoder_device(device: torch.device | str, weights_bytes: int, free_bytes: int | None) -> torch.device:
+    """Where to run the text encoder: ``device``, or the CPU when a GPU lacks the free memory for it.
+
+    During training the DiT is already on the GPU; UMT5-XXL needs about 11 GiB more, which a card that trains
+    with block swap or fp8 may not have. ``free_bytes`` None means "unknown" (keep ``device``).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or free_bytes is None or free_bytes >= weights_bytes + TEXT_ENCODER_MARGIN:
+        return device
+    logger.info(
+        "%.1f GiB of GPU memory free, the text encoder needs about %.1f GiB: encoding the sample prompts on the CPU",
+        free_bytes / GIB, (weights_bytes + TEXT_ENCODER_MARGIN) / GIB,
+    )
+    return torch.device("cpu")
+
+
+def _weights_bytes(path: Path) -> int:
+    """Size of a weights file (or of the files in a folder); 0 when missing (the loader reports that)."""
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return 0
+
+
+def _free_gpu_bytes(device: torch.device) -> int | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
 def encode_sample_prompts(model_cfg, prompts: Sequence, device: torch.device | str) -> list[PromptEmbeds]:
     """Encode the ``[[sample_prompts]]`` (and their negative prompts) once; the text encoder is freed after.
 
@@ -74,8 +110,9 @@ def encode_sample_prompts(model_cfg, prompts: Sequence, device: torch.device | s
         if GenerationSettings.from_prompt(prompt).uses_cfg:
             texts.append(prompt.negative_prompt)
     unique = list(dict.fromkeys(texts))
-    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    logger.info("encoding %d sample prompt text(s) with the text encoder", len(unique))
+    device = text_encoder_device(device, _weights_bytes(Path(model_cfg.t5)), _free_gpu_bytes(torch.device(device)))
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    logger.info("encoding %d sample prompt text(s) with the text encoder on %s", len(unique), device)
     encoder = WanTextEncoder.load(model_cfg.t5, model_cfg.t5_tokenizer, device=device, dtype=dtype)
     try:
         with torch.no_grad():
