@@ -135,7 +135,7 @@ class ValidationHandler(Handler):
     # -- evaluation ------------------------------------------------------------------------------
 
     def _batches(self) -> Iterable[dict[str, Any]]:
-        self.loader.set_epoch(0)
+        self.loader.load_state_dict({"epoch": 0, "position": 0})  # from the start, also after an interrupted pass
         return iter(self.loader)
 
     def evaluate(self, trainer: Any) -> dict[str, float]:
