@@ -1,7 +1,7 @@
 """Validation loss on ``[[datasets.val]]`` at fixed timesteps (``validation_timesteps``).
 
-Every evaluation sees the same inputs: the val loader does not shuffle, and each batch's noise comes from its
-own generator seeded with ``seed + batch index``. The loss is the training objective (flow matching: input
+Every evaluation sees the same inputs: the val loader does not shuffle, captions are never dropped, and each
+batch's noise comes from its own generator seeded with ``seed + batch index``. The loss is the training objective (flow matching: input
 ``(1 - t) * x0 + t * noise``, target ``noise - x0``, model timestep ``1000 * t``) through the same
 ``TrainingLoss`` call shape, without the per-timestep weighting, so the numbers of different timesteps and
 runs compare. With Wan 2.2 experts each timestep is served by its own expert (timesteps are grouped so each
