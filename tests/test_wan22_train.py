@@ -68,10 +68,11 @@ def expert_weights(tiny_kit):
     return {"high_noise": high, "low_noise": low}
 
 
-@pytest.mark.parametrize("offload", [True, False])
+@pytest.mark.parametrize(("offload", "swap"), [(True, 0), (False, 0), (False, 1)])
 def test_separate_mode_swaps_experts_and_trains_each_lora_on_its_own_steps(train_workspace, tmp_path,
-                                                                        expert_weights, offload):
-    cfg = wan22(train_workspace, tmp_path, dual_lora_mode="separate", offload_inactive_dit=offload)
+                                                                        expert_weights, offload, swap):
+    cfg = wan22(train_workspace, tmp_path, dual_lora_mode="separate", offload_inactive_dit=offload,
+                blocks_to_swap=swap, gradient_checkpointing=bool(swap))
     snaps = Snapshots()
     trainer = build_trainer(cfg, extra_handlers=[snaps])
     assert trainer.experts.names == ["high_noise", "low_noise"] and trainer.experts.boundary == 0.5

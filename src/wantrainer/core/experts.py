@@ -174,16 +174,24 @@ class Experts:
         return {"active": self.active}
 
 
-def load_experts(model_cfg: Any, plan: ExpertPlan, dtype: torch.dtype | None) -> Experts:
-    """Load every planned expert on the CPU; the first becomes the model, the others weight stores."""
+def load_experts(
+    model_cfg: Any, plan: ExpertPlan, dtype: torch.dtype | None, device: torch.device | str = "cpu"
+) -> Experts:
+    """Load the planned expert(s); the first becomes the model, the others weight stores (on the CPU).
+
+    A single expert without block swap loads straight onto ``device``; otherwise everything loads on the CPU
+    and the caller places the model.
+    """
     from ..models.wan.loading import load_wan_dit
 
-    def load(path: Path) -> torch.nn.Module:
+    direct = len(plan.files) == 1 and not model_cfg.blocks_to_swap
+
+    def load(path: Path, target: torch.device | str = "cpu") -> torch.nn.Module:
         if not Path(path).exists():
             raise UserError(f"DiT checkpoint not found: {path}")
         return load_wan_dit(
             path,
-            device="cpu",
+            device=target,
             dtype=dtype,
             fp8_base=model_cfg.fp8_base,
             fp8_scaled=model_cfg.fp8_scaled,
@@ -192,7 +200,7 @@ def load_experts(model_cfg: Any, plan: ExpertPlan, dtype: torch.dtype | None) ->
 
     names = [name for name, _ in plan.files]
     first_name, first_path = plan.files[0]
-    model = load(first_path)
+    model = load(first_path, device if direct else "cpu")
     stores: dict[str, dict[str, torch.Tensor]] = {}
     if len(plan.files) > 1:
         stores[first_name] = _named_tensors(model)

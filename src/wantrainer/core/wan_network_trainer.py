@@ -69,7 +69,7 @@ def build_experts(cfg: WanTrainerConfig, device: torch.device) -> Experts:
     if device.type == "cpu" and m.mixed_precision != "no":
         logger.warning('mixed_precision = "%s" on the CPU is very slow; use mixed_precision = "no" there',
                        m.mixed_precision)
-    experts = load_experts(m, plan_experts(m, cfg.timesteps), _PRECISION[m.mixed_precision])
+    experts = load_experts(m, plan_experts(m, cfg.timesteps), _PRECISION[m.mixed_precision], device)
     model = experts.model
     model.requires_grad_(False)
     if m.blocks_to_swap:
@@ -83,7 +83,10 @@ def build_experts(cfg: WanTrainerConfig, device: torch.device) -> Experts:
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing(cpu_offload=m.gradient_checkpointing_cpu_offload)
     model.train()
-    experts.capture_stores(offload=m.offload_inactive_dit)
+    # Block swap moves block weights between the CPU and the device on its own: a device-side store of the
+    # active expert would keep the swapped blocks' device copies alive, so with block swap the stores stay
+    # on the CPU whatever offload_inactive_dit says.
+    experts.capture_stores(offload=m.offload_inactive_dit or m.blocks_to_swap > 0)
     return experts
 
 
