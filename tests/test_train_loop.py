@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import signal
@@ -17,6 +18,7 @@ from wantrainer.core.training_core import NonFiniteLossError
 from wantrainer.core.wan_network_trainer import build_trainer
 from wantrainer.enhancements.base import BaseEnhancement
 from wantrainer.enhancements.registry import register, unregister
+from wantrainer.errors import UserError
 
 LEARN_STEPS = 40
 LEARN_MARGIN = 0.07
@@ -51,6 +53,22 @@ def test_tensorboard_has_the_named_scalars(train_workspace, tmp_path):
     assert [e.step for e in events.Scalars("loss/current")] == [1, 2, 3]
     assert all(math.isfinite(e.value) and e.value > 0 for e in events.Scalars("grad_norm"))
     assert events.Scalars("lr/group0")[0].value == pytest.approx(2e-3)
+
+
+def test_max_train_epochs_sets_the_length(train_workspace, tmp_path):
+    cfg = load(train_workspace.write(tmp_path, max_train_epochs=2, gradient_accumulation_steps=2,
+                                     save_every_n_epochs=1, log_with="none"))
+    trainer = build_trainer(cfg)
+    assert trainer.total_steps == 2  # 2 batches per epoch, 2 micro-batches per step
+    trainer.train()
+    assert trainer.state.epoch == 2
+    assert (tmp_path / "out" / "lora-epoch000001.safetensors").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_wandb_missing_is_a_user_error(train_workspace, tmp_path):
+    with pytest.raises(UserError, match="pip install wandb"):
+        build_trainer(load(train_workspace.write(tmp_path, log_with="wandb")))
 
 
 def test_log_with_none_writes_nothing(train_workspace, tmp_path):

@@ -191,6 +191,7 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     from .handlers.metrics import MetricsLogger
 
     accelerator = accelerator or make_accelerator(cfg)
+    metrics = MetricsLogger.from_config(cfg.logging, cfg.saving, enabled=accelerator.is_main_process)
     set_seed(cfg.training.seed)
     device = accelerator.device
     loader = build_loader(cfg, accelerator)
@@ -204,7 +205,6 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     extra = enhancement_param_groups(enhancements, cfg.optimizer.learning_rate)
     groups = build_groups(cfg, networks, regimes, extra, total, accelerator)
     config_text = _config_text(cfg)
-    metrics = MetricsLogger.from_config(cfg.logging, cfg.saving, enabled=accelerator.is_main_process)
     handlers = build_handlers(cfg, accelerator, config_text) + list(extra_handlers or [])
     logger.info("training %s for %d steps (%d batches per epoch per process, %d process(es), accumulation %d)",
                 "/".join(experts.names), total, len(loader), accelerator.num_processes,
