@@ -175,7 +175,8 @@ class Trainer:
             self._call("on_train_start")
             with self.stop.installed():
                 self._run_steps()
-            self.stop_reason = "interrupted" if self.stop.requested else "completed"
+            finished = self.state.step >= self.total_steps
+            self.stop_reason = "completed" if finished else "interrupted"
         except BaseException:
             self.stop_reason = "failed"
             raise
@@ -186,11 +187,16 @@ class Trainer:
         return self.stop_reason
 
     def _run_steps(self) -> None:
+        empty_epochs = 0
         while self.state.step < self.total_steps:
             micro_batches = self._next_micro_batches()
-            if not micro_batches:
+            if not micro_batches:  # the epoch ended on an optimiser-step boundary the loader's len() missed
+                empty_epochs += 1
+                if empty_epochs > 1:
+                    raise RuntimeError("the data loader yields no batches although len() says it has some")
                 self._end_epoch()
                 continue
+            empty_epochs = 0
             self.train_step(micro_batches)
             self._call("on_step_end")
             if self.state.batches_in_epoch >= self._epoch_len:
