@@ -22,31 +22,34 @@ def scalars(log_dir, tag):
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-@pytest.mark.slow
-def test_two_process_cpu_run_matches_one_process(train_workspace, tmp_path):
-    # One image repeated: every global batch holds the same items however the loader shards them, so the
-    # two runs differ only in how the batch is split over processes.
-    image = sorted(train_workspace.train_media.glob("*.png"))[0]
-    jsonl = tmp_path / "one.jsonl"
-    jsonl.write_text(json.dumps({"image_path": str(image), "caption": "unused"}) + "\n")
-
-    def config(folder, batch_size):
-        datasets = {"train": [{"image_jsonl_file": str(jsonl), "cache_directory": str(train_workspace.train_cache),
-                               "resolution": [64, 64], "batch_size": batch_size, "num_repeats": 4}]}
-        values = train_workspace.config(folder / "out", max_train_steps=5, learning_rate=1e-2, datasets=datasets,
-                                        lr_scheduler="linear")
-        return write_config(folder / "config.toml", values)
-
-    single = config(tmp_path / "single", batch_size=2)
-    assert build_trainer(load(single)).train() == "completed"
-
-    ddp = config(tmp_path / "ddp", batch_size=1)
+def torchrun_train(config):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "wantrainer.cli", "train", "--config", str(ddp)]
+           "-m", "wantrainer.cli", "train", "--config", str(config)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 process(es)" in proc.stderr
+
+
+def one_image_config(ws, folder, batch_size, **values):
+    """One image repeated: every global batch holds the same items however the loader shards them, so runs
+    differ only in how the batch is split over processes."""
+    image = sorted(ws.train_media.glob("*.png"))[0]
+    jsonl = folder / "one.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    jsonl.write_text(json.dumps({"image_path": str(image), "caption": "unused"}) + "\n")
+    datasets = {"train": [{"image_jsonl_file": str(jsonl), "cache_directory": str(ws.train_cache),
+                           "resolution": [64, 64], "batch_size": batch_size, "num_repeats": 4}]}
+    values = ws.config(folder / "out", max_train_steps=5, learning_rate=1e-2, datasets=datasets,
+                       lr_scheduler="linear", **values)
+    return write_config(folder / "config.toml", values)
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_matches_one_process(train_workspace, tmp_path):
+    single = one_image_config(train_workspace, tmp_path / "single", batch_size=2)
+    assert build_trainer(load(single)).train() == "completed"
+    torchrun_train(one_image_config(train_workspace, tmp_path / "ddp", batch_size=1))
 
     one = scalars(tmp_path / "single" / "out" / "logs", "loss/current")
     two = scalars(tmp_path / "ddp" / "out" / "logs", "loss/current")
@@ -59,3 +62,15 @@ def test_two_process_cpu_run_matches_one_process(train_workspace, tmp_path):
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)  # Adam amplifies summation-order noise
     assert any(a[k].abs().sum() > 0 for k in a if "lora_up" in k)
+
+
+@pytest.mark.slow
+def test_two_process_resume_is_bit_identical(train_workspace, tmp_path):
+    common = dict(save_every_n_steps=2, save_state=True)
+    torchrun_train(one_image_config(train_workspace, tmp_path / "a", batch_size=1, **common))
+    state = tmp_path / "a" / "out" / "lora-step00000002-state"
+    assert {"rank0.pt", "rank1.pt", "COMPLETE.json"} <= {p.name for p in state.iterdir()}
+    torchrun_train(one_image_config(train_workspace, tmp_path / "b", batch_size=1, resume=str(state), **common))
+    a = lora_tensors(tmp_path / "a" / "out" / "lora.safetensors")
+    b = lora_tensors(tmp_path / "b" / "out" / "lora.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

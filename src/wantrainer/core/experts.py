@@ -185,6 +185,8 @@ def load_experts(
     from ..models.wan.loading import load_wan_dit
 
     direct = len(plan.files) == 1 and not model_cfg.blocks_to_swap
+    if torch.device(device).type == "cpu":
+        device = "cpu"  # accelerate may name it "cpu:0", which safetensors rejects
 
     def load(path: Path, target: torch.device | str = "cpu") -> torch.nn.Module:
         if not Path(path).exists():
