@@ -25,8 +25,10 @@ from wantrainer.models.wan.vae import WanVAE
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-IMAGE_LATENTS = [f"image_{i:03d}_0064x0064_wan.safetensors" for i in range(3)]
-VIDEO_LATENTS = [f"clip_{i:03d}_00000-009_0064x0064_wan.safetensors" for i in range(2)]
+# musubi-tuner's names: an image's own size; a video's frame size after musubi's bucketing (96x64 -> 80x48 at 64)
+IMAGE_LATENTS = ["image_000_0064x0096_wan.safetensors", "image_001_0096x0064_wan.safetensors",
+                 "image_002_0096x0064_wan.safetensors"]
+VIDEO_LATENTS = ["clip_000_00000-009_0064x0064_wan.safetensors", "clip_001_00000-009_0080x0048_wan.safetensors"]
 IMAGE_TEXTS = [f"image_{i:03d}_wan_te.safetensors" for i in range(3)]
 VIDEO_TEXTS = [f"clip_{i:03d}_wan_te.safetensors" for i in range(2)]
 
@@ -68,7 +70,7 @@ def test_cache_names_keys_values_skip_and_orphans(tiny_kit, media):
     assert sorted(p.name for p in (media / "cache_images").iterdir()) == sorted(IMAGE_LATENTS + IMAGE_TEXTS)
     assert sorted(p.name for p in (media / "cache_videos").iterdir()) == sorted(VIDEO_LATENTS + VIDEO_TEXTS)
 
-    # latents: literal key, metadata as musubi-tuner writes it, values = the VAE called directly
+    # latents: literal key, metadata as musubi-tuner writes it (the size in the name), values = the VAE called directly
     vae = WanVAE.load(tiny_kit.vae)
     specs = resolve_datasets(cfg.datasets, "train") + resolve_datasets(cfg.datasets, "val")
     from wantrainer.dataset.sources import scan_dataset
@@ -82,14 +84,7 @@ def test_cache_names_keys_values_skip_and_orphans(tiny_kit, media):
             meta = f.metadata()
             tensor = f.get_tensor(key)
         item = items[name]
-        if frames is None:
-            width, height = Image.open(item.path).size
-        else:
-            import av
-
-            with av.open(str(item.path)) as container:
-                stream = container.streams.video[0]
-                width, height = stream.codec_context.width, stream.codec_context.height
+        width, height = Image.open(item.path).size if frames is None else (80, 48)
         assert meta == {"architecture": "wan", "width": str(width), "height": str(height), "format_version": "1.0.1",
                         **({"frame_count": frames} if frames else {})}
         torch.testing.assert_close(tensor, vae.encode(item.load_pixels()[None])[0], rtol=0, atol=1e-5)
@@ -117,6 +112,16 @@ def test_cache_names_keys_values_skip_and_orphans(tiny_kit, media):
     assert not again_l.removed and not again_t.removed
     assert before == {d: _state(media / d) for d in ("cache_images", "cache_videos")}
 
+    # a cache under the right name holding another shape (made at another resolution) is re-encoded, not skipped
+    stale_path = media / "cache_images" / IMAGE_LATENTS[1]
+    save_file({"latents_1x12x8_bfloat16": torch.zeros(16, 1, 12, 8, dtype=torch.bfloat16)}, str(stale_path),
+              metadata={"architecture": "wan", "width": "96", "height": "64", "format_version": "1.0.1"})
+    restaled = cache_latents(cfg)
+    assert (restaled.cached, restaled.stale, restaled.skipped) == (1, 1, 4)
+    assert "1 cached (1 re-encoded (stale)), 4 skipped" in restaled.lines()[0]
+    with safe_open(str(stale_path), framework="pt") as f:
+        assert list(f.keys()) == ["latents_1x8x8_float32"]
+
     # an edited caption is encoded again, the rest is left alone
     (media / "images" / "image_002.txt").write_text("a purple star spinning\n")
     edited = cache_text(cfg)
@@ -126,10 +131,13 @@ def test_cache_names_keys_values_skip_and_orphans(tiny_kit, media):
     # removed media: its caches are orphans, kept with keep_cache, deleted otherwise; foreign files survive
     (media / "images" / "image_001.png").unlink()
     (media / "cache_images" / "notes.safetensors").write_bytes(b"x")
+    older = "image_000_0128x0192_wan.safetensors"  # the same stem at another source size: the media was replaced
+    shutil.copy(media / "cache_images" / IMAGE_LATENTS[0], media / "cache_images" / older)
     kept = cache_latents(_config(tiny_kit, media, keep_cache=True))
-    assert [p.name for p in kept.orphans_kept] == [IMAGE_LATENTS[1]] and (media / "cache_images" / IMAGE_LATENTS[1]).exists()
+    assert [p.name for p in kept.orphans_kept] == [older, IMAGE_LATENTS[1]]
+    assert (media / "cache_images" / IMAGE_LATENTS[1]).exists()
     removed_l, removed_t = cache_latents(cfg), cache_text(cfg)
-    assert [p.name for p in removed_l.removed] == [IMAGE_LATENTS[1]]
+    assert [p.name for p in removed_l.removed] == [older, IMAGE_LATENTS[1]]
     assert [p.name for p in removed_t.removed] == [IMAGE_TEXTS[1]]
     assert sorted(p.name for p in (media / "cache_images").iterdir()) == sorted(
         [IMAGE_LATENTS[0], IMAGE_LATENTS[2], IMAGE_TEXTS[0], IMAGE_TEXTS[2], "notes.safetensors"])
@@ -149,8 +157,8 @@ def test_corrupt_media_is_listed_and_the_command_goes_on(tiny_kit, tmp_path, cap
     assert main(["cache-latents", "--config", str(config)]) == 0
     assert main(["cache-text", "--config", str(config)]) == 0
     assert sorted(p.name for p in (tmp_path / "ci").iterdir()) == [
-        "image_000_0064x0064_wan.safetensors", "image_000_wan_te.safetensors",
-        "image_001_0064x0064_wan.safetensors", "image_001_wan_te.safetensors"]
+        "image_000_0096x0064_wan.safetensors", "image_000_wan_te.safetensors",
+        "image_001_0064x0096_wan.safetensors", "image_001_wan_te.safetensors"]
     assert "clip_000_00000-009_0064x0064_wan.safetensors" in {p.name for p in (tmp_path / "cv").iterdir()}
     summary = cache_latents(load_config(config))
     assert {p.name for p, _ in summary.failed} == {"broken.png", "truncated.mp4"}

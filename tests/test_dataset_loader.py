@@ -6,15 +6,18 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import save_file
 
 from wantrainer.config_parser import parse_config
 from wantrainer.dataset.blueprint import resolve_datasets
 from wantrainer.dataset.cache_format import latent_cache_name, save_latent_cache, save_text_cache
 from wantrainer.dataset.loader import build_dataloader
 from wantrainer.dataset.sources import scan_dataset
-from wantrainer.devkit.synthetic import make_synthetic_dataset
+from wantrainer.devkit.synthetic import make_synthetic_dataset, write_mp4
 from wantrainer.errors import UserError
 
 TEXT_DIM = 8
@@ -196,3 +199,60 @@ def test_state_saved_after_the_last_batch_continues_with_the_next_epoch(cached):
     resumed = build_dataloader(specs, seed=8, shuffle=True)
     resumed.load_state_dict(state)
     assert _keys(resumed) == expected
+
+
+def _musubi_files(folder: Path, latents: dict[str, tuple[int, ...]], texts: list[str]) -> None:
+    """Cache files as musubi-tuner writes them (plain save_file, literal names and keys), latents filled with 7."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, shape in latents.items():
+        key = f"latents_{shape[1]}x{shape[2]}x{shape[3]}_bfloat16"
+        width, height = (int(v) for v in name.split("_")[-2].split("x"))
+        meta = {"architecture": "wan", "width": str(width), "height": str(height), "format_version": "1.0.1"}
+        save_file({key: torch.full(shape, 7.0, dtype=torch.bfloat16)}, str(folder / name), metadata=meta)
+    for name in texts:
+        save_file({"varlen_t5_bfloat16": torch.ones(5, TEXT_DIM, dtype=torch.bfloat16)}, str(folder / name),
+                  metadata={"architecture": "wan", "caption1": "a shape", "format_version": "1.0.1"})
+
+
+def _musubi_media(root: Path) -> list:
+    """A 96x64 image and a 96x64 clip of 12 frames with captions; specs at resolution 64 with buckets."""
+    (root / "images").mkdir()
+    (root / "videos").mkdir()
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(root / "images" / "photo.png")
+    write_mp4(root / "videos" / "walk.mp4", [np.full((64, 96, 3), 40 * i % 255, dtype=np.uint8) for i in range(12)])
+    for path in (root / "images" / "photo.txt", root / "videos" / "walk.txt"):
+        path.write_text("a shape\n", encoding="utf-8")
+    datasets = {"general": {"resolution": 64, "enable_bucket": True},
+                "train": [{"image_directory": "images", "cache_directory": "ci"},
+                          {"video_directory": "videos", "cache_directory": "cv", "target_frames": [9]}]}
+    return resolve_datasets(parse_config({"datasets": datasets}, config_dir=root).datasets, "train")
+
+
+def test_musubi_named_caches_are_found_and_used(tmp_path):
+    specs = _musubi_media(tmp_path)
+    # names carry the source size (image) and musubi's bucketed frame size (video); the latents the 80x48 bucket
+    _musubi_files(tmp_path / "ci", {"photo_0096x0064_wan.safetensors": (16, 1, 6, 10)}, ["photo_wan_te.safetensors"])
+    _musubi_files(tmp_path / "cv", {"walk_00000-009_0080x0048_wan.safetensors": (16, 3, 6, 10)},
+                  ["walk_wan_te.safetensors"])
+    loader = build_dataloader(specs, seed=0, shuffle=False)
+    assert [r.usable for r in loader.reports] == [1, 1]
+    batches = {b["keys"][0]: b for b in loader}
+    assert set(batches) == {"photo", "walk_00000-009"}
+    assert batches["photo"]["latents"].shape == (1, 16, 1, 6, 10)
+    assert batches["walk_00000-009"]["latents"].shape == (1, 16, 3, 6, 10)
+    assert all(torch.all(b["latents"] == 7.0) and b["text_embeds"][0].shape == (5, TEXT_DIM) for b in batches.values())
+
+
+def test_a_cache_of_another_shape_is_stale_never_used(tmp_path, caplog):
+    specs = _musubi_media(tmp_path)
+    # the right names, but latents made at 64x64 (e.g. with enable_bucket off): stale for the 80x48 bucket
+    _musubi_files(tmp_path / "ci", {"photo_0096x0064_wan.safetensors": (16, 1, 8, 8)}, ["photo_wan_te.safetensors"])
+    _musubi_files(tmp_path / "cv", {"walk_00000-009_0080x0048_wan.safetensors": (16, 3, 6, 10)},
+                  ["walk_wan_te.safetensors"])
+    with caplog.at_level(logging.WARNING):
+        loader = build_dataloader(specs, seed=0, shuffle=False)
+    assert (loader.reports[0].usable, loader.reports[0].stale_latents) == (0, ["photo"])
+    assert "1 with a stale latent cache" in caplog.text and "wantrainer cache-latents" in caplog.text
+    assert [b["keys"] for b in loader] == [["walk_00000-009"]]
+    with pytest.raises(UserError, match="stale latent cache.*\n.*wantrainer cache-latents"):
+        build_dataloader(specs[:1], seed=0, shuffle=False)

@@ -155,7 +155,9 @@ def test_image_directory_scan(bad_media):
     item0, item1 = scan.items[:2]
     assert item0.caption == bad_media.captions[bad_media.image_dir / "image_000.png"]
     assert item1.caption == "" and item1.caption_missing
-    assert item0.latent_cache_path == bad_media.image_dir / f"image_000_{item0.bucket[0]:04d}x{item0.bucket[1]:04d}_wan.safetensors"
+    # musubi-tuner's name: the source size (96x64), not the bucket (80x48); the latents must hold the bucket / 8
+    assert (item0.bucket, item0.cache_size, item0.latent_shape) == ((80, 48), (96, 64), (1, 6, 10))
+    assert item0.latent_cache_path == bad_media.image_dir / "image_000_0096x0064_wan.safetensors"
     assert item0.text_cache_path == bad_media.image_dir / "image_000_wan_te.safetensors"
     pixels = item0.load_pixels()
     assert pixels.dtype == torch.float32 and pixels.shape == (3, 1, item0.bucket[1], item0.bucket[0])
@@ -173,7 +175,10 @@ def test_video_directory_skips_truncated_and_short(bad_media):
     assert reasons["short.mp4"].startswith("too short: 5 frames") and "unreadable video" in reasons["truncated.mp4"]
     assert scan.frame_counts[bad_media.short_video] == 5
     item = scan.items[1]
-    assert item.latent_cache_path.name == "clip_000_00000-017_0064x0064_wan.safetensors"
+    # a 96x64 clip: musubi-tuner reads video frames into the bucket of their size with bucketing on (80x48) and
+    # names the cache with that size, although this dataset (enable_bucket off) trains it at 64x64
+    assert (item.bucket, item.cache_size, item.latent_shape) == ((64, 64), (80, 48), (5, 8, 8))
+    assert item.latent_cache_path.name == "clip_000_00000-017_0080x0048_wan.safetensors"
     assert item.text_cache_path.name == "clip_000_wan_te.safetensors"
     assert item.load_pixels().shape == (3, 17, 64, 64)
 

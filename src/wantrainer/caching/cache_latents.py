@@ -1,8 +1,10 @@
 """``wantrainer cache-latents``: encode every train / val item with the Wan VAE into ``*_wan.safetensors`` caches.
 
 Items are grouped by bucket and window length so a batch never mixes shapes; ``num_workers`` threads decode media
-ahead of the VAE. A file that cannot be read is listed in the summary and the run goes on; latents with NaN / Inf
-are reported and not written.
+ahead of the VAE. With ``skip_existing`` an existing cache is kept only when the latent shape in its header is the
+one the current settings expect; a cache of another shape (the musubi-tuner name carries the source size, not the
+resolution) is stale and encoded again. A file that cannot be read is listed in the summary and the run goes on;
+latents with NaN / Inf are reported and not written.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from ..common.logger import get_logger
 from ..config.datasets import LatentCacheConfig
-from ..dataset.cache_format import save_latent_cache
+from ..dataset.cache_format import read_latent_shape, save_latent_cache
 from ..dataset.sources import MediaItem, scan_dataset
 from .common import (
     LATENT_FILE,
@@ -26,7 +28,6 @@ from .common import (
     clean_orphans,
     compute_dtype,
     dataset_specs,
-    has_tensor,
     is_finite,
     media_stem,
     prefetch,
@@ -74,17 +75,29 @@ def _loaded_batches(batches: list[list[MediaItem]], workers: int, summary: Cache
         yield good, torch.stack(pixels)
 
 
-def _write(items: list[MediaItem], latents: torch.Tensor, sizes: dict[Path, tuple[int, int]],
-           summary: CacheSummary) -> None:
+def _existing_state(item: MediaItem) -> str:
+    """"missing", "current" (holds the expected latent shape), "stale" (another shape) or "unreadable"."""
+    if not item.latent_cache_path.is_file():
+        return "missing"
+    try:
+        shape = read_latent_shape(item.latent_cache_path)
+    except Exception:  # truncated or foreign file: encode it again
+        return "unreadable"
+    return "current" if shape == item.latent_shape else "stale"
+
+
+def _write(items: list[MediaItem], latents: torch.Tensor, stale: set[Path], summary: CacheSummary) -> None:
     for item, item_latents in zip(items, latents):
         if not is_finite(item_latents):
             summary.non_finite.append(item.key)
             summary.failed.append((item.path, f"{item.key}: latents contain NaN / Inf (not written)"))
             logger.warning("%s: latents contain NaN / Inf; not written", item.key)
             continue
-        width, height = sizes.get(item.path, item.bucket)
-        save_latent_cache(item.latent_cache_path, item_latents, width, height, item.frames)
+        save_latent_cache(item.latent_cache_path, item_latents, *item.cache_size, item.frames)
         summary.cached += 1
+        if item.latent_cache_path in stale:
+            summary.stale += 1
+            logger.info("%s: re-encoded a stale cache (another resolution or window)", item.latent_cache_path.name)
 
 
 def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
@@ -93,17 +106,19 @@ def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
     progress = progress or NoProgress()
     summary, start = CacheSummary("latent"), time.perf_counter()
     todo: list[MediaItem] = []
-    sizes: dict[Path, tuple[int, int]] = {}
+    stale: set[Path] = set()
     expected: dict[Path, set[str]] = {}
     protected: dict[Path, set[str]] = {}
     for spec in dataset_specs(cfg.datasets):
         scan = scan_dataset(spec)
-        sizes.update(scan.sizes)
         summary.failed += [(s.path, s.reason) for s in scan.skipped]
         protected.setdefault(spec.cache_directory, set()).update(media_stem(s.path) for s in scan.skipped)
         expected.setdefault(spec.cache_directory, set()).update(i.latent_cache_path.name for i in scan.items)
         for item in scan.items:
-            if settings.skip_existing and has_tensor(item.latent_cache_path, "latents_"):
+            state = _existing_state(item)
+            if state == "stale":
+                stale.add(item.latent_cache_path)
+            if settings.skip_existing and state == "current":
                 summary.skipped += 1
             else:
                 todo.append(item)
@@ -112,7 +127,7 @@ def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
         progress.start(len(todo), "cache-latents")
         for items, pixels in _loaded_batches(_batches(todo, settings.batch_size), settings.num_workers, summary,
                                                 progress):
-            _write(items, vae.encode(pixels), sizes, summary)
+            _write(items, vae.encode(pixels), stale, summary)
             progress.advance(len(items))
         progress.close()
     clean_orphans(expected, protected, LATENT_FILE, settings.keep_cache, summary)

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from ..common.logger import get_logger
 from ..config.datasets import DatasetsConfig
 from ..dataset.blueprint import DatasetSpec, resolve_datasets
-from ..dataset.cache_format import LATENT_SUFFIX, TEXT_SUFFIX
+from ..dataset.cache_format import LATENT_NAME, TEXT_SUFFIX
 from ..errors import UserError
 
 logger = get_logger(__name__)
@@ -23,7 +23,7 @@ logger = get_logger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-LATENT_FILE = re.compile(r"^(?P<stem>.+?)(?:_\d{5}-\d{3})?_\d{4}x\d{4}" + re.escape(LATENT_SUFFIX) + "$")
+LATENT_FILE = LATENT_NAME
 TEXT_FILE = re.compile(r"^(?P<stem>.+)" + re.escape(TEXT_SUFFIX) + "$")
 
 
@@ -57,6 +57,9 @@ class CacheSummary:
     cached: int = 0
     skipped: int = 0
     """Items whose cache file already existed (skip_existing)."""
+    stale: int = 0
+    """Of ``cached``: existing latent caches holding another shape (made at another resolution or window) that
+    were encoded again."""
     failed: list[tuple[Path, str]] = field(default_factory=list)
     """(file, reason) for media that could not be read or encoded; nothing was written for them."""
     non_finite: list[str] = field(default_factory=list)
@@ -69,7 +72,8 @@ class CacheSummary:
 
     def lines(self) -> list[str]:
         rate = f", {self.cached / self.seconds:.2f} items/s" if self.cached and self.seconds > 0 else ""
-        out = [f"{self.kind} caches: {self.cached} cached, {self.skipped} skipped (existing), "
+        stale = f" ({self.stale} re-encoded (stale))" if self.stale else ""
+        out = [f"{self.kind} caches: {self.cached} cached{stale}, {self.skipped} skipped (existing), "
                f"{len(self.failed)} failed in {self.seconds:.1f}s{rate}"]
         out += [f"  failed: {path}: {reason}" for path, reason in self.failed]
         if self.removed:

@@ -64,9 +64,9 @@ class LatentCacheConfig(Section):
     num_workers: int = Field(2, ge=0)
     """Worker threads that decode media ahead of the VAE."""
     skip_existing: bool = True
-    """Do not re-encode items whose cache file exists."""
+    """Do not re-encode items whose cache file exists and holds latents of the expected shape (a cache of another shape, made at another resolution or window, is encoded again)."""
     keep_cache: bool = False
-    """Keep latent caches the current media and settings no longer produce (removed media, changed size or windows); otherwise they are deleted."""
+    """Keep latent caches the current media and settings no longer produce (removed media, media replaced by a file of another size, changed windows); otherwise they are deleted."""
     vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """VAE compute dtype; "auto" is bfloat16 on CUDA and float32 on CPU."""
     vae_cache_cpu: bool = False

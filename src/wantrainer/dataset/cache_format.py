@@ -7,16 +7,20 @@ Latents: ``{stem}_{W:04d}x{H:04d}_wan.safetensors`` (images) or
 Text: ``{stem}_wan_te.safetensors`` holding ``varlen_t5_{dtype}`` of shape [L, D] (L = real token count) and
 metadata ``architecture=wan``, ``caption1`` (the caption encoded) and ``format_version=1.0.1``.
 
-Checked against musubi-tuner's ``save_latent_cache_wan`` / ``save_text_encoder_output_cache_wan``: same names, keys,
-dtype strings and metadata keys. Two deliberate differences: musubi names a latent cache and fills ``width`` /
-``height`` with the *source* size and re-derives the bucket when training; here the name carries the bucket size
-(so a change of resolution or bucketing shows as a stale cache), while ``width`` / ``height`` in the metadata are
-the source size as in musubi. musubi replaces NaN latents by zeros with a warning; here NaN caches are not written
-(the caching commands report them).
+Checked against musubi-tuner's ``get_latent_cache_path`` / ``save_latent_cache_wan`` /
+``save_text_encoder_output_cache_wan``: same names, keys, dtype strings and metadata keys, so either tool reuses the
+other's caches. The W x H of a latent name (and the ``width`` / ``height`` metadata) is musubi's
+``original_size``: for an image its own pixel size (as shown, EXIF rotation applied); for a video the size its
+frames are read at, which musubi fixes as the bucket of the first frame's size with bucketing on and upscaling
+allowed, whatever the dataset's ``enable_bucket`` / ``bucket_no_upscale`` say. A name therefore does not identify
+the resolution the latents were encoded at: readers compare the ``latents_{F}x{H}x{W}`` key in the file header
+with the shape they expect (``latent_shape``) and treat a mismatch as a stale cache. musubi replaces NaN latents by
+zeros with a warning; here NaN caches are not written (the caching commands report them).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -28,6 +32,14 @@ ARCHITECTURE = "wan"
 FORMAT_VERSION = "1.0.1"
 LATENT_SUFFIX = f"_{ARCHITECTURE}.safetensors"
 TEXT_SUFFIX = f"_{ARCHITECTURE}_te.safetensors"
+VAE_STRIDE = (4, 8, 8)
+"""Frames, height and width of the source per latent cell (the first frame gets a latent frame of its own)."""
+
+LATENT_NAME = re.compile(
+    r"^(?P<key>(?P<stem>.+?)(?:_\d{5}-\d{3})?)_(?P<width>\d{4,})x(?P<height>\d{4,})" + re.escape(LATENT_SUFFIX) + "$"
+)
+"""A latent cache file name: ``key`` is the item key (stem plus video window), ``stem`` the media stem."""
+_LATENT_KEY = re.compile(r"^latents_(\d+)x(\d+)x(\d+)_[a-z0-9_]+$")
 
 _DTYPE_NAMES = {
     torch.float32: "float32",
@@ -48,6 +60,26 @@ def latent_cache_name(stem: str, width: int, height: int, start: int | None = No
         raise ValueError("start and frames go together")
     window = f"_{start:05d}-{frames:03d}" if start is not None else ""
     return f"{stem}{window}_{width:04d}x{height:04d}{LATENT_SUFFIX}"
+
+
+def latent_shape(width: int, height: int, frames: int | None = None) -> tuple[int, int, int]:
+    """(F, H, W) of the latents of ``frames`` frames (None: an image) at ``width`` x ``height`` pixels."""
+    count = 1 if frames is None else (frames - 1) // VAE_STRIDE[0] + 1
+    return count, height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+
+
+def read_latent_shape(path: str | Path) -> tuple[int, int, int]:
+    """(F, H, W) of the latents in a cache file, parsed from its ``latents_{F}x{H}x{W}_{dtype}`` tensor name.
+
+    Reads only the safetensors header. Raises ``ValueError`` when the file holds no such tensor and ``OSError`` /
+    ``SafetensorError`` when it cannot be read.
+    """
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            match = _LATENT_KEY.match(name)
+            if match:
+                return int(match.group(1)), int(match.group(2)), int(match.group(3))
+    raise ValueError(f"{path} holds no latents_FxHxW_dtype tensor")
 
 
 def text_cache_name(stem: str) -> str:

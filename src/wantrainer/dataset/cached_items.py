@@ -1,28 +1,26 @@
 """Match scanned media items to the latent and text cache files on disk.
 
-An item is usable when both its latent cache (exact name, so the bucket and window match the current
-settings) and its caption's text cache exist. Everything else is counted and reported; when nothing is
-usable the user is told which command to run.
+An item is usable when its latent cache exists under the musubi-tuner name and holds latents of the shape the
+current settings expect (read from the tensor name in the file header; the name alone does not identify the
+resolution), and its caption's text cache exists. A cache of another shape, or only of another size / window,
+is stale: never used, counted and reported with the command that re-encodes it. When nothing is usable the
+user is told which command to run.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from ..common.logger import get_logger
 from ..errors import UserError
 from .blueprint import DatasetSpec
-from .cache_format import LATENT_SUFFIX
-from .sources import scan_dataset
+from .cache_format import LATENT_NAME, read_latent_shape
+from .sources import MediaItem, scan_dataset
 
 logger = get_logger(__name__)
-
-_LATENT_NAME = re.compile(r"^(?P<key>.+)_(?P<w>\d{4})x(?P<h>\d{4})" + re.escape(LATENT_SUFFIX) + "$")
-_LATENT_KEY = re.compile(r"^latents_(\d+)x(\d+)x(\d+)_")
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,8 @@ class CacheReport:
     usable: int = 0
     missing_latents: list[str] = field(default_factory=list)
     stale_latents: list[str] = field(default_factory=list)
-    """Items with a latent cache only at another size or window (settings changed since caching)."""
+    """Items whose latent cache holds another shape (encoded at another resolution), or that have a cache only at
+    another size or window (media or settings changed since caching)."""
     missing_text: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
 
@@ -57,7 +56,9 @@ class CacheReport:
         if self.missing_latents:
             parts.append(f"{len(self.missing_latents)} without latent cache (e.g. {self.missing_latents[0]})")
         if self.stale_latents:
-            parts.append(f"{len(self.stale_latents)} cached at another size (re-run cache-latents)")
+            parts.append(f"{len(self.stale_latents)} with a stale latent cache made at another resolution or window "
+                         f"(e.g. {self.stale_latents[0]}; re-run `wantrainer cache-latents`, which re-encodes stale "
+                         "files even with skip_existing = true, or delete them)")
         if self.missing_text:
             parts.append(f"{len(self.missing_text)} without text cache (e.g. {self.missing_text[0]})")
         if self.unreadable:
@@ -65,57 +66,51 @@ class CacheReport:
         return f"{self.name}: " + ", ".join(parts)
 
 
-def _latent_shape(path: Path) -> tuple[int, int, int]:
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():
-            match = _LATENT_KEY.match(name)
-            if match:
-                return int(match.group(1)), int(match.group(2)), int(match.group(3))
-    raise ValueError(f"{path} holds no latents_* tensor")
-
-
-def _cached_keys(folder: Path) -> dict[str, list[str]]:
-    """Latent cache file names in ``folder`` grouped by item key."""
-    found: dict[str, list[str]] = {}
+def _cached_keys_by_stem(folder: Path) -> dict[str, set[str]]:
+    """Item keys of the latent cache files in ``folder``, grouped by media stem."""
+    found: dict[str, set[str]] = {}
     if folder.is_dir():
         for entry in folder.iterdir():
-            match = _LATENT_NAME.match(entry.name)
+            match = LATENT_NAME.match(entry.name)
             if match:
-                found.setdefault(match.group("key"), []).append(entry.name)
+                found.setdefault(match.group("stem"), set()).add(match.group("key"))
     return found
 
 
-def _stale_key(key: str, by_key: dict[str, list[str]], is_video: bool) -> bool:
-    if by_key.get(key):
-        return True
-    if is_video:  # a window of the same video at another length / start
-        stem = key.rsplit("_", 1)[0]
-        return any(re.fullmatch(re.escape(stem) + r"_\d{5}-\d{3}", k) for k in by_key)
-    return False
+def _cached_elsewhere(item: MediaItem, keys_by_stem: dict[str, set[str]]) -> bool:
+    """True when the folder holds a cache of ``item`` at another size or, for a video, of another window."""
+    keys = keys_by_stem.get(item.source_stem, set())
+    return bool(keys) if item.is_video else item.key in keys
 
 
 def discover_cached_items(
     spec: DatasetSpec, prior_loss_weight: float = 1.0, dataset_index: int | None = None
 ) -> tuple[list[CachedItem], CacheReport]:
-    """Scan ``spec``'s media and keep the items whose caches exist (``dataset_index`` defaults to spec.index)."""
+    """Scan ``spec``'s media and keep the items whose caches exist and hold the expected latent shape
+    (``dataset_index`` defaults to spec.index)."""
     scan = scan_dataset(spec)
     report = CacheReport(spec.name, media_items=len(scan.items))
-    by_key = _cached_keys(spec.cache_directory)
+    keys_by_stem = _cached_keys_by_stem(spec.cache_directory)
     weight = prior_loss_weight if spec.is_reg else 1.0
     items: list[CachedItem] = []
     for item in scan.items:
         if not item.latent_cache_path.is_file():
-            stale = _stale_key(item.key, by_key, item.is_video)
+            stale = _cached_elsewhere(item, keys_by_stem)
             (report.stale_latents if stale else report.missing_latents).append(item.key)
             continue
-        if not item.text_cache_path.is_file():
-            report.missing_text.append(item.key)
-            continue
         try:
-            shape = _latent_shape(item.latent_cache_path)
+            shape = read_latent_shape(item.latent_cache_path)
         except (OSError, ValueError, SafetensorError) as exc:
             logger.warning("%s: cannot read %s: %s", spec.name, item.latent_cache_path, exc)
             report.unreadable.append(item.key)
+            continue
+        if shape != item.latent_shape:
+            logger.debug("%s: %s holds latents %s, expected %s (stale)", spec.name, item.latent_cache_path.name,
+                         "x".join(map(str, shape)), "x".join(map(str, item.latent_shape)))
+            report.stale_latents.append(item.key)
+            continue
+        if not item.text_cache_path.is_file():
+            report.missing_text.append(item.key)
             continue
         items.append(CachedItem(item.key, item.latent_cache_path, item.text_cache_path, shape,
                                 spec.index if dataset_index is None else dataset_index,

@@ -17,7 +17,8 @@ from ..common.logger import get_logger
 from ..errors import UserError
 from ..utils.atomic import atomic_path
 from .blueprint import DatasetSpec, resolve_datasets
-from .sources import DatasetScan, scan_dataset
+from .cache_format import read_latent_shape
+from .sources import DatasetScan, MediaItem, scan_dataset
 
 logger = get_logger(__name__)
 _BAR = 40
@@ -53,9 +54,19 @@ def diagnose(spec: DatasetSpec) -> DatasetDiagnosis:
             short = [(path, count) for path, count in scan.frame_counts.items() if count < target]
             if short:
                 found.too_short[target] = short
-    found.latent_caches = sum(item.latent_cache_path.is_file() for item in scan.items)
+    found.latent_caches = sum(_current_latents(item) for item in scan.items)
     found.text_caches = len({item.text_cache_path for item in scan.items if item.text_cache_path.is_file()})
     return found
+
+
+def _current_latents(item: MediaItem) -> bool:
+    """The item's latent cache exists and holds the shape the current settings expect (not stale)."""
+    if not item.latent_cache_path.is_file():
+        return False
+    try:
+        return read_latent_shape(item.latent_cache_path) == item.latent_shape
+    except Exception:  # unreadable: not usable
+        return False
 
 
 def _histogram(counter: Counter, label) -> list[str]:

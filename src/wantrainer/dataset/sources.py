@@ -1,8 +1,10 @@
 """Scan a dataset's media: images, videos, frame folders or JSONL lists -> items with buckets and windows.
 
 Each ``MediaItem`` is one training sample: an image, or one frame window of a video. Its ``key`` is the
-cache stem (``{stem}`` or ``{stem}_{start:05d}-{frames:03d}``). Unreadable files and videos shorter than
-every target length are skipped and listed with the reason; nothing raises for bad media.
+cache stem (``{stem}`` or ``{stem}_{start:05d}-{frames:03d}``); its latent cache name carries musubi-tuner's
+size (``cache_size``, see ``cache_format``), and ``latent_shape`` is what that cache must hold for the current
+settings. Unreadable files and videos shorter than every target length are skipped and listed with the reason;
+nothing raises for bad media.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ..common.logger import get_logger
 from ..errors import MediaError, UserError
 from .blueprint import DatasetSpec
 from .buckets import BucketSelector, resize_to_bucket
-from .cache_format import latent_cache_name, text_cache_name
+from .cache_format import latent_cache_name, latent_shape, text_cache_name
 from .frames import frame_windows, resampled_indices
 from .media import (
     frame_folder_files,
@@ -43,6 +45,9 @@ class MediaItem:
     caption: str
     bucket: tuple[int, int]
     """(width, height) the pixels are resized and cropped to."""
+    cache_size: tuple[int, int]
+    """(width, height) in the latent cache name and metadata, as musubi-tuner writes it: the image's own size; for
+    a video the bucket of its frame size with bucketing on and upscaling allowed (see ``cache_format``)."""
     start: int | None
     """First frame of the window (on the 16 fps timeline when ``source_fps`` is set); None for images."""
     frames: int | None
@@ -57,6 +62,11 @@ class MediaItem:
     @property
     def is_video(self) -> bool:
         return self.frames is not None
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(F, H, W) the latent cache must hold: the bucket / 8 and (frames - 1) // 4 + 1 latent frames."""
+        return latent_shape(*self.bucket, self.frames)
 
     def load_pixels(self) -> torch.Tensor:
         """float32 [3, F, H, W] in [-1, 1] at the bucket size (F = 1 for images). Raises ``MediaError``."""
@@ -156,13 +166,17 @@ def _items_for(source: _Source, spec: DatasetSpec, selector: BucketSelector, sca
         size = probe_image(source.path)
         scan.sizes[source.path] = size
         bucket = selector.select(size)
-        latent = spec.cache_directory / latent_cache_name(stem, *bucket)
-        return [MediaItem(key=stem, bucket=bucket, start=None, frames=None, latent_cache_path=latent, **common)]
+        latent = spec.cache_directory / latent_cache_name(stem, *size)
+        return [MediaItem(key=stem, bucket=bucket, cache_size=size, start=None, frames=None, latent_cache_path=latent,
+                          **common)]
     info = probe_video(source.path)
     count = len(resampled_indices(info.frame_count, spec.source_fps))
     scan.sizes[source.path] = (info.width, info.height)
     scan.frame_counts[source.path] = count
     bucket = selector.select((info.width, info.height))
+    # musubi-tuner reads video frames resized to the bucket of their size (bucketing on, upscaling allowed, whatever
+    # the dataset says) and names the cache with that size
+    cache_size = BucketSelector(spec.resolution, enable_bucket=True).select((info.width, info.height))
     windows = frame_windows(count, spec.frame_extraction, spec.target_frames, spec.frame_stride,
                             spec.frame_sample, spec.max_frames)
     if not windows:
@@ -170,8 +184,8 @@ def _items_for(source: _Source, spec: DatasetSpec, selector: BucketSelector, sca
         raise MediaError(f"too short: {count} frames, fewer than every target length ({targets})")
     return [
         MediaItem(
-            key=f"{stem}_{start:05d}-{length:03d}", bucket=bucket, start=start, frames=length,
-            latent_cache_path=spec.cache_directory / latent_cache_name(stem, *bucket, start=start, frames=length),
+            key=f"{stem}_{start:05d}-{length:03d}", bucket=bucket, cache_size=cache_size, start=start, frames=length,
+            latent_cache_path=spec.cache_directory / latent_cache_name(stem, *cache_size, start=start, frames=length),
             source_fps=spec.source_fps, source_frame_count=info.frame_count, **common,
         )
         for start, length in windows
