@@ -88,8 +88,28 @@ def _video_frames(scene: _Scene, count: int) -> list[np.ndarray]:
     return frames
 
 
+def _rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 limited-range RGB -> planar yuv420p [H * 3 / 2, W] in numpy.
+
+    Converting here rather than in libswscale keeps the encoded bytes reproducible: swscale picks SIMD paths
+    by buffer alignment, which changes the rounding from one allocation to the next.
+    """
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    y = 16 + 0.257 * r + 0.504 * g + 0.098 * b
+    u = 128 - 0.148 * r - 0.291 * g + 0.439 * b
+    v = 128 + 0.439 * r - 0.368 * g - 0.071 * b
+    height, width = y.shape
+
+    def subsample(plane: np.ndarray) -> np.ndarray:
+        return plane.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
+
+    planes = [y, subsample(u).reshape(height // 4, width), subsample(v).reshape(height // 4, width)]
+    return np.clip(np.rint(np.concatenate(planes, axis=0)), 0, 255).astype(np.uint8)
+
+
 def write_mp4(path: Path, frames: list[np.ndarray], fps: int = FPS) -> None:
-    """Encode RGB frames [H, W, 3] uint8 as an H.264 mp4 (one thread, so the bytes are reproducible)."""
+    """Encode RGB frames [H, W, 3] uint8 as an H.264 mp4 (one thread, colour conversion in numpy, so the
+    bytes are reproducible)."""
     height, width = frames[0].shape[:2]
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
@@ -97,7 +117,7 @@ def write_mp4(path: Path, frames: list[np.ndarray], fps: int = FPS) -> None:
         stream.codec_context.thread_count = 1
         stream.options = {"crf": "12", "preset": "veryfast"}
         for array in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(_rgb_to_yuv420p(array), format="yuv420p")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
