@@ -130,3 +130,16 @@ def test_single_expert_runs_follow_the_timestep_range(train_workspace, tmp_path,
 
     with pytest.raises(UserError, match="dit_high_noise"):
         build_trainer(wan22(train_workspace, tmp_path / "bad", dit_high_noise=None))
+
+
+@pytest.mark.parametrize("sampling", ["flux_shift", "qinglong"])
+def test_resolution_dependent_samplers_train_both_experts(train_workspace, tmp_path, sampling):
+    """flux_shift / qinglong need the token count to measure each expert's share of the timestep mass."""
+    trainer = build_trainer(wan22(train_workspace, tmp_path, timestep_sampling=sampling, max_train_steps=4))
+    assert 0.0 < trainer.regimes.share("high_noise") < 1.0
+    assert trainer.train() == "completed"
+
+
+def test_sage_attention_is_refused_before_training_starts(train_workspace, tmp_path):
+    with pytest.raises(UserError, match="inference only"):
+        build_trainer(wan22(train_workspace, tmp_path, attn_mode="sage_attn"))

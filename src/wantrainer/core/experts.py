@@ -222,14 +222,23 @@ def load_experts(
 class RegimeSampler:
     """Per step: draw the expert, then timesteps on its side of the boundary (conditional sampling)."""
 
-    def __init__(self, sampler: Any, names: list[str], boundary: float | None, mass_samples: int = 200_000):
+    def __init__(
+        self,
+        sampler: Any,
+        names: list[str],
+        boundary: float | None,
+        mass_samples: int = 200_000,
+        seq_len: int | None = None,
+    ):
+        """``seq_len``: tokens per latent frame of a typical batch, for the resolution-dependent samplers
+        (flux_shift, qinglong) when measuring the timestep mass on each side of the boundary."""
         self.sampler = sampler
         self.names = list(names)
         self.boundary = boundary
         self.p_high = 0.0
         if len(self.names) > 1:
             probe = torch.Generator().manual_seed(0)
-            t = sampler.sample(mass_samples, probe, "cpu")
+            t = sampler.sample(mass_samples, probe, "cpu", seq_len=seq_len)
             self.p_high = float((t >= boundary).float().mean())
             logger.info(
                 "timestep mass above the boundary: %.3f -> high-noise expert on about %.0f%% of the steps",

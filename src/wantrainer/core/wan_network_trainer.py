@@ -63,9 +63,23 @@ def build_loader(cfg: WanTrainerConfig, accelerator: Any) -> Any:
     )
 
 
+def typical_seq_len(cfg: WanTrainerConfig) -> int | None:
+    """Tokens per latent frame at the first training dataset's resolution (8x VAE, 1x2x2 patches)."""
+    from ..dataset.blueprint import resolve_datasets
+
+    specs = resolve_datasets(cfg.datasets, "train")
+    if not specs:
+        return None
+    width, height = specs[0].resolution
+    return (width // 16) * (height // 16)
+
+
 def build_experts(cfg: WanTrainerConfig, device: torch.device) -> Experts:
     """Load the DiT expert(s), place the model on ``device`` and set the memory features."""
+    from ..models.wan.attention import check_attn_mode
+
     m = cfg.model
+    check_attn_mode(m.attn_mode, for_training=True)  # e.g. sage_attn has no backward: fail before loading
     if device.type == "cpu" and m.mixed_precision != "no":
         logger.warning('mixed_precision = "%s" on the CPU is very slow; use mixed_precision = "no" there',
                        m.mixed_precision)
@@ -196,7 +210,8 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     device = accelerator.device
     loader = build_loader(cfg, accelerator)
     experts = build_experts(cfg, device)
-    regimes = RegimeSampler(TimestepSampler.from_config(cfg.timesteps), experts.names, experts.boundary)
+    regimes = RegimeSampler(TimestepSampler.from_config(cfg.timesteps), experts.names, experts.boundary,
+                            seq_len=typical_seq_len(cfg))
     total = total_steps_for(cfg.training, len(loader))
     networks = build_networks(cfg, experts, device)
     enhancements = build_enhancements(cfg)
@@ -204,7 +219,7 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
         enh.setup(experts.model)
     extra = enhancement_param_groups(enhancements, cfg.optimizer.learning_rate)
     groups = build_groups(cfg, networks, regimes, extra, total, accelerator)
-    config_text = _config_text(cfg)
+    config_text = cfg.to_toml()
     handlers = build_handlers(cfg, accelerator, config_text) + list(extra_handlers or [])
     logger.info("training %s for %d steps (%d batches per epoch per process, %d process(es), accumulation %d)",
                 "/".join(experts.names), total, len(loader), accelerator.num_processes,
@@ -227,13 +242,6 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
         cfg=cfg,
         resume_from=resume_point(cfg.saving),
     )
-
-
-def _config_text(cfg: WanTrainerConfig) -> str:
-    try:
-        return cfg.to_toml()
-    except (AttributeError, TypeError, ValueError):
-        return cfg.config_path.read_text(encoding="utf-8") if cfg.config_path else ""
 
 
 def run(args: argparse.Namespace) -> int:
