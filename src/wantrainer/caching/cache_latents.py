@@ -19,20 +19,20 @@ import torch
 from ..common.logger import get_logger
 from ..config.datasets import LatentCacheConfig
 from ..dataset.cache_format import read_latent_shape, save_latent_cache
-from ..dataset.sources import MediaItem, scan_dataset
+from ..dataset.sources import MediaItem
 from .common import (
     LATENT_FILE,
     CacheSummary,
     NoProgress,
     Progress,
-    clean_orphans,
     compute_dtype,
-    dataset_specs,
+    encode_todo,
+    finish,
     is_finite,
-    media_stem,
     prefetch,
     require_file,
     resolve_device,
+    scan_all,
 )
 
 logger = get_logger(__name__)
@@ -105,35 +105,27 @@ def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
     settings = cfg.datasets.latent_cache
     progress = progress or NoProgress()
     summary, start = CacheSummary("latent"), time.perf_counter()
+    scanned = scan_all(cfg.datasets, summary, lambda item: item.latent_cache_path)
     todo: list[MediaItem] = []
     stale: set[Path] = set()
-    expected: dict[Path, set[str]] = {}
-    protected: dict[Path, set[str]] = {}
-    for spec in dataset_specs(cfg.datasets):
-        scan = scan_dataset(spec)
-        summary.failed += [(s.path, s.reason) for s in scan.skipped]
-        protected.setdefault(spec.cache_directory, set()).update(media_stem(s.path) for s in scan.skipped)
-        expected.setdefault(spec.cache_directory, set()).update(i.latent_cache_path.name for i in scan.items)
-        for item in scan.items:
-            state = _existing_state(item)
-            if state == "stale":
-                stale.add(item.latent_cache_path)
-            if settings.skip_existing and state == "current":
-                summary.skipped += 1
-            else:
-                todo.append(item)
-    if todo:
-        vae = load_vae(require_file(cfg.model.vae, "vae", "Wan 2.1 VAE file"), settings)
-        progress.start(len(todo), "cache-latents")
+    for item in scanned.items:
+        state = _existing_state(item)
+        if state == "stale":
+            stale.add(item.latent_cache_path)
+        if settings.skip_existing and state == "current":
+            summary.skipped += 1
+        else:
+            todo.append(item)
+
+    def encode(vae) -> None:
         for items, pixels in _loaded_batches(_batches(todo, settings.batch_size), settings.num_workers, summary,
                                                 progress):
             _write(items, vae.encode(pixels), stale, summary)
             progress.advance(len(items))
-        progress.close()
-    clean_orphans(expected, protected, LATENT_FILE, settings.keep_cache, summary)
-    summary.seconds = time.perf_counter() - start
-    return summary
 
+    encode_todo(todo, lambda: load_vae(require_file(cfg.model.vae, "vae", "Wan 2.1 VAE file"), settings), encode,
+                progress, "cache-latents")
+    return finish(scanned, LATENT_FILE, settings.keep_cache, summary, start)
 
 def run(args: argparse.Namespace) -> int:
     from .cli_support import run_caching

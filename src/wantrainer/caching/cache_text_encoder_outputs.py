@@ -18,20 +18,19 @@ from safetensors import safe_open
 from ..common.logger import get_logger
 from ..config.datasets import TextEncoderCacheConfig
 from ..dataset.cache_format import save_text_cache
-from ..dataset.sources import scan_dataset
 from .common import (
     TEXT_FILE,
     CacheSummary,
     NoProgress,
     Progress,
-    clean_orphans,
     compute_dtype,
-    dataset_specs,
+    encode_todo,
+    finish,
     has_tensor,
     is_finite,
-    media_stem,
     require_file,
     resolve_device,
+    scan_all,
 )
 
 logger = get_logger(__name__)
@@ -93,31 +92,19 @@ def cache_text(cfg, progress: Progress | None = None) -> CacheSummary:
     settings = cfg.datasets.text_encoder_cache
     progress = progress or NoProgress()
     summary, start = CacheSummary("text"), time.perf_counter()
+    scanned = scan_all(cfg.datasets, summary, lambda item: item.text_cache_path)
     captions: dict[Path, str] = {}
-    expected: dict[Path, set[str]] = {}
-    protected: dict[Path, set[str]] = {}
-    for spec in dataset_specs(cfg.datasets):
-        scan = scan_dataset(spec)
-        summary.failed += [(s.path, s.reason) for s in scan.skipped]
-        protected.setdefault(spec.cache_directory, set()).update(media_stem(s.path) for s in scan.skipped)
-        expected.setdefault(spec.cache_directory, set()).update(i.text_cache_path.name for i in scan.items)
-        for item in scan.items:
-            captions.setdefault(item.text_cache_path, item.caption)
+    for item in scanned.items:
+        captions.setdefault(item.text_cache_path, item.caption)
     todo = []
     for path, caption in captions.items():
         if settings.skip_existing and _up_to_date(path, caption):
             summary.skipped += 1
         else:
             todo.append((path, caption))
-    if todo:
-        encoder = load_text_encoder(cfg.model, settings)
-        progress.start(len(todo), "cache-text")
-        _encode_all(todo, encoder, settings, summary, progress)
-        progress.close()
-    clean_orphans(expected, protected, TEXT_FILE, settings.keep_cache, summary)
-    summary.seconds = time.perf_counter() - start
-    return summary
-
+    encode_todo(todo, lambda: load_text_encoder(cfg.model, settings),
+                lambda encoder: _encode_all(todo, encoder, settings, summary, progress), progress, "cache-text")
+    return finish(scanned, TEXT_FILE, settings.keep_cache, summary, start)
 
 def run(args: argparse.Namespace) -> int:
     from .cli_support import run_caching

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from ..common.logger import get_logger
 from ..config.datasets import DatasetsConfig
 from ..dataset.blueprint import DatasetSpec, resolve_datasets
 from ..dataset.cache_format import LATENT_NAME, TEXT_SUFFIX
+from ..dataset.sources import MediaItem, scan_dataset
 from ..errors import UserError
 
 logger = get_logger(__name__)
@@ -89,6 +91,49 @@ def dataset_specs(datasets: DatasetsConfig) -> list[DatasetSpec]:
     if not specs:
         raise UserError("no datasets configured: add a [[datasets.train]] table with a media folder")
     return specs
+
+
+@dataclass
+class ScannedMedia:
+    """The items of every train / val dataset and the cache files they own, folder by folder."""
+
+    items: list[MediaItem]
+    expected: dict[Path, set[str]]
+    """Cache folder -> the file names the current media and settings produce (see ``clean_orphans``)."""
+    protected: dict[Path, set[str]]
+    """Cache folder -> stems of media that exists but could not be read this time (their caches are kept)."""
+
+
+def scan_all(datasets: DatasetsConfig, summary: CacheSummary, cache_path: Callable[[MediaItem], Path]
+             ) -> ScannedMedia:
+    """Scan every train / val dataset; skipped media goes to ``summary.failed``, ``cache_path`` names an item's file."""
+    scanned = ScannedMedia([], {}, {})
+    for spec in dataset_specs(datasets):
+        scan = scan_dataset(spec)
+        summary.failed += [(s.path, s.reason) for s in scan.skipped]
+        scanned.protected.setdefault(spec.cache_directory, set()).update(media_stem(s.path) for s in scan.skipped)
+        scanned.expected.setdefault(spec.cache_directory, set()).update(cache_path(i).name for i in scan.items)
+        scanned.items += scan.items
+    return scanned
+
+
+def encode_todo(todo: list[T], load_model: Callable[[], R], encode: Callable[[R], None], progress: Progress,
+                description: str) -> None:
+    """Load the model only when there is work, then run ``encode(model)`` inside a started progress display."""
+    if not todo:
+        return
+    model = load_model()
+    progress.start(len(todo), description)
+    encode(model)
+    progress.close()
+
+
+def finish(scanned: ScannedMedia, pattern: re.Pattern, keep_cache: bool, summary: CacheSummary, start: float
+           ) -> CacheSummary:
+    """Clean (or list) the orphan caches and stamp the run time."""
+    clean_orphans(scanned.expected, scanned.protected, pattern, keep_cache, summary)
+    summary.seconds = time.perf_counter() - start
+    return summary
 
 
 def resolve_device(spec: str, key: str) -> torch.device:
