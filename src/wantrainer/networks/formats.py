@@ -70,28 +70,26 @@ def kohya_to_path(name: str) -> str:
     raise UserError(f"LoRA module {name!r} is not a known Wan Linear")
 
 
-def diffusers_to_path(path: str) -> str:
+def _translate(path: str, block_pairs, top_pairs, error: str) -> str:
+    """Map a module path through (from, to) pairs: ``blocks.N.<from>`` by ``block_pairs``, others by ``top_pairs``."""
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", path)
     if m:
-        for orig, diff in _BLOCK_MAP:
-            if m.group(2) == diff:
-                return f"blocks.{m.group(1)}.{orig}"
-    for orig, diff in _TOP_MAP:
-        if path == diff:
-            return orig
-    raise UserError(f"LoRA module {path!r} (diffusers layout) has no Wan equivalent")
+        for source, target in block_pairs:
+            if m.group(2) == source:
+                return f"blocks.{m.group(1)}.{target}"
+    for source, target in top_pairs:
+        if path == source:
+            return target
+    raise UserError(error)
+
+
+def diffusers_to_path(path: str) -> str:
+    return _translate(path, [(d, o) for o, d in _BLOCK_MAP], [(d, o) for o, d in _TOP_MAP],
+                      f"LoRA module {path!r} (diffusers layout) has no Wan equivalent")
 
 
 def path_to_diffusers(path: str) -> str:
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", path)
-    if m:
-        for orig, diff in _BLOCK_MAP:
-            if m.group(2) == orig:
-                return f"blocks.{m.group(1)}.{diff}"
-    for orig, diff in _TOP_MAP:
-        if path == orig:
-            return diff
-    raise UserError(f"module {path!r} has no diffusers equivalent")
+    return _translate(path, _BLOCK_MAP, _TOP_MAP, f"module {path!r} has no diffusers equivalent")
 
 
 # -- detection and conversion to kohya --------------------------------------------------------------

@@ -53,17 +53,28 @@ _TOP_KEYS = {"token_embedding.weight": "shared.weight", "norm.weight": "encoder.
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _rename_keys(state: dict[str, torch.Tensor], block_pattern: str, block_prefix: str, block_keys: dict[str, str],
+                 top_keys: dict[str, str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename top-level keys by ``top_keys`` and ``{block}.N.<suffix>`` keys by ``block_keys``; also the keys
+    neither map knows, in order."""
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        match = re.fullmatch(block_pattern, key)
+        if key in top_keys:
+            out[top_keys[key]] = value
+        elif match and match.group(2) in block_keys:
+            out[f"{block_prefix}.{match.group(1)}.{block_keys[match.group(2)]}"] = value
+        else:
+            unknown.append(key)
+    return out, unknown
+
+
 def wan_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Wan ``.pth`` keys -> HF ``UMT5EncoderModel`` keys."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        match = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
-        if key in _TOP_KEYS:
-            out[_TOP_KEYS[key]] = value
-        elif match and match.group(2) in _BLOCK_KEYS:
-            out[f"encoder.block.{match.group(1)}.{_BLOCK_KEYS[match.group(2)]}"] = value
-        else:
-            raise UserError(f"unexpected key in a Wan T5 checkpoint: {key}")
+    out, unknown = _rename_keys(state, r"blocks\.(\d+)\.(.+)", "encoder.block", _BLOCK_KEYS, _TOP_KEYS)
+    if unknown:
+        raise UserError(f"unexpected key in a Wan T5 checkpoint: {unknown[0]}")
     return out
 
 
@@ -71,15 +82,10 @@ def hf_to_wan(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF ``UMT5EncoderModel`` keys -> Wan ``.pth`` keys (the inverse of ``wan_to_hf``)."""
     top = {v: k for k, v in _TOP_KEYS.items()}
     block = {v: k for k, v in _BLOCK_KEYS.items()}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        match = re.fullmatch(r"encoder\.block\.(\d+)\.(.+)", key)
-        if key in top:
-            out[top[key]] = value
-        elif match and match.group(2) in block:
-            out[f"blocks.{match.group(1)}.{block[match.group(2)]}"] = value
-        elif key != "encoder.embed_tokens.weight":
-            raise ValueError(f"unexpected UMT5 key: {key}")
+    out, unknown = _rename_keys(state, r"encoder\.block\.(\d+)\.(.+)", "blocks", block, top)
+    unknown = [key for key in unknown if key != "encoder.embed_tokens.weight"]
+    if unknown:
+        raise ValueError(f"unexpected UMT5 key: {unknown[0]}")
     return out
 
 
