@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from wantrainer.errors import UserError
+from wantrainer.cli import run_reporting_errors
 from wantrainer.networks.formats import LAYOUTS, SAVE_DTYPES, from_kohya, load_lora, save_lora
 from wantrainer.utils.atomic import save_safetensors_atomic
 
@@ -38,13 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to", required=True, choices=LAYOUTS, help="output layout")
     parser.add_argument("--dtype", choices=sorted(SAVE_DTYPES), help="cast the weights (default: keep)")
     args = parser.parse_args(argv)
-    try:
-        n = convert(args.src, args.dst, args.to, args.dtype)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.dst}: {n} modules, layout {args.to}")
-    return 0
+    return run_reporting_errors(
+        lambda: f"wrote {args.dst}: {convert(args.src, args.dst, args.to, args.dtype)} modules, layout {args.to}")
 
 
 if __name__ == "__main__":

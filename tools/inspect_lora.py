@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections import Counter
 
-from wantrainer.errors import UserError
+from wantrainer.cli import run_reporting_errors
 from wantrainer.networks.formats import detect_layout, kohya_to_path, read_safetensors, to_kohya
 
 SHORT_METADATA = (
@@ -66,12 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metadata", action="store_true", help="print every metadata key in full")
     parser.add_argument("--modules", action="store_true", help="list every module with its rank and update norm")
     args = parser.parse_args(argv)
-    try:
-        print("\n".join(describe(args.lora, args.metadata, args.modules)))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors(lambda: "\n".join(describe(args.lora, args.metadata, args.modules)))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from wantrainer.cli import run_reporting_errors
 from wantrainer.errors import UserError
 from wantrainer.networks.formats import SAVE_DTYPES, kohya_to_path, load_lora, read_safetensors
 from wantrainer.utils.atomic import save_safetensors_atomic
@@ -69,13 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="merged checkpoint to write")
     parser.add_argument("--dtype", choices=sorted(SAVE_DTYPES), help="cast all float tensors (default: keep)")
     args = parser.parse_args(argv)
-    try:
-        n = merge(args.dit, args.lora, args.multiplier, args.out, args.dtype)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {n} weights merged from {len(args.lora)} LoRA file(s)")
-    return 0
+    return run_reporting_errors(
+        lambda: f"wrote {args.out}: {merge(args.dit, args.lora, args.multiplier, args.out, args.dtype)} weights "
+                f"merged from {len(args.lora)} LoRA file(s)")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,17 @@ def _load_handler(spec: str) -> Callable[[argparse.Namespace], int]:
     return getattr(module, func_name)
 
 
+def run_reporting_errors(work: Callable[[], str]) -> int:
+    """For scripts in ``tools/``: print what ``work`` returns (exit 0), or its ``UserError`` (exit 2, no traceback)."""
+    try:
+        message = work()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(message)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
