@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
-from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
+from diffusers_support import TINY, diffusers_twin, padded_context
 from wantrainer.models.wan.configs import WAN_CONFIGS, WanModelConfig, known_config_name
 from wantrainer.models.wan.transformer import WanModel
 
-TINY = WanModelConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=64)
 TINY_2HEADS = WanModelConfig(dim=256, ffn_dim=384, num_heads=2, num_layers=2, text_dim=64)
 
 
@@ -21,30 +20,7 @@ def make_pair(config: WanModelConfig, seed: int = 0) -> tuple[WanModel, WanTrans
         for name, p in ours.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    ref = WanTransformer3DModel(
-        patch_size=config.patch_size,
-        num_attention_heads=config.num_heads,
-        attention_head_dim=config.head_dim,
-        in_channels=config.in_dim,
-        out_channels=config.out_dim,
-        text_dim=config.text_dim,
-        freq_dim=config.freq_dim,
-        ffn_dim=config.ffn_dim,
-        num_layers=config.num_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=config.eps,
-    ).eval()
-    converted = convert_wan_transformer_to_diffusers({k: v.clone() for k, v in ours.state_dict().items()})
-    ref.load_state_dict(converted, strict=True)
-    return ours, ref
-
-
-def padded_context(context: list[torch.Tensor], text_len: int = 512) -> torch.Tensor:
-    out = torch.zeros(len(context), text_len, context[0].shape[-1])
-    for i, c in enumerate(context):
-        out[i, : c.shape[0]] = c
-    return out
+    return ours, diffusers_twin(ours)
 
 
 @pytest.mark.parametrize("config", [TINY, TINY_2HEADS], ids=["dim128", "dim256"])

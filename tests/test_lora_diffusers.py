@@ -4,39 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import WanPipeline, WanTransformer3DModel
-from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+from diffusers import WanPipeline
 
+from diffusers_support import TINY, diffusers_twin, random_inputs, twin_output
 from wantrainer.config.training import NetworkConfig
-from wantrainer.models.wan.configs import WanModelConfig
 from wantrainer.models.wan.transformer import WanModel
 from wantrainer.networks.formats import from_kohya, load_lora, read_safetensors, save_lora
 from wantrainer.networks.lora_wan import create_network
 from wantrainer.utils.atomic import save_safetensors_atomic
 
 pytest.importorskip("peft")  # diffusers needs peft to inject LoRA layers
-
-TINY = WanModelConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=64)
-
-
-def diffusers_twin(ours: WanModel) -> WanTransformer3DModel:
-    c = ours.config
-    ref = WanTransformer3DModel(
-        patch_size=c.patch_size, num_attention_heads=c.num_heads, attention_head_dim=c.head_dim,
-        in_channels=c.in_dim, out_channels=c.out_dim, text_dim=c.text_dim, freq_dim=c.freq_dim,
-        ffn_dim=c.ffn_dim, num_layers=c.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        eps=c.eps,
-    ).eval()  # fmt: skip
-    ref.load_state_dict(convert_wan_transformer_to_diffusers({k: v.clone() for k, v in ours.state_dict().items()}))
-    return ref
-
-
-def padded(context: list[torch.Tensor], text_len: int = 512) -> torch.Tensor:
-    out = torch.zeros(len(context), text_len, context[0].shape[-1])
-    for i, c in enumerate(context):
-        out[i, : c.shape[0]] = c
-    return out
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -50,13 +27,10 @@ def trained(tmp_path_factory):
         for m in network.lora_modules:
             m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=gen) * 0.05)
     network.apply_to(dit)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 16, 2, 4, 6, generator=gen)
-    t = torch.tensor([250.0, 800.0])
-    ctx = [torch.randn(6, 64, generator=gen), torch.randn(11, 64, generator=gen)]
+    x, t, ctx = random_inputs(1, (2, 16, 2, 4, 6), [250.0, 800.0], [6, 11])
     with torch.no_grad():
         ours = dit(x, t, ctx)
-        base = ref_base(x, t, padded(ctx), return_dict=False)[0]
+    base = twin_output(ref_base, x, t, ctx)
     path = tmp_path_factory.mktemp("lora") / "wan_lora.safetensors"
     save_lora(path, network.state_dict(), {"ss_network_dim": "4"}, dtype="fp32")
     return {"dit": dit, "x": x, "t": t, "ctx": ctx, "ours": ours, "base": base, "path": path}
@@ -66,8 +40,7 @@ def diffusers_output(trained, lora_path) -> torch.Tensor:
     ref = diffusers_twin(trained["dit"])  # the state dict of the wrapped model is the base model
     sd = WanPipeline.lora_state_dict(str(lora_path))
     WanPipeline.load_lora_into_transformer(sd, transformer=ref)
-    with torch.no_grad():
-        return ref(trained["x"], trained["t"], padded(trained["ctx"]), return_dict=False)[0]
+    return twin_output(ref, trained["x"], trained["t"], trained["ctx"])
 
 
 def test_saved_lora_matches_in_diffusers(trained):

@@ -18,7 +18,7 @@ pytest.importorskip("peft")  # diffusers injects LoRA layers through peft
 def test_trained_lora_file_matches_in_diffusers(train_workspace, tmp_path):
     from diffusers import WanPipeline
 
-    from test_lora_diffusers import diffusers_twin, padded
+    from diffusers_support import diffusers_twin, random_inputs, twin_output
 
     cfg = load(train_workspace.write(tmp_path, max_train_steps=3, learning_rate=5e-2, log_with="none"))
     build_trainer(cfg).train()
@@ -38,13 +38,10 @@ def test_trained_lora_file_matches_in_diffusers(train_workspace, tmp_path):
     network.eval()
     WanPipeline.load_lora_into_transformer(WanPipeline.lora_state_dict(str(path)), transformer=reference)
 
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 16, 1, 8, 8, generator=gen)
-    t = torch.tensor([200.0, 700.0])
-    ctx = [torch.randn(5, 64, generator=gen), torch.randn(9, 64, generator=gen)]
+    x, t, ctx = random_inputs(3, (2, 16, 1, 8, 8), [200.0, 700.0], [5, 9])
     with torch.no_grad():
         ours = dit(x, t, ctx)
-        theirs = reference(x, t, padded(ctx), return_dict=False)[0]
-        base = base_twin(x, t, padded(ctx), return_dict=False)[0]
+    theirs = twin_output(reference, x, t, ctx)
+    base = twin_output(base_twin, x, t, ctx)
     assert (ours - base).abs().max().item() > 1e-3  # the trained LoRA changes the output
     assert (ours - theirs).abs().max().item() < 1e-4
