@@ -194,3 +194,27 @@ def test_settings_errors(tiny_kit, media):
     cfg.model.t5_tokenizer = str(media / "no_tokenizer")
     with pytest.raises(UserError, match="t5_tokenizer"):
         cache_text(cfg)
+
+
+@pytest.mark.parametrize(("command", "table"), [("cache-latents", "latent_cache"),
+                                                ("cache-text", "text_encoder_cache")])
+def test_cuda_device_without_cuda_is_a_user_error(tiny_kit, media, monkeypatch, capsys, command, table):
+    """`device = "cuda"` on a machine without CUDA: exit 2 naming the key, no traceback, nothing written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = media / "config.toml"
+    config.write_text(
+        f'vae = "{kit_path(tiny_kit.vae)}"\nt5 = "{kit_path(tiny_kit.t5)}"\n'
+        f't5_tokenizer = "{kit_path(tiny_kit.tokenizer_dir)}"\n\n'
+        '[datasets.general]\nresolution = 64\n\n'
+        '[[datasets.train]]\nimage_directory = "images"\ncache_directory = "cache_images"\n\n'
+        f'[datasets.{table}]\ndevice = "cuda"\n'
+    )
+    assert main([command, "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"`datasets.{table}.device` = 'cuda' but no CUDA device is available" in err
+    assert "Traceback" not in err
+    assert not (media / "cache_images").exists()
+
+
+def kit_path(path: Path) -> str:
+    return Path(path).as_posix()

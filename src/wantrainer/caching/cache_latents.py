@@ -38,10 +38,9 @@ from .common import (
 logger = get_logger(__name__)
 
 
-def load_vae(vae_path: Path, settings: LatentCacheConfig):
+def load_vae(vae_path: Path, settings: LatentCacheConfig, device: torch.device):
     from ..models.wan.vae import WanVAE
 
-    device = resolve_device(settings.device, "datasets.latent_cache.device")
     return WanVAE.load(vae_path, device=device, dtype=compute_dtype(settings.vae_dtype, device),
                        cache_cpu=settings.vae_cache_cpu, tiling=settings.vae_tiling)
 
@@ -105,6 +104,7 @@ def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
     settings = cfg.datasets.latent_cache
     progress = progress or NoProgress()
     summary, start = CacheSummary("latent"), time.perf_counter()
+    device = resolve_device(settings.device, "datasets.latent_cache.device")  # checked even when all is cached
     scanned = scan_all(cfg.datasets, summary, lambda item: item.latent_cache_path)
     todo: list[MediaItem] = []
     stale: set[Path] = set()
@@ -123,7 +123,7 @@ def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
             _write(items, vae.encode(pixels), stale, summary)
             progress.advance(len(items))
 
-    encode_todo(todo, lambda: load_vae(require_file(cfg.model.vae, "vae", "Wan 2.1 VAE file"), settings), encode,
+    encode_todo(todo, lambda: load_vae(require_file(cfg.model.vae, "vae", "Wan 2.1 VAE file"), settings, device), encode,
                 progress, "cache-latents")
     return finish(scanned, LATENT_FILE, settings.keep_cache, summary, start)
 

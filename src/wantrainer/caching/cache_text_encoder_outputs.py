@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from ..common.logger import get_logger
@@ -36,13 +37,12 @@ from .common import (
 logger = get_logger(__name__)
 
 
-def load_text_encoder(model_cfg, settings: TextEncoderCacheConfig):
+def load_text_encoder(model_cfg, settings: TextEncoderCacheConfig, device: torch.device):
     """The UMT5 encoder of ``model_cfg`` (``t5``, ``t5_tokenizer``) on the configured device; fp32 on CPU."""
     from ..models.wan.text_encoder import WanTextEncoder, load_tokenizer
 
     tokenizer = load_tokenizer(model_cfg.t5_tokenizer)
     t5 = require_file(model_cfg.t5, "t5", "UMT5 text encoder file")
-    device = resolve_device(settings.device, "datasets.text_encoder_cache.device")
     return WanTextEncoder.load(t5, tokenizer, device=device, dtype=compute_dtype("auto", device), fp8=settings.fp8_t5)
 
 
@@ -92,6 +92,7 @@ def cache_text(cfg, progress: Progress | None = None) -> CacheSummary:
     settings = cfg.datasets.text_encoder_cache
     progress = progress or NoProgress()
     summary, start = CacheSummary("text"), time.perf_counter()
+    device = resolve_device(settings.device, "datasets.text_encoder_cache.device")  # checked even when all is cached
     scanned = scan_all(cfg.datasets, summary, lambda item: item.text_cache_path)
     captions: dict[Path, str] = {}
     for item in scanned.items:
@@ -102,7 +103,7 @@ def cache_text(cfg, progress: Progress | None = None) -> CacheSummary:
             summary.skipped += 1
         else:
             todo.append((path, caption))
-    encode_todo(todo, lambda: load_text_encoder(cfg.model, settings),
+    encode_todo(todo, lambda: load_text_encoder(cfg.model, settings, device),
                 lambda encoder: _encode_all(todo, encoder, settings, summary, progress), progress, "cache-text")
     return finish(scanned, TEXT_FILE, settings.keep_cache, summary, start)
 
