@@ -79,12 +79,10 @@ def _dataset_entries(cfg: WanTrainerConfig, split: str) -> list[Any]:
     """The datasets of a split with [datasets.general] merged in (resolved specs when possible)."""
     from .dataset import blueprint
 
-    resolver = getattr(blueprint, "resolve_datasets", None)
-    if resolver is not None:
-        try:
-            return list(resolver(cfg.datasets, split))
-        except UserError:
-            pass  # file problems are reported separately; fall back to the merged entries
+    try:
+        return list(blueprint.resolve_datasets(cfg.datasets, split))
+    except UserError:
+        pass  # file problems are reported separately; fall back to the merged entries
     return [blueprint.merged_entry(cfg.datasets.general, e) for e in getattr(cfg.datasets, split)]
 
 

@@ -208,7 +208,7 @@ def load_experts(
         stores[first_name] = _named_tensors(model)
         for name, path in plan.files[1:]:
             other = load(path)
-            if getattr(other, "config", None) != getattr(model, "config", None):
+            if other.config != model.config:
                 raise UserError(
                     f"the Wan 2.2 experts differ in architecture: {first_path} vs {path}; "
                     "`dit` and `dit_high_noise` must be the two experts of the same model"

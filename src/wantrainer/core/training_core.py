@@ -328,7 +328,7 @@ class Trainer:
     def _noised_inputs(self, batch: dict[str, Any], expert: str) -> StepContext:
         latents = batch["latents"]  # [B, C, F, H, W]
         b = latents.shape[0]
-        patch = getattr(getattr(self.model, "config", None), "patch_size", (1, 2, 2))
+        patch = self.model.config.patch_size
         seq_len = (latents.shape[3] // patch[1]) * (latents.shape[4] // patch[2])  # tokens per latent frame
         # Draw for the global batch and keep this process's slice: N processes x B == 1 process x N*B.
         lo, hi = self.rank * b, (self.rank + 1) * b

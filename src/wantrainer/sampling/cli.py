@@ -67,7 +67,7 @@ def load_dit_for_sampling(model_cfg, path: Path, device: torch.device, resident:
 
 def place_dit(dit: nn.Module, device: torch.device) -> None:
     """Move a DiT to ``device`` (with block swap: all but the swapped blocks)."""
-    if getattr(dit, "block_swapper", None) is not None:
+    if dit.block_swapper is not None:
         dit.move_to_device_except_swap_blocks(device)
     else:
         dit.to(device)
