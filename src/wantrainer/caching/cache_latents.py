@@ -10,7 +10,6 @@ latents with NaN / Inf are reported and not written.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,8 +30,7 @@ from .common import (
     is_finite,
     prefetch,
     require_file,
-    resolve_device,
-    scan_all,
+    start_run,
 )
 
 logger = get_logger(__name__)
@@ -103,12 +101,12 @@ def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
     """Encode the latents of every train / val dataset of ``cfg`` (a ``WanTrainerConfig``)."""
     settings = cfg.datasets.latent_cache
     progress = progress or NoProgress()
-    summary, start = CacheSummary("latent"), time.perf_counter()
-    device = resolve_device(settings.device, "datasets.latent_cache.device")  # checked even when all is cached
-    scanned = scan_all(cfg.datasets, summary, lambda item: item.latent_cache_path)
+    job = start_run("latent", cfg.datasets, settings.device, "datasets.latent_cache.device",
+                    lambda item: item.latent_cache_path)
+    summary = job.summary
     todo: list[MediaItem] = []
     stale: set[Path] = set()
-    for item in scanned.items:
+    for item in job.items:
         state = _existing_state(item)
         if state == "stale":
             stale.add(item.latent_cache_path)
@@ -123,9 +121,10 @@ def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
             _write(items, vae.encode(pixels), stale, summary)
             progress.advance(len(items))
 
-    encode_todo(todo, lambda: load_vae(require_file(cfg.model.vae, "vae", "Wan 2.1 VAE file"), settings, device), encode,
-                progress, "cache-latents")
-    return finish(scanned, LATENT_FILE, settings.keep_cache, summary, start)
+    vae_path = cfg.model.vae
+    encode_todo(todo, lambda: load_vae(require_file(vae_path, "vae", "Wan 2.1 VAE file"), settings, job.device),
+                encode, progress, "cache-latents")
+    return finish(job, LATENT_FILE, settings.keep_cache)
 
 def run(args: argparse.Namespace) -> int:
     from .cli_support import run_caching

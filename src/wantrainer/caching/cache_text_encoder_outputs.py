@@ -8,7 +8,6 @@ applied here: the loader swaps in an empty caption at train time (``caption_drop
 from __future__ import annotations
 
 import argparse
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,8 +29,7 @@ from .common import (
     has_tensor,
     is_finite,
     require_file,
-    resolve_device,
-    scan_all,
+    start_run,
 )
 
 logger = get_logger(__name__)
@@ -91,11 +89,11 @@ def cache_text(cfg, progress: Progress | None = None) -> CacheSummary:
     """Encode the captions of every train / val dataset of ``cfg`` (a ``WanTrainerConfig``)."""
     settings = cfg.datasets.text_encoder_cache
     progress = progress or NoProgress()
-    summary, start = CacheSummary("text"), time.perf_counter()
-    device = resolve_device(settings.device, "datasets.text_encoder_cache.device")  # checked even when all is cached
-    scanned = scan_all(cfg.datasets, summary, lambda item: item.text_cache_path)
+    job = start_run("text", cfg.datasets, settings.device, "datasets.text_encoder_cache.device",
+                    lambda item: item.text_cache_path)
+    summary = job.summary
     captions: dict[Path, str] = {}
-    for item in scanned.items:
+    for item in job.items:
         captions.setdefault(item.text_cache_path, item.caption)
     todo = []
     for path, caption in captions.items():
@@ -103,9 +101,9 @@ def cache_text(cfg, progress: Progress | None = None) -> CacheSummary:
             summary.skipped += 1
         else:
             todo.append((path, caption))
-    encode_todo(todo, lambda: load_text_encoder(cfg.model, settings, device),
+    encode_todo(todo, lambda: load_text_encoder(cfg.model, settings, job.device),
                 lambda encoder: _encode_all(todo, encoder, settings, summary, progress), progress, "cache-text")
-    return finish(scanned, TEXT_FILE, settings.keep_cache, summary, start)
+    return finish(job, TEXT_FILE, settings.keep_cache)
 
 def run(args: argparse.Namespace) -> int:
     from .cli_support import run_caching

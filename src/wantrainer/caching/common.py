@@ -94,27 +94,34 @@ def dataset_specs(datasets: DatasetsConfig) -> list[DatasetSpec]:
 
 
 @dataclass
-class ScannedMedia:
-    """The items of every train / val dataset and the cache files they own, folder by folder."""
+class CacheRun:
+    """One caching run once started: its summary, device, the scanned media and the cache files they own."""
 
+    summary: CacheSummary
+    device: torch.device
     items: list[MediaItem]
     expected: dict[Path, set[str]]
     """Cache folder -> the file names the current media and settings produce (see ``clean_orphans``)."""
     protected: dict[Path, set[str]]
     """Cache folder -> stems of media that exists but could not be read this time (their caches are kept)."""
+    started: float
 
 
-def scan_all(datasets: DatasetsConfig, summary: CacheSummary, cache_path: Callable[[MediaItem], Path]
-             ) -> ScannedMedia:
-    """Scan every train / val dataset; skipped media goes to ``summary.failed``, ``cache_path`` names an item's file."""
-    scanned = ScannedMedia([], {}, {})
+def start_run(kind: str, datasets: DatasetsConfig, device: str, device_key: str,
+              cache_path: Callable[[MediaItem], Path]) -> CacheRun:
+    """Check the device (even when everything turns out to be cached), then scan every train / val dataset.
+
+    Skipped media goes to ``summary.failed``; ``cache_path`` names an item's cache file of this kind.
+    """
+    started = time.perf_counter()
+    run = CacheRun(CacheSummary(kind), resolve_device(device, device_key), [], {}, {}, started)
     for spec in dataset_specs(datasets):
         scan = scan_dataset(spec)
-        summary.failed += [(s.path, s.reason) for s in scan.skipped]
-        scanned.protected.setdefault(spec.cache_directory, set()).update(media_stem(s.path) for s in scan.skipped)
-        scanned.expected.setdefault(spec.cache_directory, set()).update(cache_path(i).name for i in scan.items)
-        scanned.items += scan.items
-    return scanned
+        run.summary.failed += [(s.path, s.reason) for s in scan.skipped]
+        run.protected.setdefault(spec.cache_directory, set()).update(media_stem(s.path) for s in scan.skipped)
+        run.expected.setdefault(spec.cache_directory, set()).update(cache_path(i).name for i in scan.items)
+        run.items += scan.items
+    return run
 
 
 def encode_todo(todo: list[T], load_model: Callable[[], R], encode: Callable[[R], None], progress: Progress,
@@ -128,12 +135,11 @@ def encode_todo(todo: list[T], load_model: Callable[[], R], encode: Callable[[R]
     progress.close()
 
 
-def finish(scanned: ScannedMedia, pattern: re.Pattern, keep_cache: bool, summary: CacheSummary, start: float
-           ) -> CacheSummary:
+def finish(run: CacheRun, pattern: re.Pattern, keep_cache: bool) -> CacheSummary:
     """Clean (or list) the orphan caches and stamp the run time."""
-    clean_orphans(scanned.expected, scanned.protected, pattern, keep_cache, summary)
-    summary.seconds = time.perf_counter() - start
-    return summary
+    clean_orphans(run.expected, run.protected, pattern, keep_cache, run.summary)
+    run.summary.seconds = time.perf_counter() - run.started
+    return run.summary
 
 
 def resolve_device(spec: str, key: str) -> torch.device:
