@@ -76,6 +76,13 @@ def test_half_precision_backends_refuse_fp32():
         attention(q, q, q, "flash_attn")
 
 
+@pytest.mark.parametrize("mode", ["flash_attn", "sage_attn"])
+def test_cuda_only_backends_refuse_cpu_tensors(mode):
+    q = torch.randn(1, 4, 2, 8).to(torch.bfloat16)  # refused before any kernel runs: no bf16 math on the CPU
+    with pytest.raises(UserError, match="CUDA GPU only"):
+        attention(q, q, q, mode)
+
+
 def test_unknown_mode():
     with pytest.raises(UserError, match="unknown attn_mode"):
         WanModel(TINY).set_attn_mode("flash3")

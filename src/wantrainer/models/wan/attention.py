@@ -61,23 +61,28 @@ def _split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.cat([_sdpa(q[i : i + 1], k[i : i + 1], v[i : i + 1]) for i in range(q.shape[0])], dim=0)
 
 
-def _half_precision_only(mode: str, q: torch.Tensor) -> None:
+def _require_cuda_half_precision(mode: str, q: torch.Tensor) -> None:
+    """flash / sage attention kernels run on CUDA and in fp16 / bf16 only: anything else is a user error."""
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise UserError(
             f'attn_mode = "{mode}" computes in fp16/bf16 only, but the model computes in {q.dtype}: '
             'set mixed_precision = "bf16" (or "fp16"), or use attn_mode = "sdpa".'
         )
+    if q.device.type != "cuda":
+        raise UserError(
+            f'attn_mode = "{mode}" runs on a CUDA GPU only, but the model is on {q.device}: use attn_mode = "sdpa".'
+        )
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    _half_precision_only("flash_attn", q)
+    _require_cuda_half_precision("flash_attn", q)
     return _import_backend("flash_attn").flash_attn_func(q, k, v)
 
 
 def _sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise UserError(_SAGE_INFERENCE_ONLY)
-    _half_precision_only("sage_attn", q)
+    _require_cuda_half_precision("sage_attn", q)
     return _import_backend("sage_attn").sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
 
 
