@@ -35,9 +35,9 @@ def _write_caches(spec, text: bool = True) -> None:
             save_text_cache(item.text_cache_path, torch.randn(length, TEXT_DIM).to(torch.bfloat16))
 
 
-def _specs(root: Path, split: str = "train", **overrides):
+def _specs(root: Path, split: str = "train", batch_size: int = 2, **overrides):
     datasets = {
-        "general": {"resolution": 64, "enable_bucket": True, "batch_size": 2},
+        "general": {"resolution": 64, "enable_bucket": True, "batch_size": batch_size},
         split: [{"image_directory": "images", "cache_directory": "cache_i", **overrides},
                 {"video_directory": "videos", "cache_directory": "cache_v", "target_frames": [9, 17]}],
     }
@@ -139,16 +139,53 @@ def test_caption_dropout_only_at_train_time(cached):
     assert all(t.shape[0] > 0 for batch in val for t in batch["text_embeds"])
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_ddp_shards_are_disjoint_and_equal(cached, world_size):
-    specs = _specs(cached)
-    full = _keys(build_dataloader(specs, seed=4, shuffle=True))
-    shards = [build_dataloader(specs, seed=4, shuffle=True, rank=r, world_size=world_size) for r in range(world_size)]
-    keys = [_keys(s) for s in shards]
-    assert len({len(s) for s in shards}) == 1 and all(len(k) == len(shards[0]) for k in keys)
-    flat = [batch for k in keys for batch in k]
-    assert len(flat) == len(set(flat)) == len(full) // world_size * world_size
-    assert set(flat) <= set(full)
+@pytest.mark.parametrize(("world_size", "batch_size", "shuffle"), [(2, 1, True), (2, 2, True), (3, 1, True),
+                                                                (2, 2, False)])
+def test_ddp_ranks_split_the_single_process_batches(cached, world_size, batch_size, shuffle):
+    """N ranks x B see, in order, the batches of 1 process x N*B: rank r holds the slice [r*B:(r+1)*B]."""
+    split = "train" if shuffle else "val"
+    dropout = 0.5 if shuffle else 0.0
+    single = _trace(build_dataloader(_specs(cached, split, batch_size * world_size, caption_dropout_rate=dropout),
+                                     seed=4, shuffle=shuffle))
+    specs = _specs(cached, split, batch_size, caption_dropout_rate=dropout)
+    ranks = [build_dataloader(specs, seed=4, shuffle=shuffle, rank=r, world_size=world_size)
+             for r in range(world_size)]
+    shares = [_trace(loader) for loader in ranks]
+    assert len({len(loader) for loader in ranks}) == 1 and all(len(s) == len(ranks[0]) for s in shares)
+    kept = [batch for batch in single if len(batch[0]) % world_size == 0]
+    assert len(kept) == len(ranks[0]) and len(kept) < len(single)  # some short last batches do not split
+    for whole, parts in zip(kept, zip(*shares)):
+        size = len(whole[0]) // world_size
+        assert all(len(part[0]) == size for part in parts)  # full global batches and evenly split short ones
+        assert sum((part[0] for part in parts), ()) == whole[0]
+        assert sum((part[1] for part in parts), ()) == whole[1]  # the same caption dropout
+        assert sum(part[2] for part in parts) == whole[2]  # the cached latents
+    keys = [key for share in shares for batch in share for key in batch[0]]
+    assert len(keys) == len(set(keys))  # disjoint (no item repeats in these datasets)
+    left_out = sum(len(batch[0]) for batch in single if len(batch[0]) % world_size)
+    assert ranks[0].left_out == left_out > 0
+    if batch_size == 2:
+        assert any(len(batch[0]) == 2 for batch in kept)  # a short last batch of 2 split over 2 ranks
+
+
+def test_ddp_resume_and_workers_on_a_rank(cached):
+    specs = _specs(cached, batch_size=1, caption_dropout_rate=0.5)
+    straight = build_dataloader(specs, seed=7, shuffle=True, rank=1, world_size=2)
+    straight.set_epoch(1)
+    it = iter(straight)
+    head = _trace(next(it) for _ in range(2))
+    state = straight.state_dict()
+    rest = _trace(it)
+    resumed = build_dataloader(specs, seed=7, shuffle=True, rank=1, world_size=2, num_workers=2)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)
+    assert (state["epoch"], state["position"], state["world_size"]) == (1, 2, 2)
+    assert _trace(resumed) == rest and len(head) + len(rest) == len(straight)
+
+
+def test_ddp_without_a_single_global_batch_is_a_user_error(cached):
+    with pytest.raises(UserError, match="no batch for 3 processes.*lower batch_size"):
+        build_dataloader(_specs(cached, batch_size=2), seed=0, shuffle=True, rank=0, world_size=3)
 
 
 def test_workers_give_the_same_batches(cached):

@@ -35,7 +35,7 @@ class DatasetEntry(Section):
     bucket_no_upscale: bool = False
     """With enable_bucket: never upscale a smaller source; it keeps its own size (floored to 16)."""
     batch_size: int = Field(1, ge=1)
-    """Items per batch (a batch never mixes buckets)."""
+    """Items per batch and process (a batch never mixes buckets; global batch = batch_size x processes)."""
     num_repeats: int = Field(1, ge=1)
     """Each item appears this many times per epoch."""
     target_frames: list[int] = Field(default_factory=lambda: [1])

@@ -3,9 +3,16 @@
 The plan of an epoch (which items form which batch, in which order) is made in the main process from
 ``seed + epoch``: items are grouped by dataset and latent shape (so a batch never mixes resolutions or
 frame counts), repeated ``num_repeats`` times, shuffled within their group, cut into batches, and the
-batches shuffled. Validation data is never shuffled. Under DDP every rank takes a disjoint, equally long
-share of the batches. DataLoader workers only read files. ``state_dict()`` records the epoch and the
-next batch, so a resumed run continues with exactly the batch an uninterrupted run would have seen.
+batches shuffled. Validation data is never shuffled. DataLoader workers only read files. ``state_dict()``
+records the epoch and the next batch, so a resumed run continues with exactly the batch an uninterrupted
+run would have seen.
+
+Under DDP with N processes the plan is made for global batches of ``batch_size x N`` items, exactly as one
+process with that batch size would make it (same shuffle, same caption dropout), and rank r keeps the slice
+``[r*B:(r+1)*B]`` of each: N processes x B see the same global batches as 1 process x N*B, the ranks' shares
+are disjoint and every rank gets the same number of batches. A bucket's short last global batch is split
+evenly when its size divides by N; otherwise it is left out of that epoch (logged at debug level; the
+items differ from epoch to epoch when shuffling).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..common.logger import get_logger
+from ..errors import UserError
 from .blueprint import DatasetSpec
 from .cache_format import load_latent_cache, load_text_cache
 from .cached_items import CachedItem, CacheReport, discover_all
@@ -105,9 +113,7 @@ class CachedDataLoader:
         """Index of the next batch of this rank in the current epoch."""
         self._reader = CachedBatchReader(items)
         self._groups = self._group_items()
-        self._global_batches = sum(
-            -(-len(idx) * self.num_repeats[ds] // self.batch_sizes[ds]) for (ds, _), idx in self._groups
-        )
+        self._batches, self.left_out = self._count_batches()
         self._sampler = _PlanSampler()
         self._loader = None
         if num_workers > 0:
@@ -120,32 +126,44 @@ class CachedDataLoader:
             groups.setdefault((item.dataset_index, item.latent_shape), []).append(index)
         return sorted(groups.items())
 
+    def _count_batches(self) -> tuple[int, int]:
+        """(Global batches per epoch, items per epoch left out because a short last batch does not split)."""
+        batches = left_out = 0
+        for (dataset, _), indices in self._groups:
+            pool = len(indices) * self.num_repeats[dataset]
+            full, rest = divmod(pool, self.batch_sizes[dataset] * self.world_size)
+            batches += full
+            if rest and rest % self.world_size == 0:
+                batches += 1
+            else:
+                left_out += rest
+        return batches, left_out
+
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        return max(1, self._global_batches // self.world_size) if self.world_size > 1 else self._global_batches
+        """Batches per epoch (the same on every rank)."""
+        return self._batches
 
     def epoch_plan(self, epoch: int) -> list[BatchPlan]:
-        """This rank's batches of ``epoch``, in order."""
+        """This rank's batches of ``epoch``, in order: its slice of each global batch."""
         rng = random.Random(self.seed + epoch)
         batches: list[list[int]] = []
         for (dataset, _), indices in self._groups:
             pool = indices * self.num_repeats[dataset]
             if self.shuffle:
                 rng.shuffle(pool)
-            size = self.batch_sizes[dataset]
+            size = self.batch_sizes[dataset] * self.world_size
             batches.extend(pool[i:i + size] for i in range(0, len(pool), size))
         if self.shuffle:
             rng.shuffle(batches)
-        positions = self._shard(len(batches))
-        return [self._with_dropout(batches[p], epoch, p) for p in positions]
-
-    def _shard(self, total: int) -> list[int]:
-        """Global batch positions of this rank: every world_size-th, all ranks the same count."""
-        if self.world_size == 1:
-            return list(range(total))
-        per_rank = len(self)
-        positions = [(self.rank + self.world_size * i) % total for i in range(per_rank)]
-        return positions
+        plans: list[BatchPlan] = []
+        for position, batch in enumerate(batches):
+            if len(batch) % self.world_size:
+                logger.debug("epoch %d: a last batch of %d item(s) does not split over %d processes: left out",
+                             epoch, len(batch), self.world_size)
+                continue
+            share = len(batch) // self.world_size
+            plans.append(self._with_dropout(batch, epoch, position)[self.rank * share:(self.rank + 1) * share])
+        return plans
 
     def _with_dropout(self, batch: list[int], epoch: int, position: int) -> BatchPlan:
         plan = []
@@ -222,9 +240,14 @@ def build_dataloader(
         persistent_workers=persistent_workers and num_workers > 0,
         rank=rank, world_size=world_size, reports=reports,
     )
-    if world_size > 1 and loader._global_batches % world_size:
-        kind = "repeated" if loader._global_batches < world_size else "left out this epoch"
-        logger.warning("%d batch(es) do not divide over %d processes: %d %s so every rank gets %d",
-                       loader._global_batches, world_size, abs(loader._global_batches - len(loader) * world_size),
-                       kind, len(loader))
+    if len(loader) == 0:
+        sizes = ", ".join(str(s.batch_size) for s in specs)
+        raise UserError(
+            f"the {specs[0].split} datasets give no batch for {world_size} processes: each global batch takes "
+            f"batch_size x processes items of one bucket (batch_size {sizes}); lower batch_size, raise "
+            "num_repeats, add items, or use fewer processes"
+        )
+    if loader.left_out:
+        logger.info("%d item(s) per epoch are left out: their bucket's last batch does not split evenly over %d "
+                    "processes", loader.left_out, world_size)
     return loader

@@ -1,8 +1,11 @@
 """Validation loss on ``[[datasets.val]]`` at fixed timesteps (``validation_timesteps``).
 
 Every evaluation sees the same inputs: the val loader does not shuffle, captions are never dropped, and each
-batch's noise comes from its own generator seeded with ``seed + batch index``. The loss is the training objective (flow matching: input
-``(1 - t) * x0 + t * noise``, target ``noise - x0``, model timestep ``1000 * t``) through the same
+batch's noise comes from its own generator seeded with ``seed + batch index``, drawn for the global batch
+(under DDP each process keeps the slice of its share, so N processes measure what one process measures;
+the per-process sums and sample counts are added up, a sample-weighted mean). The loss is the training
+objective (flow matching: input ``(1 - t) * x0 + t * noise``, target ``noise - x0``, model timestep
+``1000 * t``) through the same
 ``TrainingLoss`` call shape, without the per-timestep weighting, so the numbers of different timesteps and
 runs compare. With Wan 2.2 experts each timestep is served by its own expert (timesteps are grouped so each
 expert is activated once). Nothing here touches the training random stream (see ``inference_session``).
@@ -43,10 +46,16 @@ def group_by_expert(timesteps: Sequence[int], expert_for: Callable[[float], str]
     return list(groups.items())
 
 
-def batch_noise(shape: torch.Size, seed: int, batch_index: int) -> torch.Tensor:
-    """The fixed noise of one validation batch (float32, drawn on the CPU)."""
+def batch_noise(shape: torch.Size, seed: int, batch_index: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """The fixed noise of one validation batch (float32, drawn on the CPU).
+
+    ``shape`` is this process's share; the noise is drawn for the global batch of ``world_size`` equal shares
+    and the slice of ``rank`` returned (what the loader's sharding gives each rank).
+    """
     generator = torch.Generator(device="cpu").manual_seed(seed + batch_index)
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
+    size = shape[0]
+    noise = torch.randn((size * world_size, *shape[1:]), generator=generator, dtype=torch.float32)
+    return noise[rank * size:(rank + 1) * size]
 
 
 @torch.no_grad()
@@ -60,6 +69,8 @@ def validation_losses(
     device: torch.device | str,
     expert_for: Callable[[float], str] | None = None,
     activate: Callable[[str], None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[int, tuple[float, int]]:
     """Sum of per-sample-weighted losses and sample count per timestep: ``{t: (loss_sum, count)}``.
 
@@ -71,7 +82,7 @@ def validation_losses(
             activate(expert)
         for batch_index, batch in enumerate(batches()):
             latents = batch["latents"].to(device=device, dtype=torch.float32)
-            noise = batch_noise(latents.shape, seed, batch_index).to(device)
+            noise = batch_noise(latents.shape, seed, batch_index, rank, world_size).to(device)
             context = [c.to(device) for c in batch["text_embeds"]]
             size = latents.shape[0]
             for t in group:
@@ -153,6 +164,8 @@ class ValidationHandler(Handler):
                 device=trainer.device,
                 expert_for=experts.expert_for_t if dual else None,
                 activate=experts.activate if dual else None,
+                rank=getattr(self.loader, "rank", 0),
+                world_size=getattr(self.loader, "world_size", 1),
             )
         flat = sum_across([v for t in self.timesteps for v in sums[t]], trainer.device)
         per_t = {t: flat[2 * i] / max(flat[2 * i + 1], 1.0) for i, t in enumerate(self.timesteps)}
