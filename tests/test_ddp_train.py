@@ -31,15 +31,21 @@ def torchrun_train(config):
     assert "2 process(es)" in proc.stderr
 
 
-def one_image_config(ws, folder, batch_size, **values):
-    """One image repeated: every global batch holds the same items however the loader shards them, so runs
-    differ only in how the batch is split over processes."""
-    image = sorted(ws.train_media.glob("*.png"))[0]
-    jsonl = folder / "one.jsonl"
-    folder.mkdir(parents=True, exist_ok=True)
-    jsonl.write_text(json.dumps({"image_path": str(image), "caption": "unused"}) + "\n")
-    datasets = {"train": [{"image_jsonl_file": str(jsonl), "cache_directory": str(ws.train_cache),
-                           "resolution": [64, 64], "batch_size": batch_size, "num_repeats": 4}]}
+def distinct_config(ws, folder, batch_size, *, num_repeats=1, val=False, **values):
+    """The 4 distinct training images (3 epochs' worth of shuffles in 5 steps, captions dropped at random) and,
+    with ``val``, 2 distinct validation images; ``batch_size`` per process for both."""
+    datasets = {"train": [{"image_directory": str(ws.train_media), "cache_directory": str(ws.train_cache),
+                           "resolution": [64, 64], "batch_size": batch_size, "num_repeats": num_repeats,
+                           "caption_dropout_rate": 0.3}]}
+    if val:
+        folder.mkdir(parents=True, exist_ok=True)
+        jsonl = folder / "val.jsonl"
+        images = sorted(ws.val_media.glob("*.png"))[:2]
+        jsonl.write_text("".join(json.dumps({"image_path": str(p), "caption": p.with_suffix(".txt").read_text()})
+                                 + "\n" for p in images))
+        datasets["val"] = [{"image_jsonl_file": str(jsonl), "cache_directory": str(ws.val_cache),
+                            "resolution": [64, 64], "batch_size": batch_size}]
+        values.update(validate_every_n_steps=5)
     values = ws.config(folder / "out", max_train_steps=5, learning_rate=1e-2, datasets=datasets,
                        lr_scheduler="linear", **values)
     return write_config(folder / "config.toml", values)
@@ -47,15 +53,20 @@ def one_image_config(ws, folder, batch_size, **values):
 
 @pytest.mark.slow
 def test_two_process_cpu_run_matches_one_process(train_workspace, tmp_path):
-    single = one_image_config(train_workspace, tmp_path / "single", batch_size=2)
+    single = distinct_config(train_workspace, tmp_path / "single", batch_size=2, val=True)
     assert build_trainer(load(single)).train() == "completed"
-    torchrun_train(one_image_config(train_workspace, tmp_path / "ddp", batch_size=1))
+    torchrun_train(distinct_config(train_workspace, tmp_path / "ddp", batch_size=1, val=True))
 
     one = scalars(tmp_path / "single" / "out" / "logs", "loss/current")
     two = scalars(tmp_path / "ddp" / "out" / "logs", "loss/current")
     assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3, 4, 5]
+    assert len({round(v, 6) for _, v in one}) == 5  # distinct images: the batches differ from step to step
     for (_, a), (_, b) in zip(one, two):
-        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+        assert b == pytest.approx(a, rel=1e-6, abs=1e-7)
+    val_one = scalars(tmp_path / "single" / "out" / "logs", "val/loss")
+    val_two = scalars(tmp_path / "ddp" / "out" / "logs", "val/loss")
+    assert [s for s, _ in val_one] == [s for s, _ in val_two] == [5]
+    assert val_two[0][1] == pytest.approx(val_one[0][1], rel=1e-6)
     a = lora_tensors(tmp_path / "single" / "out" / "lora.safetensors")
     b = lora_tensors(tmp_path / "ddp" / "out" / "lora.safetensors")
     assert a.keys() == b.keys()
@@ -66,11 +77,11 @@ def test_two_process_cpu_run_matches_one_process(train_workspace, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_resume_is_bit_identical(train_workspace, tmp_path):
-    common = dict(save_every_n_steps=2, save_state=True)
-    torchrun_train(one_image_config(train_workspace, tmp_path / "a", batch_size=1, **common))
+    common = dict(save_every_n_steps=2, save_state=True, num_repeats=2)  # 4 steps per epoch: saved mid-epoch
+    torchrun_train(distinct_config(train_workspace, tmp_path / "a", batch_size=1, **common))
     state = tmp_path / "a" / "out" / "lora-step00000002-state"
     assert {"rank0.pt", "rank1.pt", "COMPLETE.json"} <= {p.name for p in state.iterdir()}
-    torchrun_train(one_image_config(train_workspace, tmp_path / "b", batch_size=1, resume=str(state), **common))
+    torchrun_train(distinct_config(train_workspace, tmp_path / "b", batch_size=1, resume=str(state), **common))
     a = lora_tensors(tmp_path / "a" / "out" / "lora.safetensors")
     b = lora_tensors(tmp_path / "b" / "out" / "lora.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
