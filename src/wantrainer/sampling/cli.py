@@ -50,7 +50,7 @@ def load_dit_for_sampling(model_cfg, path: Path, device: torch.device, resident:
     """Load one DiT in the compute dtype; ``resident`` puts it on ``device`` now (else it stays on the CPU)."""
     from ..models.wan.loading import load_wan_dit
 
-    if not Path(path).is_file():
+    if not Path(path).exists():  # a file, a shard index or a folder of shards
         raise UserError(f"DiT checkpoint not found: {path}")
     dtype = compute_dtype(model_cfg.mixed_precision, device)
     dit = load_wan_dit(
@@ -121,6 +121,18 @@ def output_name(cfg, loras: list[Path]) -> str:
     return stems.pop() if len(stems) == 1 else cfg.saving.output_name
 
 
+def _note_cpu_settings(model_cfg) -> None:
+    """Say which GPU-memory settings have no effect when everything runs on the CPU."""
+    unused = [f"mixed_precision = \"{model_cfg.mixed_precision}\" (computing in fp32: a half-precision matmul "
+              "is far slower on the CPU)"] if model_cfg.mixed_precision != "no" else []
+    if model_cfg.blocks_to_swap:
+        unused.append("blocks_to_swap (the whole model is already in CPU memory)")
+    if model_cfg.target_model == "wan22" and model_cfg.offload_inactive_dit:
+        unused.append("offload_inactive_dit (both experts are already in CPU memory)")
+    if unused:
+        logger.warning("no CUDA device: sampling on the CPU; not applied: %s", "; ".join(unused))
+
+
 def run(args: argparse.Namespace) -> int:
     from ..config_parser import load_config
 
@@ -131,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.config}: no [[sample_prompts]] to generate; add at least one table with `text`")
     loras = [Path(p).expanduser() for p in (args.lora or [])]
     device = default_device()
+    if device.type == "cpu":
+        _note_cpu_settings(cfg.model)
     out_dir = Path(args.output_dir).expanduser() if args.output_dir else cfg.saving.output_dir / "sample"
 
     embeds = encode_sample_prompts(cfg.model, prompts, device)
