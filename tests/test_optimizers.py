@@ -132,3 +132,21 @@ def test_warmup_longer_than_run_and_state_roundtrip():
     assert s2.get_last_lr() == s1.get_last_lr()
     o1.step(), s1.step(), o2.step(), s2.step()
     assert o2.param_groups[0]["lr"] == o1.param_groups[0]["lr"]
+
+
+def test_adafactor_relative_step_runs_with_a_reporting_schedule():
+    cfg = OptimizerConfig(optimizer_type="adafactor", optimizer_args=["relative_step=True"], lr_scheduler="constant")
+    p = torch.nn.Parameter(torch.randn(4, 4, generator=torch.Generator().manual_seed(0)))
+    optimizer = create_optimizer(cfg, [{"params": [p], "lr": 1e-4}])
+    scheduler = create_lr_scheduler(cfg, optimizer, 10)
+    for _ in range(3):
+        p.grad = torch.ones_like(p)
+        optimizer.step()
+        scheduler.step()
+    lr = scheduler.get_last_lr()[0]
+    assert 0.0 < lr == optimizer.param_groups[0]["lr"]  # Adafactor's own step size, reported for the logs
+    for bad in (dict(lr_scheduler="cosine"), dict(lr_warmup_steps=2)):
+        with pytest.raises(UserError, match="relative_step"):
+            create_lr_scheduler(cfg.model_copy(update=bad), create_optimizer(cfg, [{"params": [p]}]), 10)
+    with pytest.raises(UserError, match="loraplus_lr_ratio"):
+        create_optimizer(cfg, [{"params": [p], "lr": 1e-4}, {"params": [torch.nn.Parameter(torch.ones(2))], "lr": 1e-3}])

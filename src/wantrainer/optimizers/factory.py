@@ -91,6 +91,12 @@ def create_optimizer(cfg: OptimizerConfig, param_groups: Iterable) -> torch.opti
     lr: float | None = cfg.learning_rate
     if cls.__name__ == "Adafactor" and kwargs.get("relative_step"):
         lr = None  # Adafactor computes its own step size; an explicit lr is an error there
+        param_groups = list(param_groups)
+        if len({g.get("lr") for g in param_groups if isinstance(g, dict)}) > 1:
+            raise UserError(
+                "optimizer_args relative_step=True: Adafactor computes one step size for every parameter, so "
+                "per-group learning rates (loraplus_lr_ratio) cannot be honoured; remove one of them"
+            )
         param_groups = [{k: v for k, v in g.items() if k != "lr"} if isinstance(g, dict) else g for g in param_groups]
     try:
         optimizer = cls(param_groups, lr=lr, **kwargs)

@@ -1,7 +1,9 @@
 """Learning-rate schedules as ``LambdaLR`` multipliers of each group's peak lr.
 
 ``s`` = optimiser step, ``W`` = warm-up steps, ``T`` = total steps, ``p = (s - W) / (T - W)`` clipped to [0, 1].
-Warm-up applies to every schedule: the multiplier is ``s / W`` for ``s < W`` (0 at the first step).
+Warm-up applies to every schedule: the multiplier is ``s / W`` for ``s < W`` (0 at the first step, as in
+transformers' ``get_*_schedule_with_warmup``). Adafactor with ``relative_step=True`` computes its own step size:
+only ``constant`` without warm-up is accepted there, and the scheduler just reports Adafactor's step size.
 
 - constant, constant_with_warmup: 1 after warm-up (the same schedule; both names are accepted)
 - linear: ``1 - p``                      - cosine: ``0.5 (1 + cos(pi p))``
@@ -67,6 +69,8 @@ def create_lr_scheduler(cfg: OptimizerConfig, optimizer: torch.optim.Optimizer, 
     if cfg.lr_scheduler not in SCHEDULES:
         raise UserError(f"lr_scheduler = {cfg.lr_scheduler!r} is unknown; use one of {', '.join(SCHEDULES)}")
     warmup = warmup_steps(cfg.lr_warmup_steps, total_steps)
+    if any(group.get("lr") is None for group in optimizer.param_groups):
+        return _self_scheduled(cfg, optimizer, warmup)
     if warmup >= total_steps > 0:
         raise UserError(f"lr_warmup_steps = {cfg.lr_warmup_steps} covers the whole run of {total_steps} steps")
     multiplier = LrMultiplier(
@@ -78,3 +82,19 @@ def create_lr_scheduler(cfg: OptimizerConfig, optimizer: torch.optim.Optimizer, 
         min_lr_ratio=cfg.lr_scheduler_min_lr_ratio,
     )
     return LambdaLR(optimizer, multiplier)
+
+
+def _self_scheduled(cfg: OptimizerConfig, optimizer: torch.optim.Optimizer, warmup: int) -> LambdaLR:
+    """Adafactor with ``relative_step=True`` sets its own step size: a schedule on top cannot be honoured.
+
+    The returned scheduler only reports the step size Adafactor used (for the logs); it changes nothing.
+    """
+    if cfg.lr_scheduler not in ("constant", "constant_with_warmup") or warmup:
+        raise UserError(
+            f"lr_scheduler = {cfg.lr_scheduler!r} / lr_warmup_steps = {cfg.lr_warmup_steps}: Adafactor with "
+            "relative_step=True schedules its own step size (warmup_init=True for its warm-up); set "
+            'lr_scheduler = "constant" and lr_warmup_steps = 0'
+        )
+    from transformers.optimization import AdafactorSchedule
+
+    return AdafactorSchedule(optimizer)
