@@ -112,3 +112,30 @@ def test_retention_of_step_and_epoch_saves(train_workspace, tmp_path):
         "lora-epoch000003.safetensors", "lora-step00000006-state", "lora-step00000006.safetensors",
         "lora-step00000007-state", "lora-step00000007.safetensors", "lora-step00000008-state", "lora.safetensors",
     ]
+
+
+def test_rerunning_a_finished_run_does_nothing(train_workspace, tmp_path, caplog):
+    common = dict(max_train_steps=4, save_every_n_steps=2, save_state=True, auto_resume=True)
+    run(train_workspace, tmp_path, **common)
+    out = tmp_path / "out"
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with caplog.at_level(logging.WARNING, logger="wantrainer"):
+        trainer, reason = run(train_workspace, tmp_path, **common)
+    assert reason == "completed" and trainer.state.step == 4 and trainer.groups[0].steps == 4
+    assert "already finished" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing rewritten
+    trainer, reason = run(train_workspace, tmp_path, **{**common, "max_train_steps": 2})
+    assert reason == "completed" and trainer.state.step == 4  # never trains past the state it resumed
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [(dict(network_dim=8), "network_dim"), (dict(loraplus_lr_ratio=4.0), "loraplus_lr_ratio")],
+)
+def test_resume_with_a_changed_network_is_a_user_error(train_workspace, tmp_path, change, message):
+    run(train_workspace, tmp_path / "a", max_train_steps=2, save_every_n_steps=1, save_state=True)
+    state = tmp_path / "a" / "out" / "lora-step00000001-state"
+    trainer = build_trainer(load(train_workspace.write(tmp_path / "b", resume=str(state), log_with="none",
+                                                       max_train_steps=2, **change)))
+    with pytest.raises(UserError, match=message):
+        trainer.train()

@@ -170,6 +170,16 @@ class Trainer:
         """Train to ``total_steps``; returns the stop reason ("completed" or "interrupted")."""
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
+            if self.state.step >= self.total_steps:
+                logger.warning(
+                    "%s is at step %d and this run has %d steps: training already finished, nothing to do "
+                    "(raise max_train_steps / max_train_epochs to continue it)", self.resume_from, self.state.step,
+                    self.total_steps,
+                )
+                for enh in self.enhancements:
+                    enh.teardown()
+                self.stop_reason = "completed"
+                return self.stop_reason
         self.stop_reason = "running"
         try:
             self._call("on_train_start")
@@ -448,9 +458,37 @@ class Trainer:
         self._iter = None
         self._epoch_len = len(self.loader)
 
+    def _check_resumable(self, sd: dict[str, Any], folder: Path) -> None:
+        """A ``UserError`` naming the options when the saved networks do not fit the ones this config built."""
+        saved, own = sd["networks"], self.networks
+        if set(saved) != set(own):
+            raise UserError(
+                f"`resume`: {folder} holds the network(s) {sorted(saved)}, this config trains {sorted(own)}; "
+                "dit / dit_high_noise and dual_lora_mode must be those of the run that saved it"
+            )
+        for name, network in own.items():
+            expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+            found = {k: tuple(v.shape) for k, v in saved[name].items()}
+            if expected != found:
+                diff = sorted(set(expected) ^ set(found)) or [k for k in expected if expected[k] != found[k]]
+                key = diff[0]
+                raise UserError(
+                    f"`resume`: the LoRA in {folder} does not fit this config (e.g. {key}: saved "
+                    f"{list(found.get(key, ()))}, this config {list(expected.get(key, ()))}); network_dim and "
+                    "network_args must be those of the run that saved it"
+                )
+
     def load_checkpoint(self, folder: Path) -> None:
         from .checkpoint_io import read_state_folder, state_from_payload
 
         payload = read_state_folder(folder, self.rank, self.world_size)
-        self.load_state_dict(state_from_payload(payload, self.rank))
+        sd = state_from_payload(payload, self.rank)
+        self._check_resumable(sd, folder)
+        try:
+            self.load_state_dict(sd)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise UserError(
+                f"`resume`: {folder} does not fit this config ({str(exc).splitlines()[0]}); the optimiser "
+                "settings (optimizer_type, loraplus_lr_ratio) must be those of the run that saved it"
+            ) from None
         logger.info("resumed from %s at step %d (epoch %d)", folder, self.state.step, self.state.epoch)
