@@ -147,3 +147,16 @@ def test_preview_image_layout():
     assert strip.shape == (2, 9, 3)
     assert np.array_equal(strip[:, 3:6], frames[2])
     assert preview_image(frames[:1]).shape == (2, 3, 3)
+
+
+def test_sample_at_first_does_not_resample_a_resumed_run(train_workspace, tmp_path):
+    first = train_workspace.write(tmp_path / "a", max_train_steps=2, save_every_n_steps=1, save_state=True,
+                                  log_with="none")
+    assert build_trainer(load(first)).train() == "completed"
+    state = tmp_path / "a" / "out" / "lora-step00000001-state"
+    resumed = train_workspace.write(tmp_path / "b", **_sampling_values(
+        train_workspace.kit, sample_at_first=True, max_train_steps=2, resume=str(state), log_with="none",
+        sample_prompts=PROMPTS[1:]))
+    trainer = build_trainer(load(resumed))
+    assert trainer.train() == "completed"
+    assert _handler(trainer).written == [] and not (tmp_path / "b" / "out" / "sample").exists()

@@ -103,6 +103,6 @@ class SamplingConfig(Section):
     sample_every_n_epochs: int | None = Field(None, ge=1)
     """Generate the [[sample_prompts]] every N epochs."""
     sample_at_first: bool = False
-    """Generate the samples before the first step."""
+    """Generate the samples before the first step (a resumed run does not sample again at its start)."""
     sample_prompts: list[SamplePrompt] = Field(default_factory=list)
     """[[sample_prompts]] tables: text, negative_prompt, width, height, frames, seed, steps, cfg_scale, ..."""

@@ -1,7 +1,8 @@
 """Samples during training: the ``[[sample_prompts]]`` generated with the LoRA being trained.
 
 At train start the prompts are encoded once (the text encoder is loaded, used and freed). On a trigger
-(``sample_at_first``, ``sample_every_n_steps``, ``sample_every_n_epochs``) the main process denoises every prompt
+(``sample_at_first``: before step 0 only, not when a run resumes; ``sample_every_n_steps``,
+``sample_every_n_epochs``) the main process denoises every prompt
 with the model in eval mode (the LoRA active, Wan 2.2 experts switched at the boundary with their own LoRA),
 then loads the VAE for decoding only and frees it again. Files go to ``{output_dir}/sample/`` as
 ``{output_name}_step{step:08d}_p{index:02d}_s{seed}.mp4`` (png for one frame).
@@ -76,8 +77,11 @@ class SamplingHandler(Handler):
     def on_train_start(self, trainer: Any) -> None:
         if trainer.is_main_process:
             self.embeds = encode_sample_prompts(self.model_cfg, self.prompts, trainer.device)
-        if self.cfg.sample_at_first:
+        if self.cfg.sample_at_first and trainer.state.step == 0:
             self.sample(trainer)
+        elif self.cfg.sample_at_first:
+            logger.info("resumed at step %d: sample_at_first applies to a run that starts at step 0 only",
+                        trainer.state.step)
 
     def on_step_end(self, trainer: Any) -> None:
         every = self.cfg.sample_every_n_steps
