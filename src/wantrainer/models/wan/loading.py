@@ -26,7 +26,14 @@ logger = get_logger(__name__)
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _SHARD = re.compile(r"^(?P<stem>.+)-\d{5}-of-\d{5}\.safetensors$")
-_IGNORED_KEYS = ("scaled_fp8",)  # marker tensor of scaled-fp8 ComfyUI files
+_IGNORED_KEYS = ("scaled_fp8",)  # marker tensor of ComfyUI's scaled-fp8 files
+# ComfyUI scaled fp8: the weight scale is ``<layer>.scale_weight`` (files with the ``scaled_fp8`` marker) or
+# ``<layer>.weight_scale`` (current format, with ``<layer>.comfy_quant`` markers); the activation scales
+# (``scale_input`` / ``input_scale``) only serve fp8 matmuls and are not needed to dequantise the weight.
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+_UNUSED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+TRAINABLE_CHANNELS = 16  # text-to-video: 16 latent channels in and out (the Wan 2.1 VAE)
 
 
 class CheckpointMismatchError(UserError):
@@ -132,6 +139,57 @@ def guess_layout(keys) -> str:
     return "this does not look like a Wan DiT"
 
 
+def is_weight_key(key: str) -> bool:
+    """False for the scale / marker tensors of quantised files, which are read alongside their weights."""
+    return key not in _IGNORED_KEYS and not key.endswith(_SCALE_SUFFIXES + _UNUSED_SUFFIXES)
+
+
+def scale_entry(entries: dict[str, TensorEntry], key: str) -> TensorEntry | None:
+    """The stored fp8 scale of the weight ``key`` (either ComfyUI naming), or None."""
+    if not key.endswith(".weight"):
+        return None
+    layer = key.removesuffix(".weight")
+    return entries.get(layer + ".scale_weight") or entries.get(layer + ".weight_scale")
+
+
+def check_variant(config: WanModelConfig, source: str) -> None:
+    """Refuse the image-to-video / TI2V models, whose channel counts the text-to-video trainer cannot feed."""
+    if config.in_dim == TRAINABLE_CHANNELS and config.out_dim == TRAINABLE_CHANNELS:
+        return
+    if config.in_dim == 36:
+        what = "an image-to-video Wan DiT (36 input channels: latents + image condition)"
+    elif config.out_dim == 48:
+        what = "the Wan 2.2 TI2V-5B DiT (48 latent channels, for the Wan 2.2 VAE)"
+    else:
+        what = f"a Wan DiT with {config.in_dim} input / {config.out_dim} output channels"
+    raise CheckpointMismatchError(
+        f"{source} is {what}; only the text-to-video models are supported (Wan 2.1 T2V 1.3B / 14B, "
+        "Wan 2.2 T2V A14B high- and low-noise experts, 16 latent channels)"
+    )
+
+
+def check_stored_tensors(
+    entries: dict[str, TensorEntry], expected: dict[str, torch.Tensor], source: str
+) -> None:
+    """Every weight a float of the model's shape, every fp8 scale per tensor or per output row."""
+    for key, tensor in expected.items():
+        entry = entries.get(key) if is_weight_key(key) else None
+        if entry is None:
+            continue
+        if entry.dtype not in _FLOAT_DTYPES or entry.shape != tuple(tensor.shape):
+            raise CheckpointMismatchError(
+                f"{source}: {key} is stored as {entry.dtype} {list(entry.shape)}, the model needs a float "
+                f"{list(tensor.shape)}; quantised formats other than fp8 (nvfp4, int8, GGUF, ...) are not "
+                "supported: use the bf16 / fp16 / fp8 file"
+            )
+        scale = scale_entry(entries, key)
+        if scale is not None and math.prod(scale.shape) not in (1, tensor.shape[0]):
+            raise CheckpointMismatchError(
+                f"{source}: the fp8 scale of {key} has shape {list(scale.shape)}; only per-tensor or "
+                "per-output-row scales are supported"
+            )
+
+
 def _mismatch(what: str, missing: list[str], unexpected: list[str], keys) -> CheckpointMismatchError:
     lines = [f"{what} does not match the Wan DiT layout: {guess_layout(keys)}."]
     if missing:
@@ -217,33 +275,31 @@ def load_wan_dit(
     entries = read_tensor_index(files)
     source = str(path)
     config = infer_wan_config({k: v.shape for k, v in entries.items()}, source)
+    check_variant(config, source)
     stored_fp8 = any(is_fp8_block_linear(k) and e.dtype.startswith("F8") for k, e in entries.items())
     use_fp8 = fp8_base or fp8_scaled or (stored_fp8 and dtype is None)
     # a scaled-fp8 file loaded as stored keeps its scales
     fp8_scaled = fp8_scaled or (
-        use_fp8 and dtype is None and any(k.endswith(".scale_weight") for k in entries)
+        use_fp8 and dtype is None and any(k.endswith(_SCALE_SUFFIXES) for k in entries)
     )
     with torch.device("meta"):
         model = WanModel(config, attn_mode=attn_mode)
     if use_fp8:
         replace_block_linears(model, scaled=fp8_scaled)
     expected = model.state_dict()
-    file_keys = {k for k in entries if not k.endswith(".scale_weight") and k not in _IGNORED_KEYS}
+    file_keys = {k for k in entries if is_weight_key(k)}
     model_keys = {k for k in expected if not k.endswith(".scale_weight")}
     if file_keys != model_keys:
         raise _mismatch(source, sorted(model_keys - file_keys), sorted(file_keys - model_keys), entries)
+    check_stored_tensors(entries, expected, source)
 
     state: dict[str, torch.Tensor] = {}
     device = torch.device(device)
     for file in files:
         with safe_open(file, framework="pt", device=str(device)) as handle:
             for key in sorted(file_keys & {k for k, e in entries.items() if e.file == file}):
-                scale_entry = (
-                    entries.get(key.removesuffix("weight") + "scale_weight")
-                    if key.endswith("weight")
-                    else None
-                )
-                scale = _read(scale_entry, device) if scale_entry is not None else None
+                stored_scale = scale_entry(entries, key)
+                scale = _read(stored_scale, device) if stored_scale is not None else None
                 tensor = handle.get_tensor(entries[key].key)
                 state.update(_convert(key, tensor, scale, expected[key], dtype, fp8_scaled))
     model.load_state_dict(state, strict=True, assign=True)
