@@ -107,9 +107,11 @@ def test_retention_of_step_and_epoch_saves(train_workspace, tmp_path):
     run(train_workspace, tmp_path, max_train_steps=8, save_every_n_steps=1, save_last_n_steps=2,
         save_every_n_epochs=1, save_last_n_epochs=2, save_state=True)
     names = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("lora"))
+    # step saves: at step 7 (the last step save) the ones at most 2 steps older are kept: 5, 6, 7
     assert names == [
         "lora-epoch000002-state", "lora-epoch000002.safetensors", "lora-epoch000003-state",
-        "lora-epoch000003.safetensors", "lora-step00000006-state", "lora-step00000006.safetensors",
+        "lora-epoch000003.safetensors", "lora-step00000005-state", "lora-step00000005.safetensors",
+        "lora-step00000006-state", "lora-step00000006.safetensors",
         "lora-step00000007-state", "lora-step00000007.safetensors", "lora-step00000008-state", "lora.safetensors",
     ]
 

@@ -20,7 +20,7 @@ class SavingConfig(Section):
     save_every_n_epochs: int | None = Field(None, ge=1)
     """Save the LoRA every N epochs."""
     save_last_n_steps: int | None = Field(None, ge=1)
-    """Keep only the step saves of the last N steps (older ones are deleted)."""
+    """Delete step saves (LoRA and state) more than N steps older than the newest one."""
     save_last_n_epochs: int | None = Field(None, ge=1)
     """Keep only the last N epoch saves."""
     save_state: bool = False

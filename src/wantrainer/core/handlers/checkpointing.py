@@ -8,7 +8,9 @@
 
 With two networks (Wan 2.2, ``dual_lora_mode = "separate"``) every LoRA name gets the expert suffix:
 ``{output_name}_high_noise-step00000100.safetensors``, ``{output_name}_low_noise.safetensors``.
-``save_last_n_steps`` deletes step saves older than N steps; ``save_last_n_epochs`` keeps the last N epoch saves.
+``save_last_n_steps`` deletes step saves more than N steps older than the newest (as musubi-tuner: with
+``save_every_n_steps = 100``, ``save_last_n_steps = 300`` at step 500 keeps 200..500); ``save_last_n_epochs``
+keeps the last N epoch saves.
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ class CheckpointHandler(Handler):
         if not keep or not trainer.accelerator.is_main_process:
             return
         saves = io.saved_steps(self.output_dir, self.saving.output_name, "step")
-        io.remove_saves([p for n, paths in saves.items() if n <= step - keep for p in paths])
+        io.remove_saves([p for n, paths in saves.items() if n < step - keep for p in paths])
 
     def _retain_epochs(self, trainer: Any) -> None:
         keep = self.saving.save_last_n_epochs
