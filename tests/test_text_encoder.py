@@ -158,14 +158,27 @@ def test_fp8_weights(tiny_kit, encoder):
         assert not torch.equal(a, b)
 
 
-def test_comfyui_scaled_fp8_file(wan_state, tiny_kit, encoder, tmp_path):
+@pytest.mark.parametrize("new_format", [False, True], ids=["scale_weight", "weight_scale"])
+def test_comfyui_scaled_fp8_file(wan_state, tiny_kit, encoder, tmp_path, new_format):
+    """ComfyUI's umt5_xxl_fp8_e4m3fn_scaled layout: HF keys, fp8 Linear weights with per-tensor scales (the
+    ``scaled_fp8`` marker + ``scale_weight`` / ``scale_input``, or ``weight_scale`` / ``input_scale`` /
+    ``comfy_quant``), and the tokenizer model embedded as a ``spiece_model`` uint8 tensor."""
     hf = _hf_state(wan_state)
-    state = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    state = {"spiece_model": torch.tensor(list(b"sentencepiece model bytes"), dtype=torch.uint8)}
+    if not new_format:
+        state["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
     for key, value in hf.items():
         if key.endswith(("q.weight", "k.weight", "v.weight", "o.weight", "wi_0.weight", "wi_1.weight", "wo.weight")):
+            layer = key.removesuffix(".weight")
             scale = value.float().abs().max() / 448
             state[key] = (value.float() / scale).to(torch.float8_e4m3fn)
-            state[key.replace(".weight", ".scale_weight")] = scale.reshape(1)
+            if new_format:
+                state[layer + ".weight_scale"] = scale.reshape(())
+                state[layer + ".input_scale"] = torch.tensor(0.5)
+                state[layer + ".comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+            else:
+                state[layer + ".scale_weight"] = scale.reshape(())
+                state[layer + ".scale_input"] = torch.tensor(1.0)
         else:
             state[key] = value
     save_file(state, str(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"))

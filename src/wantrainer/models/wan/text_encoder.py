@@ -5,7 +5,7 @@ Wan layout (``models_t5_umt5-xxl-enc-bf16.pth``): ``token_embedding.weight``, ``
 layer), ``blocks.N.norm2.weight``, ``blocks.N.ffn.gate.0.weight`` (the GELU branch), ``blocks.N.ffn.fc1.weight``,
 ``blocks.N.ffn.fc2.weight``, ``norm.weight``. HF layout: ``shared.weight``, ``encoder.block.N.layer.0.SelfAttention.*``,
 ``encoder.block.N.layer.1.DenseReluDense.{wi_0,wi_1,wo}``, ``encoder.final_layer_norm.weight``. ComfyUI's
-``*_fp8_e4m3fn_scaled`` files (``scale_weight`` per tensor) are dequantised on load. Sizes come from the weights.
+``*_fp8_e4m3fn_scaled`` files (per-tensor ``scale_weight`` or ``weight_scale``) are dequantised on load. Sizes come from the weights.
 """
 
 from __future__ import annotations
@@ -89,15 +89,24 @@ def hf_to_wan(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+_UNUSED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
+
+
 def _dequantise_scaled_fp8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI ``*_fp8_scaled`` files: weight (fp8) * scale_weight -> bfloat16; marker keys dropped."""
+    """ComfyUI ``*_fp8_scaled`` files: weight (fp8) * its scale -> bfloat16; marker / activation-scale keys dropped.
+
+    Both ComfyUI formats: ``scaled_fp8`` marker with ``<layer>.scale_weight`` / ``scale_input``, and the current
+    ``<layer>.weight_scale`` / ``input_scale`` / ``comfy_quant``. Scales are per tensor or per output row.
+    """
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
+        if key == "scaled_fp8" or key.endswith(_SCALE_SUFFIXES + _UNUSED_SUFFIXES):
             continue
-        scale = state.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
-        if scale is not None:
-            value = (value.float() * scale.float()).to(torch.bfloat16)
+        layer = key.removesuffix(".weight")
+        scale = next((state[layer + s] for s in _SCALE_SUFFIXES if layer + s in state), None)
+        if key.endswith(".weight") and scale is not None:
+            value = (value.float() * scale.float().reshape(-1, 1)).to(torch.bfloat16)
         out[key] = value
     return out
 
