@@ -131,8 +131,16 @@ def _load_single(path: str | Path, prefix: str) -> tuple[torch.Tensor, dict[str,
 
 
 def load_latent_cache(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
-    """Return (latents [16, F, H, W], metadata)."""
-    return _load_single(path, "latents_")
+    """Return (latents [16, F, H, W], metadata): the ``latents_{F}x{H}x{W}_{dtype}`` tensor.
+
+    musubi-tuner's image-to-video / control caches of the same item also hold ``latents_image_...``,
+    ``latents_control_...`` and ``clip_...`` tensors; those are not the video latents and are ignored.
+    """
+    with safe_open(str(path), framework="pt") as f:
+        keys = [k for k in f.keys() if _LATENT_KEY.match(k)]
+        if len(keys) != 1:
+            raise ValueError(f"{path}: expected one latents_FxHxW_dtype tensor, found {sorted(f.keys())}")
+        return f.get_tensor(keys[0]), dict(f.metadata() or {})
 
 
 def load_text_cache(path: str | Path) -> torch.Tensor:
