@@ -12,7 +12,13 @@ from safetensors.torch import save_file
 from transformers import UMT5Config, UMT5EncoderModel
 
 from wantrainer.errors import UserError
-from wantrainer.models.wan.text_encoder import WanTextEncoder, clean_prompt, load_tokenizer
+from wantrainer.models.wan.text_encoder import (
+    WanTextEncoder,
+    build_umt5,
+    clean_prompt,
+    load_tokenizer,
+    to_hf_layout,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -205,3 +211,27 @@ def test_checkpoint_errors(tiny_kit, tmp_path):
     save_file({"foo": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(UserError, match="not a UMT5 encoder checkpoint"):
         WanTextEncoder.load(tmp_path / "other.safetensors", tiny_kit.tokenizer_dir)
+
+
+def _umt5_xxl_shapes() -> dict[str, tuple[int, ...]]:
+    """models_t5_umt5-xxl-enc-bf16.pth as Wan's t5.py builds it: umt5_xxl (vocab 256384, dim 4096, dim_attn 4096,
+    dim_ffn 10240, 64 heads, 24 encoder layers, 32 buckets, shared_pos=False: one relative embedding per block)."""
+    shapes = {"token_embedding.weight": (256384, 4096), "norm.weight": (4096,)}
+    for n in range(24):
+        shapes |= {f"blocks.{n}.norm1.weight": (4096,), f"blocks.{n}.norm2.weight": (4096,),
+                   f"blocks.{n}.pos_embedding.embedding.weight": (32, 64),
+                   f"blocks.{n}.ffn.gate.0.weight": (10240, 4096), f"blocks.{n}.ffn.fc1.weight": (10240, 4096),
+                   f"blocks.{n}.ffn.fc2.weight": (4096, 10240)}  # fmt: skip
+        shapes |= {f"blocks.{n}.attn.{p}.weight": (4096, 4096) for p in "qkvo"}
+    return shapes
+
+
+def test_the_released_umt5_xxl_layout_gives_its_sizes():
+    with torch.device("meta"):
+        state = {k: torch.empty(s) for k, s in _umt5_xxl_shapes().items()}
+        model = build_umt5(to_hf_layout(state, "models_t5_umt5-xxl-enc-bf16.pth"))  # strict: keys and shapes
+    c = model.config
+    assert (c.vocab_size, c.d_model, c.num_layers, c.num_heads, c.d_kv, c.d_ff) == (256384, 4096, 24, 64, 64, 10240)
+    assert (c.relative_attention_num_buckets, c.relative_attention_max_distance) == (32, 128)
+    assert c.feed_forward_proj == "gated-gelu" and c.layer_norm_epsilon == 1e-6
+    assert all(block.layer[0].SelfAttention.has_relative_attention_bias for block in model.encoder.block)
