@@ -64,3 +64,17 @@ def test_single_frame_is_png(tmp_path):
     with Image.open(path) as img:
         assert img.size == (48, 32)
         assert np.array_equal(np.asarray(img.convert("RGB")), frames[0])
+
+
+def test_mp4_is_bt709_limited_range_and_tagged(tmp_path):
+    frames = np.zeros((3, 32, 32, 3), np.uint8)
+    frames[..., 0], frames[..., 1], frames[..., 2] = 200, 30, 100
+    path = write_sample(tmp_path, "colour", frames)
+    with av.open(str(path)) as container:
+        context = container.streams.video[0].codec_context
+        tags = (context.colorspace, context.color_primaries, context.color_trc, context.color_range)
+        luma = next(container.decode(video=0)).to_ndarray()[0, 0]  # the Y plane of yuv420p
+    assert tags == (1, 1, 1, 1)  # BT.709 matrix / primaries / transfer, MPEG (limited) range
+    r, g, b = 200 / 255, 30 / 255, 100 / 255
+    assert abs(int(luma) - (16 + 219 * (0.2126 * r + 0.7152 * g + 0.0722 * b))) <= 1  # BT.709, not BT.601 (92)
+    assert np.abs(read_video_frames(path)[1].astype(int) - frames[1]).max() <= 3

@@ -1,5 +1,8 @@
 """Sample files: mp4 (PyAV, H.264 yuv420p at 16 fps) for videos, png (Pillow) for single frames.
 
+The mp4 is converted with the BT.709 matrix to limited ("tv", 16-235) range and tagged so (primaries, transfer,
+matrix, range): untagged yuv is read as BT.601 by some players and BT.709 by others, which shifts the colours.
+
 Files are written atomically (temp file + rename). Names carry the step, the prompt index and the seed:
 ``{name}_step{step:08d}_p{index:02d}_s{seed}.mp4``.
 """
@@ -13,12 +16,14 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+from av.video.reformatter import ColorRange, Colorspace
 from PIL import Image
 
 from ..utils.atomic import atomic_path
 
 SAMPLE_FPS = 16
 _PREFERRED_CODECS = ("libx264", "mpeg4")
+_BT709 = 1  # AVCOL_PRI_BT709 / AVCOL_TRC_BT709 / AVCOL_SPC_BT709
 
 
 def sample_stem(name: str, prompt_index: int, seed: int, step: int | None = None) -> str:
@@ -60,7 +65,7 @@ def write_png(path: str | Path, frame: np.ndarray) -> Path:
 
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: int = SAMPLE_FPS) -> Path:
-    """Write uint8 frames [F, H, W, 3] as an mp4 (yuv420p, ``video_codec()``)."""
+    """Write uint8 frames [F, H, W, 3] as an mp4 (yuv420p BT.709 limited range, ``video_codec()``)."""
     path = Path(path)
     count, height, width, _ = frames.shape
     if height % 2 or width % 2:
@@ -69,12 +74,17 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int = SAMPLE_FPS) -> Pa
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream(video_codec(), rate=Fraction(fps, 1))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            context = stream.codec_context
+            context.colorspace = context.color_primaries = context.color_trc = _BT709
+            context.color_range = int(ColorRange.MPEG)
             if stream.codec_context.name == "libx264":
                 stream.options = {"crf": "18", "preset": "medium"}
             else:
                 stream.bit_rate = max(1_000_000, width * height * fps * 2)
             for index in range(count):
-                frame = av.VideoFrame.from_ndarray(frames[index], format="rgb24")
+                frame = av.VideoFrame.from_ndarray(frames[index], format="rgb24").reformat(
+                    format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG
+                )
                 for packet in stream.encode(frame):
                     container.mux(packet)
             for packet in stream.encode():
