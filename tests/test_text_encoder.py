@@ -152,6 +152,8 @@ def test_padding_does_not_change_outputs_and_length_is_capped(encoder):
 
 def test_clean_prompt():
     assert clean_prompt("  a   red\n&amp;amp; blue\t") == "a red & blue"
+    # Wan's basic_clean runs ftfy.fix_text first (the UMT5 tokenizer alone keeps curly quotes as other tokens)
+    assert clean_prompt("It\u2019s a \u201ccat\u201d, caf\u00c3\u00a9 \uff21\uff22") == 'It\'s a "cat", caf\u00e9 AB'
 
 
 def test_fp8_weights(tiny_kit, encoder):

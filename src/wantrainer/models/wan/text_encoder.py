@@ -14,6 +14,7 @@ import html
 import re
 from pathlib import Path
 
+import ftfy
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -217,8 +218,10 @@ def load_tokenizer(spec: str | Path | None) -> PreTrainedTokenizerBase:
 
 
 def clean_prompt(text: str) -> str:
-    """Wan's prompt cleaning: HTML entities decoded, whitespace runs collapsed."""
-    text = html.unescape(html.unescape(text)).strip()
+    """Wan's prompt cleaning (``clean="whitespace"``, as musubi-tuner and diffusers do it too): ``ftfy.fix_text``
+    (curly quotes straightened, mojibake repaired, full-width letters narrowed), HTML entities decoded, whitespace
+    runs collapsed."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip()
 
 
