@@ -141,3 +141,30 @@ def test_resume_with_a_changed_network_is_a_user_error(train_workspace, tmp_path
                                                        max_train_steps=2, **change)))
     with pytest.raises(UserError, match=message):
         trainer.train()
+
+
+@pytest.mark.parametrize("save_state", [False, True])
+def test_a_full_disk_is_a_user_error_and_keeps_earlier_saves(train_workspace, tmp_path, monkeypatch, save_state):
+    """The second file write fails: the step-2 LoRA, or (with save_state) the step-1 state folder."""
+    import errno
+
+    import wantrainer.utils.atomic as atomic
+
+    calls = []
+    real_save_file = atomic.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:  # half a file, then the disk is full
+            open(filename, "wb").write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(atomic, "save_file", save_file)
+    trainer = build_trainer(load(train_workspace.write(tmp_path, max_train_steps=3, save_every_n_steps=1,
+                                                       save_state=save_state, log_with="none")))
+    with pytest.raises(UserError, match="no space left"):
+        trainer.train()
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "lora"))) == ["lora-step00000001.safetensors"]
+    assert lora_tensors(out / "lora-step00000001.safetensors")  # the earlier save is whole

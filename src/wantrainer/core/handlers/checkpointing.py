@@ -15,10 +15,15 @@ keeps the last N epoch saves.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ...common.logger import get_logger
+from ...errors import UserError
 from ...networks.formats import build_lora_metadata, save_lora
 from .. import checkpoint_io as io
 from ..experts import DEFAULT, HIGH_NOISE, LOW_NOISE
@@ -72,6 +77,23 @@ class CheckpointHandler(Handler):
                            "auto_resume = true", step, state, state)
 
     # -- saving ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _disk_errors(self, target: Path) -> Iterator[None]:
+        """A full disk (or quota) while writing ``target`` is a ``UserError``; earlier files stay as they were."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            tmp = io.tmp_folder_for(target)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(
+                f"no space left in {self.output_dir} while saving {target.name} ({exc.strerror}); the earlier "
+                "saves are unchanged: free some space (or lower save_last_n_steps / save_last_n_epochs) and "
+                "resume from the newest state"
+            ) from None
+
     def save(self, trainer: Any, *, step: int | None = None, epoch: int | None = None, with_state: bool) -> None:
         if trainer.accelerator.is_main_process:
             for group in trainer.groups:
@@ -80,8 +102,9 @@ class CheckpointHandler(Handler):
                 suffix = "" if len(trainer.groups) == 1 else f"_{group.name}"
                 name = io.save_name(self.saving.output_name, step=step, epoch=epoch, suffix=suffix)
                 path = self.output_dir / f"{name}.safetensors"
-                save_lora(path, group.network.state_dict(), self.metadata(trainer, group.name, name),
-                          self.network_cfg.save_precision)
+                with self._disk_errors(path):
+                    save_lora(path, group.network.state_dict(), self.metadata(trainer, group.name, name),
+                              self.network_cfg.save_precision)
                 self.written.append(path)
                 logger.info("saved %s", path)
         if with_state:
@@ -95,13 +118,16 @@ class CheckpointHandler(Handler):
         accelerator = trainer.accelerator
         tmp = io.tmp_folder_for(final)
         if accelerator.is_main_process:
-            io.begin_state_folder(final)
-            io.write_main_part(tmp, io.payload_from_state(sd, self.config_text))
+            with self._disk_errors(final):
+                io.begin_state_folder(final)
+                io.write_main_part(tmp, io.payload_from_state(sd, self.config_text))
         accelerator.wait_for_everyone()
-        io.write_rank_part(tmp, trainer.rank, sd["rank"])
+        with self._disk_errors(final):
+            io.write_rank_part(tmp, trainer.rank, sd["rank"])
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            io.finish_state_folder(tmp, final, {"step": trainer.state.step, "epoch": trainer.state.epoch})
+            with self._disk_errors(final):
+                io.finish_state_folder(tmp, final, {"step": trainer.state.step, "epoch": trainer.state.epoch})
             logger.info("saved state %s", final)
         accelerator.wait_for_everyone()
         self._state_saved_at = trainer.state.step
