@@ -71,7 +71,8 @@ class SamplePrompt(Section):
     text: str
     """The prompt."""
     negative_prompt: str = ""
-    """Negative prompt used with classifier-free guidance."""
+    """Negative prompt used with classifier-free guidance. Empty by default, as in diffusers' WanPipeline; Wan's
+    reference scripts (and many ComfyUI workflows) use a long Chinese negative prompt: paste it here to match."""
     width: int = Field(832, ge=16, multiple_of=16)
     """Width in pixels (multiple of 16)."""
     height: int = Field(480, ge=16, multiple_of=16)
