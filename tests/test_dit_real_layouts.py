@@ -153,12 +153,27 @@ def test_comfyui_scaled_fp8_files_load_dequantised(tmp_path, new_format):
     reference.load_state_dict(dequantised)
     loaded = load_wan_dit(tmp_path / "dit_fp8_scaled.safetensors", dtype=torch.float32)
     assert torch.allclose(_run(loaded), _run(reference), rtol=1e-5, atol=1e-6)
-    as_stored = load_wan_dit(tmp_path / "dit_fp8_scaled.safetensors")  # fp8 kept, with scales
-    assert as_stored.blocks[0].ffn[0].weight.dtype == torch.float8_e4m3fn
-    assert as_stored.blocks[0].ffn[0].scale_weight is not None
+    as_stored = load_wan_dit(tmp_path / "dit_fp8_scaled.safetensors")  # the same fp8 values, with their scales
+    ffn = as_stored.blocks[0].ffn[0]
+    assert torch.equal(ffn.weight.view(torch.uint8), stored["blocks.0.ffn.0.weight"].view(torch.uint8))
+    assert torch.equal(ffn.dequantized_weight(torch.float32), dequantised["blocks.0.ffn.0.weight"])
+    assert as_stored.text_embedding[0].weight.dtype == torch.bfloat16  # as stored
     as_stored.to_compute_dtype(torch.float32)
-    rel = (_run(as_stored) - _run(reference)).norm() / _run(reference).norm()
-    assert rel < 0.05
+    assert torch.allclose(_run(as_stored), _run(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_scaled_fp8_embeddings_and_head_load_in_the_dtype_of_an_fp8_file(tmp_path):
+    """Layers outside the blocks may be scaled fp8 too; kept as stored they become bfloat16 like the rest."""
+    state = _random_reference_state()
+    stored, _ = _scaled_fp8_file(state, new_format=False)
+    for layer in ("text_embedding.0", "time_projection.1", "head.head"):
+        scale = state[layer + ".weight"].abs().max() / 448.0
+        stored[layer + ".weight"] = (state[layer + ".weight"] / scale).to(torch.float8_e4m3fn)
+        stored[layer + ".scale_weight"] = scale.reshape(())
+    save_file(stored, str(tmp_path / "dit_fp8_scaled.safetensors"))
+    model = load_wan_dit(tmp_path / "dit_fp8_scaled.safetensors")
+    assert model.text_embedding[0].weight.dtype == model.head.head.weight.dtype == torch.bfloat16
+    assert model.time_projection[1].weight.dtype == torch.bfloat16
 
 
 def test_other_quantised_formats_are_refused_clearly(tmp_path):

@@ -242,6 +242,11 @@ def _target_dtype(key: str, stored: torch.dtype, dtype: torch.dtype | None) -> t
 def _convert(key: str, tensor: torch.Tensor, scale: torch.Tensor | None, expected: torch.Tensor,
              dtype: torch.dtype | None, scaled: bool) -> dict[str, torch.Tensor]:  # fmt: skip
     """The tensors the model receives for one file tensor (a quantised weight brings its scale)."""
+    stored = tensor.dtype
+    if expected.dtype in FP8_DTYPES and scaled and scale is not None and stored == expected.dtype:
+        # a pre-scaled fp8 file kept as stored: the same fp8 values, the scale ([] or [out]) per output row
+        rows = scale.float().reshape(-1).expand(tensor.shape[0]).contiguous()
+        return {key: tensor, key.removesuffix("weight") + "scale_weight": rows}
     if scale is not None:  # a pre-scaled fp8 file: scale [] or [out]
         tensor = tensor.float() * scale.float().reshape(-1, *([1] * (tensor.ndim - 1)))
     if expected.dtype in FP8_DTYPES:
@@ -252,7 +257,7 @@ def _convert(key: str, tensor: torch.Tensor, scale: torch.Tensor | None, expecte
         if new_scale is not None:
             out[key.removesuffix("weight") + "scale_weight"] = new_scale
         return out
-    return {key: tensor.to(_target_dtype(key, tensor.dtype, dtype))}
+    return {key: tensor.to(_target_dtype(key, stored, dtype))}
 
 
 # ----- the loader -----------------------------------------------------------------------------------------
