@@ -153,7 +153,8 @@ def test_comfyui_scaled_fp8_files_load_dequantised(tmp_path, new_format):
     reference.load_state_dict(dequantised)
     loaded = load_wan_dit(tmp_path / "dit_fp8_scaled.safetensors", dtype=torch.float32)
     assert torch.allclose(_run(loaded), _run(reference), rtol=1e-5, atol=1e-6)
-    as_stored = load_wan_dit(tmp_path / "dit_fp8_scaled.safetensors")  # the same fp8 values, with their scales
+    # kept as stored: the same fp8 values, with their scales
+    as_stored = load_wan_dit(tmp_path / "dit_fp8_scaled.safetensors")
     ffn = as_stored.blocks[0].ffn[0]
     assert torch.equal(ffn.weight.view(torch.uint8), stored["blocks.0.ffn.0.weight"].view(torch.uint8))
     assert torch.equal(ffn.dequantized_weight(torch.float32), dequantised["blocks.0.ffn.0.weight"])
