@@ -168,3 +168,27 @@ def test_a_full_disk_is_a_user_error_and_keeps_earlier_saves(train_workspace, tm
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "lora"))) == ["lora-step00000001.safetensors"]
     assert lora_tensors(out / "lora-step00000001.safetensors")  # the earlier save is whole
+
+
+class LrRecorder(Handler):
+    name = "lr_recorder"
+
+    def __init__(self):
+        self.lrs = {}
+
+    def on_step_end(self, trainer):
+        self.lrs[trainer.state.step] = trainer.last_step.lrs["group0"]
+
+
+def test_resume_follows_the_configs_schedule_when_the_run_is_extended(train_workspace, tmp_path):
+    """4 steps of cosine, then resumed to 8: the lr follows the 8-step cosine (as a straight 8-step run does)."""
+    common = dict(lr_scheduler="cosine", lr_warmup_steps=1, save_state=True)
+    run(train_workspace, tmp_path / "short", max_train_steps=4, **common)
+    straight = LrRecorder()
+    run(train_workspace, tmp_path / "straight", handlers=[straight], max_train_steps=8, **common)
+    resumed = LrRecorder()
+    state = tmp_path / "short" / "out" / "lora-step00000004-state"
+    run(train_workspace, tmp_path / "resumed", handlers=[resumed], resume=str(state), max_train_steps=8, **common)
+    assert sorted(resumed.lrs) == [5, 6, 7, 8]
+    assert all(resumed.lrs[s] == pytest.approx(straight.lrs[s], rel=1e-12) for s in resumed.lrs)
+    assert resumed.lrs[5] > 0

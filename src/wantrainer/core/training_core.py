@@ -22,6 +22,7 @@ import torch
 from ..common.logger import get_logger
 from ..enhancements.base import StepContext
 from ..errors import UserError
+from ..optimizers import resume_lr_scheduler
 from .distributed import average_gradients, broadcast_parameters, sum_across
 from .experts import Experts, RegimeSampler
 from .signals import StopRequest
@@ -439,7 +440,7 @@ class Trainer:
             if group.network is not None:
                 group.network.load_state_dict(sd["networks"][group.name])
             group.optimizer.load_state_dict(sd["optimizers"][group.name])
-            group.scheduler.load_state_dict(sd["schedulers"][group.name])
+            resume_lr_scheduler(group.scheduler, sd["schedulers"][group.name])  # the config's schedule, saved step
             group.steps = int(sd.get("group_steps", {}).get(group.name, 0))
         for handler in self.handlers:
             name = getattr(handler, "name", type(handler).__name__)

@@ -1,7 +1,7 @@
 """Optimisers and learning-rate schedules."""
 
 from .factory import KNOWN_OPTIMIZERS, create_optimizer, parse_optimizer_args
-from .schedulers import SCHEDULES, LrMultiplier, create_lr_scheduler, warmup_steps
+from .schedulers import SCHEDULES, LrMultiplier, create_lr_scheduler, resume_lr_scheduler, warmup_steps
 
 __all__ = [
     "KNOWN_OPTIMIZERS",
@@ -10,5 +10,6 @@ __all__ = [
     "create_lr_scheduler",
     "create_optimizer",
     "parse_optimizer_args",
+    "resume_lr_scheduler",
     "warmup_steps",
 ]

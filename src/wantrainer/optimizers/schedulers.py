@@ -4,6 +4,7 @@
 Warm-up applies to every schedule: the multiplier is ``s / W`` for ``s < W`` (0 at the first step, as in
 transformers' ``get_*_schedule_with_warmup``). Adafactor with ``relative_step=True`` computes its own step size:
 only ``constant`` without warm-up is accepted there, and the scheduler just reports Adafactor's step size.
+A resumed run keeps only the step count of the saved schedule (``resume_lr_scheduler``): the rest follows the config.
 
 - constant, constant_with_warmup: 1 after warm-up (the same schedule; both names are accepted)
 - linear: ``1 - p``                      - cosine: ``0.5 (1 + cos(pi p))``
@@ -98,3 +99,20 @@ def _self_scheduled(cfg: OptimizerConfig, optimizer: torch.optim.Optimizer, warm
     from transformers.optimization import AdafactorSchedule
 
     return AdafactorSchedule(optimizer)
+
+
+def resume_lr_scheduler(scheduler: LambdaLR, state: dict) -> None:
+    """Continue ``scheduler`` (built from this run's config) at the position saved in ``state``.
+
+    Only the step count comes from the saved state; the peak lrs and the shape (``lr_scheduler``, warm-up,
+    total steps) come from the config, so a run resumed with a raised ``max_train_steps`` follows the longer
+    schedule instead of staying at the end of the old one. With an unchanged config this equals
+    ``scheduler.load_state_dict(state)``.
+    """
+    scheduler.last_epoch = int(state["last_epoch"])
+    scheduler._step_count = int(state.get("_step_count", scheduler.last_epoch + 1))
+    if isinstance(scheduler.lr_lambdas[0], LrMultiplier):
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
