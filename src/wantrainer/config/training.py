@@ -112,7 +112,9 @@ class TimestepConfig(Section):
 
 class LossConfig(Section):
     loss_type: Literal["mse", "l1", "huber", "pseudo_huber"] = "mse"
-    """Element loss between the prediction and the flow-matching target."""
+    """Element loss between the prediction and the flow-matching target (d = pred - target): mse d**2, l1 |d|,
+    huber the exact Huber loss x2 (d**2 up to huber_c, then linear), pseudo_huber 2c(sqrt(d**2 + c**2) - c),
+    which is what kohya's sd-scripts call "huber" (without its timestep schedule of c)."""
     huber_c: float = Field(0.1, gt=0)
     """Transition point of the huber / pseudo_huber losses."""
     prior_loss_weight: float = Field(1.0, ge=0)
