@@ -65,3 +65,24 @@ def test_converted_layouts_match_in_diffusers_and_reload(trained, tmp_path, layo
         before = sd[f"{name}.lora_up.weight"] @ sd[f"{name}.lora_down.weight"] * (sd[f"{name}.alpha"] / 4)
         after = back[f"{name}.lora_up.weight"] @ back[f"{name}.lora_down.weight"]
         torch.testing.assert_close(after, before)
+
+
+def test_rslora_file_matches_in_diffusers(tmp_path):
+    """use_rslora: scale alpha / sqrt(rank), stored as .alpha = alpha * sqrt(rank) so loaders using alpha / rank agree."""
+    torch.manual_seed(1)
+    dit = WanModel(TINY).eval()
+    ref = diffusers_twin(dit)
+    network = create_network(NetworkConfig(network_dim=4, network_alpha=3.0, use_rslora=True), dit)
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for m in network.lora_modules:
+            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=gen) * 0.05)
+    assert network.lora_modules[0].scale == pytest.approx(1.5)  # 3 / sqrt(4), not 3 / 4
+    network.apply_to(dit)
+    x, t, ctx = random_inputs(2, (1, 16, 2, 4, 6), [600.0], [7])
+    with torch.no_grad():
+        ours = dit(x, t, ctx)
+    path = tmp_path / "rslora.safetensors"
+    save_lora(path, network.state_dict(), {}, dtype="fp32")
+    WanPipeline.load_lora_into_transformer(WanPipeline.lora_state_dict(str(path)), transformer=ref)
+    assert (twin_output(ref, x, t, ctx) - ours).abs().max().item() < 1e-4
