@@ -358,3 +358,13 @@ def test_value_check_inside_a_validator_names_the_key():
 def test_top_level_key_after_an_array_table_is_explained():
     message = one_problem({"sample_prompts": [{"text": "a"}, {"text": "b", "sample_every_n_steps": 100}]})
     assert message.startswith("`sample_every_n_steps` is a top-level key but was found in the 2nd [[sample_prompts]] table")
+
+
+def test_method_settings_the_chosen_method_never_reads_are_errors():
+    problems = problems_of({"timestep_sampling": "uniform", "discrete_flow_shift": 5.0, "huber_c": 0.3,
+                            "mode_scale": 1.0, "logit_std": 2.0})
+    assert [p.split(" ")[0] for p in problems] == ["`discrete_flow_shift`", "`logit_std`", "`mode_scale`", "`huber_c`"]
+    assert 'timestep_sampling = "uniform"' in problems[0] and 'loss_type = "mse"' in problems[3]
+    # read by the chosen methods, or left at the default: fine
+    parse_config({"timestep_sampling": "shift", "discrete_flow_shift": 5.0, "loss_type": "huber", "huber_c": 0.3,
+                  "weighting_scheme": "logit_normal", "logit_std": 2.0, "mode_scale": 1.29})

@@ -250,6 +250,32 @@ def _resolve_paths(cfg: WanTrainerConfig, base: Path) -> None:
     _resolve_model_paths(cfg.datasets, base)
 
 
+def unused_setting_problems(cfg: WanTrainerConfig) -> list[str]:
+    """Timestep / loss settings changed from their default although the chosen method never reads them."""
+    t, loss = cfg.timesteps, cfg.loss
+    sampling = f'timestep_sampling = "{t.timestep_sampling}"'
+    logit_users = t.timestep_sampling in ("logit_normal", "logsnr", "qinglong") or t.weighting_scheme == "logit_normal"
+    rules = [  # (section, key, is it read?, the method chosen now, the methods that read it)
+        (t, "discrete_flow_shift", t.timestep_sampling == "shift", sampling, '"shift"'),
+        (t, "sigmoid_scale", t.timestep_sampling in ("sigmoid", "shift", "flux_shift", "qinglong"), sampling,
+         '"sigmoid", "shift", "flux_shift" and "qinglong"'),
+        (t, "logit_mean", logit_users, sampling, '"logit_normal", "logsnr", "qinglong" and weighting_scheme = '
+         '"logit_normal"'),
+        (t, "logit_std", logit_users, sampling, '"logit_normal", "logsnr", "qinglong" and weighting_scheme = '
+         '"logit_normal"'),
+        (t, "mode_scale", t.weighting_scheme == "mode", f'weighting_scheme = "{t.weighting_scheme}"', '"mode"'),
+        (loss, "huber_c", loss.loss_type in ("huber", "pseudo_huber"), f'loss_type = "{loss.loss_type}"',
+         '"huber" and "pseudo_huber"'),
+    ]
+    problems = []
+    for section, key, used, current, users in rules:
+        value, default = getattr(section, key), type(section).model_fields[key].default
+        if not used and value != default:
+            problems.append(f"`{key}` = {value} has no effect with {current} (it is read by {users}); remove it "
+                            "or pick a method that uses it")
+    return problems
+
+
 def cross_field_problems(cfg: WanTrainerConfig) -> list[str]:
     """Checks that involve more than one key. Returns every problem found."""
     problems: list[str] = []
@@ -269,6 +295,7 @@ def cross_field_problems(cfg: WanTrainerConfig) -> list[str]:
     warm = cfg.optimizer.lr_warmup_steps
     if isinstance(warm, float) and not warm.is_integer() and warm >= 1:
         problems.append(f"`lr_warmup_steps` = {warm}: use an integer step count or a fraction below 1")
+    problems.extend(unused_setting_problems(cfg))
     sp, v = cfg.sampling, cfg.validation
     if (sp.sample_at_first or sp.sample_every_n_steps or sp.sample_every_n_epochs) and not sp.sample_prompts:
         problems.append("`sample_at_first` / `sample_every_n_steps` / `sample_every_n_epochs` need at least one "
