@@ -3,10 +3,13 @@ save_text_encoder_output_cache_wan; dtype strings from ``str(dtype).split(".")[-
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from wantrainer.dataset.cache_format import (
+    AmbiguousCacheError,
+    check_text_cache,
     latent_tensor_key,
     load_latent_cache,
     load_text_cache,
@@ -49,3 +52,20 @@ def test_a_musubi_text_cache_is_read(tmp_path):
     save_file({"varlen_t5_bfloat16": embeds}, str(path),
               metadata={"architecture": "wan", "caption1": "a cat", "format_version": "1.0.1"})  # fmt: skip
     assert torch.equal(load_text_cache(path), embeds)
+
+
+def test_a_cache_recached_in_another_dtype_is_ambiguous(tmp_path):
+    """musubi keeps a file's tensors when it re-caches it: two dtypes of the same latents / embeddings remain."""
+    latent = tmp_path / "image_0064x0064_wan.safetensors"
+    save_file({"latents_1x8x8_bfloat16": torch.zeros(16, 1, 8, 8, dtype=torch.bfloat16),
+               "latents_1x8x8_float16": torch.zeros(16, 1, 8, 8, dtype=torch.float16)}, str(latent),
+              metadata=MUSUBI_LATENT_METADATA)
+    text = tmp_path / "image_wan_te.safetensors"
+    save_file({"varlen_t5_bfloat16": torch.zeros(5, 8, dtype=torch.bfloat16),
+               "varlen_t5_float32": torch.zeros(5, 8)}, str(text))
+    for call in (read_latent_shape, load_latent_cache):
+        with pytest.raises(AmbiguousCacheError, match=r"image_0064x0064_wan.safetensors holds 2 latents"):
+            call(latent)
+    for call in (check_text_cache, load_text_cache):
+        with pytest.raises(AmbiguousCacheError, match=r"image_wan_te.safetensors holds 2 varlen_t5_\* tensors"):
+            call(text)

@@ -122,6 +122,16 @@ def test_cache_names_keys_values_skip_and_orphans(tiny_kit, media):
     with safe_open(str(stale_path), framework="pt") as f:
         assert list(f.keys()) == ["latents_1x8x8_float32"]
 
+    # caches re-cached in another dtype over the file (musubi keeps the old tensor): encoded again with skip_existing
+    for path, old, new in [(stale_path, "latents_1x8x8_float32", "latents_1x8x8_bfloat16"),
+                           (media / "cache_images" / IMAGE_TEXTS[0], "varlen_t5_float32", "varlen_t5_bfloat16")]:
+        tensors = load_file(str(path))
+        save_file({**tensors, new: tensors[old].to(torch.bfloat16)}, str(path), metadata={"architecture": "wan"})
+    twice_l, twice_t = cache_latents(cfg), cache_text(cfg)
+    assert (twice_l.cached, twice_l.stale, twice_l.skipped, twice_t.cached, twice_t.skipped) == (1, 1, 4, 1, 4)
+    assert list(load_file(str(stale_path))) == ["latents_1x8x8_float32"]
+    assert list(load_file(str(media / "cache_images" / IMAGE_TEXTS[0]))) == ["varlen_t5_float32"]
+
     # an edited caption is encoded again, the rest is left alone
     (media / "images" / "image_002.txt").write_text("a purple star spinning\n")
     edited = cache_text(cfg)

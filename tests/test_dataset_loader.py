@@ -293,3 +293,35 @@ def test_a_cache_of_another_shape_is_stale_never_used(tmp_path, caplog):
     assert [b["keys"] for b in loader] == [["walk_00000-009"]]
     with pytest.raises(UserError, match="stale latent cache.*\n.*wantrainer cache-latents"):
         build_dataloader(specs[:1], seed=0, shuffle=False)
+
+
+def _add_dtype(path: Path, key_prefix: str) -> None:
+    """Re-cache ``path`` in another dtype as musubi-tuner does: the old tensor stays next to the new one."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    (key,) = [k for k in tensors if k.startswith(key_prefix)]
+    tensors[key.rsplit("_", 1)[0] + "_float16"] = tensors[key].to(torch.float16)
+    save_file(tensors, str(path), metadata={"architecture": "wan", "format_version": "1.0.1"})
+
+
+def test_caches_recached_in_another_dtype_are_reported_not_read(tmp_path, caplog):
+    make_synthetic_dataset(tmp_path, seed=3, num_images=3, num_videos=0)
+    (spec,) = _specs(tmp_path, batch_size=1)[:1]
+    _write_caches(spec)
+    items = scan_dataset(spec).items
+    _add_dtype(items[0].latent_cache_path, "latents_")
+    _add_dtype(items[1].text_cache_path, "varlen_t5_")
+    with caplog.at_level(logging.WARNING):
+        loader = build_dataloader([spec], seed=0, shuffle=False)
+    assert [key for batch in loader for key in batch["keys"]] == [items[2].key]
+    (report,) = loader.reports
+    assert report.stale_latents == [items[0].key] and report.stale_text == [items[1].text_cache_path.name]
+    summary = report.summary()
+    assert items[1].text_cache_path.name in summary and "`wantrainer cache-text` with skip_existing = false" in summary
+    assert f"{items[0].latent_cache_path.name} holds 2 latents_FxHxW_dtype tensors" in caplog.text
+
+    _add_dtype(items[2].text_cache_path, "varlen_t5_")
+    with pytest.raises(UserError, match=r"(?s)1 with a stale latent cache.*2 text cache file\(s\) holding several "
+                                        r"varlen_t5 tensors.*cache-text --config <your config>` with skip_existing = false"):
+        build_dataloader([spec], seed=0, shuffle=False)

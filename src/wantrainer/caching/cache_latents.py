@@ -17,7 +17,7 @@ import torch
 
 from ..common.logger import get_logger
 from ..config.datasets import LatentCacheConfig
-from ..dataset.cache_format import read_latent_shape, save_latent_cache
+from ..dataset.cache_format import AmbiguousCacheError, read_latent_shape, save_latent_cache
 from ..dataset.sources import MediaItem
 from .common import (
     LATENT_FILE,
@@ -73,11 +73,14 @@ def _loaded_batches(batches: list[list[MediaItem]], workers: int, summary: Cache
 
 
 def _existing_state(item: MediaItem) -> str:
-    """"missing", "current" (holds the expected latent shape), "stale" (another shape) or "unreadable"."""
+    """"missing", "current" (holds the expected latent shape), "stale" (another shape, or several latents
+    tensors) or "unreadable"."""
     if not item.latent_cache_path.is_file():
         return "missing"
     try:
         shape = read_latent_shape(item.latent_cache_path)
+    except AmbiguousCacheError:  # two latents tensors (re-cached in another dtype over the file)
+        return "stale"
     except Exception:  # truncated or foreign file: encode it again
         return "unreadable"
     return "current" if shape == item.latent_shape else "stale"

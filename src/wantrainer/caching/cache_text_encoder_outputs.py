@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from ..common.logger import get_logger
 from ..config.datasets import TextEncoderCacheConfig
-from ..dataset.cache_format import save_text_cache
+from ..dataset.cache_format import AmbiguousCacheError, check_text_cache, save_text_cache
 from .common import (
     TEXT_FILE,
     CacheSummary,
@@ -26,7 +26,6 @@ from .common import (
     compute_dtype,
     encode_todo,
     finish,
-    has_tensor,
     is_finite,
     require_file,
     start_run,
@@ -45,11 +44,19 @@ def load_text_encoder(model_cfg, settings: TextEncoderCacheConfig, device: torch
 
 
 def _up_to_date(path: Path, caption: str) -> bool:
-    """The cache exists, is readable and was made from ``caption`` (or does not record its caption)."""
-    if not has_tensor(path, "varlen_t5_"):
+    """The cache exists, is readable, holds one embedding tensor and was made from ``caption`` (or does not record
+    its caption). A file holding two (musubi-tuner re-cached in another dtype over it) is encoded again."""
+    if not path.is_file():
         return False
-    with safe_open(str(path), framework="pt") as f:
-        recorded = (f.metadata() or {}).get("caption1")
+    try:
+        check_text_cache(path)
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get("caption1")
+    except AmbiguousCacheError as exc:
+        logger.info("%s; encoding it again", exc)
+        return False
+    except Exception:  # truncated or foreign file: encode it again
+        return False
     return recorded is None or recorded == caption
 
 

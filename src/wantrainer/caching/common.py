@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 import torch
-from safetensors import safe_open
 
 from ..common.logger import get_logger
 from ..config.datasets import DatasetsConfig
@@ -168,17 +167,6 @@ def require_file(path: Path | None, key: str, what: str) -> Path:
     if not Path(path).is_file():
         raise UserError(f"`{key}`: {what} not found: {path}")
     return Path(path)
-
-
-def has_tensor(path: Path, prefix: str) -> bool:
-    """True when ``path`` is a readable safetensors file holding a tensor named ``prefix*``."""
-    if not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return any(k.startswith(prefix) for k in f.keys())
-    except Exception:  # truncated or foreign file: re-encode it
-        return False
 
 
 def media_stem(path: Path) -> str:

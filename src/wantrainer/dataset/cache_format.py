@@ -16,6 +16,11 @@ allowed, whatever the dataset's ``enable_bucket`` / ``bucket_no_upscale`` say. A
 the resolution the latents were encoded at: readers compare the ``latents_{F}x{H}x{W}`` key in the file header
 with the shape they expect (``latent_shape``) and treat a mismatch as a stale cache. musubi replaces NaN latents by
 zeros with a warning; here NaN caches are not written (the caching commands report them).
+
+musubi keeps the tensors already in a cache file when it writes one, so re-caching in another dtype over a file
+leaves two ``latents_{F}x{H}x{W}_*`` (or two ``varlen_t5_*``) tensors in it. Such a file is ambiguous
+(``AmbiguousCacheError``): readers treat it like a stale cache, and the caching commands encode it again (our
+writes replace the whole file).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ ARCHITECTURE = "wan"
 FORMAT_VERSION = "1.0.1"
 LATENT_SUFFIX = f"_{ARCHITECTURE}.safetensors"
 TEXT_SUFFIX = f"_{ARCHITECTURE}_te.safetensors"
+TEXT_PREFIX = "varlen_t5_"
 VAE_STRIDE = (4, 8, 8)
 """Frames, height and width of the source per latent cell (the first frame gets a latent frame of its own)."""
 
@@ -40,6 +46,21 @@ LATENT_NAME = re.compile(
 )
 """A latent cache file name: ``key`` is the item key (stem plus video window), ``stem`` the media stem."""
 _LATENT_KEY = re.compile(r"^latents_(\d+)x(\d+)x(\d+)_[a-z0-9_]+$")
+
+
+
+class AmbiguousCacheError(ValueError):
+    """A cache file holding more than one latents (or text) tensor: which one is current cannot be told."""
+
+
+def _single_key(path: str | Path, keys: list[str], what: str) -> str:
+    if len(keys) > 1:
+        raise AmbiguousCacheError(f"{Path(path).name} holds {len(keys)} {what} tensors ({', '.join(sorted(keys))}): "
+                                  "re-cached in another dtype over the file; it must be encoded again")
+    if not keys:
+        raise ValueError(f"{path}: holds no {what} tensor")
+    return keys[0]
+
 
 _DTYPE_NAMES = {
     torch.float32: "float32",
@@ -71,15 +92,22 @@ def latent_shape(width: int, height: int, frames: int | None = None) -> tuple[in
 def read_latent_shape(path: str | Path) -> tuple[int, int, int]:
     """(F, H, W) of the latents in a cache file, parsed from its ``latents_{F}x{H}x{W}_{dtype}`` tensor name.
 
-    Reads only the safetensors header. Raises ``ValueError`` when the file holds no such tensor and ``OSError`` /
-    ``SafetensorError`` when it cannot be read.
+    Reads only the safetensors header. Raises ``AmbiguousCacheError`` when it holds several, ``ValueError`` when
+    it holds no such tensor and ``OSError`` / ``SafetensorError`` when it cannot be read.
     """
     with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():
-            match = _LATENT_KEY.match(name)
-            if match:
-                return int(match.group(1)), int(match.group(2)), int(match.group(3))
-    raise ValueError(f"{path} holds no latents_FxHxW_dtype tensor")
+        name = _single_key(path, [k for k in f.keys() if _LATENT_KEY.match(k)], "latents_FxHxW_dtype")
+    match = _LATENT_KEY.match(name)
+    return int(match.group(1)), int(match.group(2)), int(match.group(3))
+
+
+def check_text_cache(path: str | Path) -> None:
+    """Raise unless ``path`` holds exactly one ``varlen_t5_*`` tensor (``AmbiguousCacheError`` for several).
+
+    Reads only the safetensors header; ``OSError`` / ``SafetensorError`` when it cannot be read.
+    """
+    with safe_open(str(path), framework="pt") as f:
+        _single_key(path, [k for k in f.keys() if k.startswith(TEXT_PREFIX)], f"{TEXT_PREFIX}*")
 
 
 def text_cache_name(stem: str) -> str:
@@ -92,7 +120,7 @@ def latent_tensor_key(latents: torch.Tensor) -> str:
 
 
 def text_tensor_key(embeds: torch.Tensor) -> str:
-    return f"varlen_t5_{dtype_name(embeds.dtype)}"
+    return f"{TEXT_PREFIX}{dtype_name(embeds.dtype)}"
 
 
 def save_latent_cache(
@@ -122,14 +150,6 @@ def save_text_cache(path: str | Path, embeds: torch.Tensor, caption: str | None 
     save_safetensors_atomic({text_tensor_key(embeds): embeds.cpu()}, path, metadata=metadata)
 
 
-def _load_single(path: str | Path, prefix: str) -> tuple[torch.Tensor, dict[str, str]]:
-    with safe_open(str(path), framework="pt") as f:
-        keys = [k for k in f.keys() if k.startswith(prefix)]
-        if len(keys) != 1:
-            raise ValueError(f"{path}: expected one tensor named {prefix}*, found {sorted(f.keys())}")
-        return f.get_tensor(keys[0]), dict(f.metadata() or {})
-
-
 def load_latent_cache(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
     """Return (latents [16, F, H, W], metadata): the ``latents_{F}x{H}x{W}_{dtype}`` tensor.
 
@@ -137,12 +157,11 @@ def load_latent_cache(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
     ``latents_control_...`` and ``clip_...`` tensors; those are not the video latents and are ignored.
     """
     with safe_open(str(path), framework="pt") as f:
-        keys = [k for k in f.keys() if _LATENT_KEY.match(k)]
-        if len(keys) != 1:
-            raise ValueError(f"{path}: expected one latents_FxHxW_dtype tensor, found {sorted(f.keys())}")
-        return f.get_tensor(keys[0]), dict(f.metadata() or {})
+        key = _single_key(path, [k for k in f.keys() if _LATENT_KEY.match(k)], "latents_FxHxW_dtype")
+        return f.get_tensor(key), dict(f.metadata() or {})
 
 
 def load_text_cache(path: str | Path) -> torch.Tensor:
-    """Return the caption embeddings [L, D]."""
-    return _load_single(path, "varlen_t5_")[0]
+    """Return the caption embeddings [L, D] (``AmbiguousCacheError`` when the file holds several)."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(_single_key(path, [k for k in f.keys() if k.startswith(TEXT_PREFIX)], f"{TEXT_PREFIX}*"))

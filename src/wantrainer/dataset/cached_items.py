@@ -3,8 +3,9 @@
 An item is usable when its latent cache exists under the musubi-tuner name and holds latents of the shape the
 current settings expect (read from the tensor name in the file header; the name alone does not identify the
 resolution), and its caption's text cache exists. A cache of another shape, or only of another size / window,
-is stale: never used, counted and reported with the command that re-encodes it. When nothing is usable the
-user is told which command to run.
+is stale: never used, counted and reported with the command that re-encodes it. A cache file holding two
+latents (or two text) tensors, as musubi-tuner leaves when it re-caches in another dtype over a file, is stale
+too (``AmbiguousCacheError``). When nothing is usable the user is told which command to run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from safetensors import SafetensorError
 from ..common.logger import get_logger
 from ..errors import UserError
 from .blueprint import DatasetSpec
-from .cache_format import LATENT_NAME, read_latent_shape
+from .cache_format import LATENT_NAME, AmbiguousCacheError, check_text_cache, read_latent_shape
 from .sources import MediaItem, scan_dataset
 
 logger = get_logger(__name__)
@@ -49,6 +50,8 @@ class CacheReport:
     """Items whose latent cache holds another shape (encoded at another resolution), or that have a cache only at
     another size or window (media or settings changed since caching)."""
     missing_text: list[str] = field(default_factory=list)
+    stale_text: list[str] = field(default_factory=list)
+    """Text cache file names holding several ``varlen_t5_*`` tensors (re-cached in another dtype over the file)."""
     unreadable: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -61,6 +64,11 @@ class CacheReport:
                          "files even with skip_existing = true, or delete them)")
         if self.missing_text:
             parts.append(f"{len(self.missing_text)} without text cache (e.g. {self.missing_text[0]})")
+        if self.stale_text:
+            parts.append(f"{len(self.stale_text)} text cache file(s) holding several varlen_t5 tensors, re-cached in "
+                         f"another dtype over the file (e.g. {self.stale_text[0]}; re-run `wantrainer cache-text` "
+                         "with skip_existing = false, or with skip_existing = true, which re-encodes such files, "
+                         "or delete them)")
         if self.unreadable:
             parts.append(f"{len(self.unreadable)} with an unreadable cache file")
         return f"{self.name}: " + ", ".join(parts)
@@ -83,6 +91,23 @@ def _cached_elsewhere(item: MediaItem, keys_by_stem: dict[str, set[str]]) -> boo
     return bool(keys) if item.is_video else item.key in keys
 
 
+def _text_usable(path: Path, known: dict[Path, bool], report: CacheReport) -> bool:
+    """The text cache holds exactly one ``varlen_t5_*`` tensor (checked once per file; problems reported once)."""
+    if path not in known:
+        try:
+            check_text_cache(path)
+            known[path] = True
+        except AmbiguousCacheError as exc:
+            logger.warning("%s: %s (re-run `wantrainer cache-text`)", report.name, exc)
+            report.stale_text.append(path.name)
+            known[path] = False
+        except (OSError, ValueError, SafetensorError) as exc:
+            logger.warning("%s: cannot read %s: %s", report.name, path, exc)
+            report.unreadable.append(path.name)
+            known[path] = False
+    return known[path]
+
+
 def discover_cached_items(
     spec: DatasetSpec, prior_loss_weight: float = 1.0, dataset_index: int | None = None
 ) -> tuple[list[CachedItem], CacheReport]:
@@ -93,6 +118,7 @@ def discover_cached_items(
     keys_by_stem = _cached_keys_by_stem(spec.cache_directory)
     weight = prior_loss_weight if spec.is_reg else 1.0
     items: list[CachedItem] = []
+    text_state: dict[Path, bool] = {}
     for item in scan.items:
         if not item.latent_cache_path.is_file():
             stale = _cached_elsewhere(item, keys_by_stem)
@@ -100,6 +126,10 @@ def discover_cached_items(
             continue
         try:
             shape = read_latent_shape(item.latent_cache_path)
+        except AmbiguousCacheError as exc:
+            logger.warning("%s: %s (stale; re-run `wantrainer cache-latents`)", spec.name, exc)
+            report.stale_latents.append(item.key)
+            continue
         except (OSError, ValueError, SafetensorError) as exc:
             logger.warning("%s: cannot read %s: %s", spec.name, item.latent_cache_path, exc)
             report.unreadable.append(item.key)
@@ -111,6 +141,8 @@ def discover_cached_items(
             continue
         if not item.text_cache_path.is_file():
             report.missing_text.append(item.key)
+            continue
+        if not _text_usable(item.text_cache_path, text_state, report):
             continue
         items.append(CachedItem(item.key, item.latent_cache_path, item.text_cache_path, shape,
                                 spec.index if dataset_index is None else dataset_index,
@@ -148,4 +180,7 @@ def _nothing_usable_message(reports: list[CacheReport]) -> str:
         lines.append("run `wantrainer cache-latents --config <your config>` to encode the media")
     if any(r.missing_text for r in reports):
         lines.append("run `wantrainer cache-text --config <your config>` to encode the captions")
+    if any(r.stale_text for r in reports):
+        lines.append("run `wantrainer cache-text --config <your config>` with skip_existing = false to encode the "
+                     "captions again")
     return "\n".join(lines)
