@@ -168,6 +168,32 @@ def test_ddp_ranks_split_the_single_process_batches(cached, world_size, batch_si
         assert any(len(batch[0]) == 2 for batch in kept)  # a short last batch of 2 split over 2 ranks
 
 
+@pytest.mark.parametrize(("world_size", "batch_size"), [(2, 2), (3, 2), (4, 1)])
+def test_split_uneven_keeps_every_val_item(cached, world_size, batch_size):
+    """The val loader under DDP: the ranks' shares of each global batch add up to the single-process batch,
+    short batches split unevenly (fewer items or none on the last ranks), nothing left out."""
+    single = list(build_dataloader(_specs(cached, "val", batch_size * world_size), seed=0, shuffle=False))
+    ranks = [list(build_dataloader(_specs(cached, "val", batch_size), seed=0, shuffle=False, rank=r,
+                                   world_size=world_size, split_uneven=True, num_workers=r % 2))
+             for r in range(world_size)]
+    by_index: dict[int, list[dict]] = {}
+    for share in ranks:
+        for batch in share:
+            by_index.setdefault(batch["batch_index"], []).append(batch)
+    assert sorted(by_index) == list(range(len(single)))
+    uneven = 0
+    for index, whole in enumerate(single):
+        parts = sorted(by_index[index], key=lambda b: b["share_offset"])
+        assert [b["global_batch_size"] for b in parts] == [len(whole["keys"])] * len(parts)
+        assert sum((b["keys"] for b in parts), []) == whole["keys"]
+        assert [b["share_offset"] for b in parts] == [sum(len(p["keys"]) for p in parts[:i]) for i in range(len(parts))]
+        torch.testing.assert_close(torch.cat([b["latents"] for b in parts]), whole["latents"], rtol=0, atol=0)
+        uneven += len(whole["keys"]) % world_size != 0
+    assert uneven > 0  # the case under test occurs
+    if world_size == 4:
+        assert len({len(share) for share in ranks}) > 1  # a rank with no item of some batch skips it
+
+
 def test_ddp_resume_and_workers_on_a_rank(cached):
     specs = _specs(cached, batch_size=1, caption_dropout_rate=0.5)
     straight = build_dataloader(specs, seed=7, shuffle=True, rank=1, world_size=2)

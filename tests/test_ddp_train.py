@@ -33,14 +33,16 @@ def torchrun_train(config):
 
 def distinct_config(ws, folder, batch_size, *, num_repeats=1, val=False, **values):
     """The 4 distinct training images (3 epochs' worth of shuffles in 5 steps, captions dropped at random) and,
-    with ``val``, 2 distinct validation images; ``batch_size`` per process for both."""
+    with ``val``, 3 distinct validation images (the last global batch does not split over 2 processes: one takes
+    it, the other none); ``batch_size`` per process for both."""
     datasets = {"train": [{"image_directory": str(ws.train_media), "cache_directory": str(ws.train_cache),
                            "resolution": [64, 64], "batch_size": batch_size, "num_repeats": num_repeats,
                            "caption_dropout_rate": 0.3}]}
     if val:
         folder.mkdir(parents=True, exist_ok=True)
         jsonl = folder / "val.jsonl"
-        images = sorted(ws.val_media.glob("*.png"))[:2]
+        images = sorted(ws.val_media.glob("*.png"))[:3]
+        assert len(images) == 3
         jsonl.write_text("".join(json.dumps({"image_path": str(p), "caption": p.with_suffix(".txt").read_text()})
                                  + "\n" for p in images))
         datasets["val"] = [{"image_jsonl_file": str(jsonl), "cache_directory": str(ws.val_cache),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train_support import load, lora_tensors
+from train_support import load, lora_tensors, write_config
 from wantrainer.core.handlers.base import Handler
 from wantrainer.core.handlers.validation import ValidationHandler, batch_noise, validation_losses
 from wantrainer.core.wan_network_trainer import build_trainer
@@ -92,6 +92,40 @@ def test_the_loss_is_the_flow_matching_objective(train_workspace, tmp_path):
             expected_sum += float(((pred - (noise - x0)) ** 2).mean()) * x0.shape[0]
             count += x0.shape[0]
     assert got == pytest.approx(expected_sum / count, rel=1e-5)
+
+
+@pytest.mark.parametrize(("world_size", "per_rank"), [(2, 2), (4, 1)])
+def test_simulated_ranks_measure_the_single_process_loss(train_workspace, tmp_path, world_size, per_rank):
+    """3 val items: 2 ranks x 2 split the batch of 3 as 2 + 1, 4 ranks x 1 as 1 + 1 + 1 + 0; the summed
+    per-rank sums and counts give the loss of one process with the global batch."""
+    from wantrainer.config.training import TimestepConfig
+    from wantrainer.dataset.blueprint import resolve_datasets
+
+    def config(batch_size):
+        values = train_workspace.config(tmp_path / "out", val=True, validate_on_epoch_end=True, log_with="none",
+                                        validation_timesteps=[300, 700])
+        values["datasets"]["val"][0]["batch_size"] = batch_size
+        return load(write_config(tmp_path / f"b{batch_size}.toml", values))
+
+    single_cfg = config(per_rank * world_size)
+    trainer = build_trainer(single_cfg)
+    single = _validation(trainer)
+    expected = single.evaluate(trainer)
+    rank_cfg = config(per_rank)
+    specs = resolve_datasets(rank_cfg.datasets, "val")
+    totals = {t: [0.0, 0] for t in (300, 700)}
+    keys = []
+    for rank in range(world_size):
+        handler = ValidationHandler.from_config(rank_cfg.validation, specs, rank_cfg.loss, TimestepConfig(),
+                                                rank=rank, world_size=world_size)
+        keys += [k for batch in handler._batches() for k in batch["keys"]]
+        for t, (loss_sum, count) in handler.local_sums(trainer).items():
+            totals[t][0] += loss_sum
+            totals[t][1] += count
+    assert sorted(keys) == sorted(k for batch in single._batches() for k in batch["keys"])
+    assert len(keys) == 3 and all(count == 3 for _, count in totals.values())
+    for t, (loss_sum, count) in totals.items():
+        assert loss_sum / count == pytest.approx(expected[f"val/loss_t{t}"], rel=1e-5)
 
 
 def test_triggers_without_val_data_are_an_error(train_workspace, tmp_path):

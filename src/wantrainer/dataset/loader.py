@@ -12,14 +12,18 @@ process with that batch size would make it (same shuffle, same caption dropout),
 ``[r*B:(r+1)*B]`` of each: N processes x B see the same global batches as 1 process x N*B, the ranks' shares
 are disjoint and every rank gets the same number of batches. A bucket's short last global batch is split
 evenly when its size divides by N; otherwise it is left out of that epoch (logged at debug level; the
-items differ from epoch to epoch when shuffling).
+items differ from epoch to epoch when shuffling). With ``split_uneven`` (validation, whose loop has no
+collectives) nothing is left out: such a batch is split as evenly as it goes, the first ranks taking one
+item more, and a rank whose share is empty skips that batch, so ranks may see different numbers of batches.
+Each batch says where its share sits in the global batch (``batch_index``, ``share_offset``,
+``global_batch_size``), so per-batch randomness drawn for the global batch can be sliced the same way.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -37,6 +41,24 @@ BatchPlan = tuple[tuple[int, bool], ...]
 """One batch: (item index, caption dropped) per sample."""
 
 
+class PlannedShare(NamedTuple):
+    """This rank's share of one global batch: its plan and where it sits in the global batch."""
+
+    plan: BatchPlan
+    batch_index: int
+    """Position of the global batch in the epoch."""
+    offset: int
+    """Index of this share's first sample in the global batch."""
+    global_size: int
+
+
+def share_of(size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(offset, count) of ``rank``'s share of ``size`` items split over ``world_size`` ranks, the first
+    ``size % world_size`` ranks taking one more."""
+    base, extra = divmod(size, world_size)
+    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+
+
 class CachedBatchReader(Dataset):
     """Reads one planned batch from disk (runs in DataLoader workers when there are any)."""
 
@@ -46,9 +68,9 @@ class CachedBatchReader(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, plan: BatchPlan) -> dict[str, Any]:
+    def __getitem__(self, share: PlannedShare) -> dict[str, Any]:
         latents, embeds, weights, keys = [], [], [], []
-        for index, dropped in plan:
+        for index, dropped in share.plan:
             item = self.items[index]
             latent, _ = load_latent_cache(item.latent_path)
             latents.append(latent.to(torch.float32))
@@ -61,6 +83,9 @@ class CachedBatchReader(Dataset):
             "text_embeds": embeds,  # B x [L, D]
             "loss_weight": torch.tensor(weights, dtype=torch.float32),  # [B]
             "keys": keys,
+            "batch_index": share.batch_index,
+            "share_offset": share.offset,
+            "global_batch_size": share.global_size,
         }
 
 
@@ -68,9 +93,9 @@ class _PlanSampler(Sampler):
     """Yields the batches its owner sets before each pass (the DataLoader's sampler cannot be swapped)."""
 
     def __init__(self) -> None:
-        self.plans: list[BatchPlan] = []
+        self.plans: list[PlannedShare] = []
 
-    def __iter__(self) -> Iterator[BatchPlan]:
+    def __iter__(self) -> Iterator[PlannedShare]:
         return iter(list(self.plans))
 
     def __len__(self) -> int:
@@ -96,6 +121,7 @@ class CachedDataLoader:
         persistent_workers: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        split_uneven: bool = False,
         reports: list[CacheReport] | None = None,
     ):
         if not 0 <= rank < world_size:
@@ -107,13 +133,14 @@ class CachedDataLoader:
         self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
+        self.split_uneven = split_uneven
         self.reports = reports or []
         self.epoch = 0
         self.position = 0
         """Index of the next batch of this rank in the current epoch."""
         self._reader = CachedBatchReader(items)
         self._groups = self._group_items()
-        self._batches, self.left_out = self._count_batches()
+        self.global_batches, self._batches, self.left_out = self._count_batches()
         self._sampler = _PlanSampler()
         self._loader = None
         if num_workers > 0:
@@ -126,25 +153,35 @@ class CachedDataLoader:
             groups.setdefault((item.dataset_index, item.latent_shape), []).append(index)
         return sorted(groups.items())
 
-    def _count_batches(self) -> tuple[int, int]:
-        """(Global batches per epoch, items per epoch left out because a short last batch does not split)."""
-        batches = left_out = 0
+    def _splits(self, size: int) -> bool:
+        return self.split_uneven or size % self.world_size == 0
+
+    def _count_batches(self) -> tuple[int, int, int]:
+        """(Global batches per epoch, this rank's batches per epoch, items per epoch left out because a short last
+        batch does not split)."""
+        batches = mine = left_out = 0
         for (dataset, _), indices in self._groups:
             pool = len(indices) * self.num_repeats[dataset]
             full, rest = divmod(pool, self.batch_sizes[dataset] * self.world_size)
             batches += full
-            if rest and rest % self.world_size == 0:
+            mine += full
+            if rest and self._splits(rest):
                 batches += 1
+                mine += int(share_of(rest, self.rank, self.world_size)[1] > 0)
             else:
                 left_out += rest
-        return batches, left_out
+        return batches, mine, left_out
 
     def __len__(self) -> int:
-        """Batches per epoch (the same on every rank)."""
+        """This rank's batches per epoch (the same on every rank unless ``split_uneven``)."""
         return self._batches
 
     def epoch_plan(self, epoch: int) -> list[BatchPlan]:
         """This rank's batches of ``epoch``, in order: its slice of each global batch."""
+        return [share.plan for share in self.epoch_shares(epoch)]
+
+    def epoch_shares(self, epoch: int) -> list[PlannedShare]:
+        """This rank's shares of the global batches of ``epoch``, in order."""
         rng = random.Random(self.seed + epoch)
         batches: list[list[int]] = []
         for (dataset, _), indices in self._groups:
@@ -155,15 +192,17 @@ class CachedDataLoader:
             batches.extend(pool[i:i + size] for i in range(0, len(pool), size))
         if self.shuffle:
             rng.shuffle(batches)
-        plans: list[BatchPlan] = []
+        shares: list[PlannedShare] = []
         for position, batch in enumerate(batches):
-            if len(batch) % self.world_size:
+            if not self._splits(len(batch)):
                 logger.debug("epoch %d: a last batch of %d item(s) does not split over %d processes: left out",
                              epoch, len(batch), self.world_size)
                 continue
-            share = len(batch) // self.world_size
-            plans.append(self._with_dropout(batch, epoch, position)[self.rank * share:(self.rank + 1) * share])
-        return plans
+            offset, count = share_of(len(batch), self.rank, self.world_size)
+            if count:
+                plan = self._with_dropout(batch, epoch, position)[offset:offset + count]
+                shares.append(PlannedShare(plan, position, offset, len(batch)))
+        return shares
 
     def _with_dropout(self, batch: list[int], epoch: int, position: int) -> BatchPlan:
         plan = []
@@ -190,9 +229,9 @@ class CachedDataLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._roll_over()
-        plans = self.epoch_plan(self.epoch)[self.position:]
+        plans = self.epoch_shares(self.epoch)[self.position:]
         if self._loader is None:
-            batches: Iterator[dict[str, Any]] = (self._reader[plan] for plan in plans)
+            batches: Iterator[dict[str, Any]] = (self._reader[share] for share in plans)
         else:
             self._sampler.plans = plans
             batches = iter(self._loader)
@@ -229,8 +268,12 @@ def build_dataloader(
     persistent_workers: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    split_uneven: bool = False,
 ) -> CachedDataLoader:
-    """Scan ``specs``, match their caches and return the loader. Raises ``UserError`` when nothing is usable."""
+    """Scan ``specs``, match their caches and return the loader. Raises ``UserError`` when nothing is usable.
+
+    ``split_uneven`` keeps every item under DDP (see the module docstring); only for loops without collectives.
+    """
     items, reports = discover_all(specs, prior_loss_weight)
     loader = CachedDataLoader(
         items,
@@ -238,9 +281,9 @@ def build_dataloader(
         {i: s.num_repeats for i, s in enumerate(specs)},
         seed=seed, shuffle=shuffle, num_workers=num_workers,
         persistent_workers=persistent_workers and num_workers > 0,
-        rank=rank, world_size=world_size, reports=reports,
+        rank=rank, world_size=world_size, split_uneven=split_uneven, reports=reports,
     )
-    if len(loader) == 0:
+    if loader.global_batches == 0:
         sizes = ", ".join(str(s.batch_size) for s in specs)
         raise UserError(
             f"the {specs[0].split} datasets give no batch for {world_size} processes: each global batch takes "

@@ -2,8 +2,10 @@
 
 Every evaluation sees the same inputs: the val loader does not shuffle, captions are never dropped, and each
 batch's noise comes from its own generator seeded with ``seed + batch index``, drawn for the global batch
-(under DDP each process keeps the slice of its share, so N processes measure what one process measures;
-the per-process sums and sample counts are added up, a sample-weighted mean). The loss is the training
+(under DDP each process keeps the slice of its share, so N processes measure what one process measures).
+Under DDP the val loader keeps every item: a short last batch that does not divide by the processes is split
+unevenly (some processes get fewer items or none); the loop has no collectives, and the per-process sums and
+sample counts are added up once at the end, a sample-weighted mean equal to the single-process loss. The loss is the training
 objective (flow matching: input ``(1 - t) * x0 + t * noise``, target ``noise - x0``, model timestep
 ``1000 * t``) through the same
 ``TrainingLoss`` call shape, without the per-timestep weighting, so the numbers of different timesteps and
@@ -46,16 +48,26 @@ def group_by_expert(timesteps: Sequence[int], expert_for: Callable[[float], str]
     return list(groups.items())
 
 
-def batch_noise(shape: torch.Size, seed: int, batch_index: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+def batch_noise(shape: torch.Size, seed: int, batch_index: int, offset: int = 0,
+                global_size: int | None = None) -> torch.Tensor:
     """The fixed noise of one validation batch (float32, drawn on the CPU).
 
-    ``shape`` is this process's share; the noise is drawn for the global batch of ``world_size`` equal shares
-    and the slice of ``rank`` returned (what the loader's sharding gives each rank).
+    ``shape`` is this process's share, starting at sample ``offset`` of a global batch of ``global_size``
+    samples (default: the share is the whole batch); the noise is drawn for the global batch and the share's
+    slice returned.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed + batch_index)
     size = shape[0]
-    noise = torch.randn((size * world_size, *shape[1:]), generator=generator, dtype=torch.float32)
-    return noise[rank * size:(rank + 1) * size]
+    total = size if global_size is None else global_size
+    noise = torch.randn((total, *shape[1:]), generator=generator, dtype=torch.float32)
+    return noise[offset:offset + size]
+
+
+def _share(batch: dict[str, Any], position: int, size: int, rank: int, world_size: int) -> tuple[int, int, int]:
+    """(batch index, offset, global size) of a batch: as the loader records it, else ``world_size`` equal shares."""
+    if "batch_index" in batch:
+        return batch["batch_index"], batch["share_offset"], batch["global_batch_size"]
+    return position, rank * size, size * world_size
 
 
 @torch.no_grad()
@@ -74,7 +86,9 @@ def validation_losses(
 ) -> dict[int, tuple[float, int]]:
     """Sum of per-sample-weighted losses and sample count per timestep: ``{t: (loss_sum, count)}``.
 
-    ``batches()`` returns a fresh pass over the validation batches (called once per expert group).
+    ``batches()`` returns a fresh pass over the validation batches (called once per expert group). A batch's
+    place in the global batch comes from its ``batch_index`` / ``share_offset`` / ``global_batch_size`` (see
+    ``dataset.loader``); without them it is taken as ``rank``'s equal share of ``world_size``.
     """
     sums = {t: (0.0, 0) for t in timesteps}
     for expert, group in group_by_expert(timesteps, expert_for):
@@ -82,7 +96,8 @@ def validation_losses(
             activate(expert)
         for batch_index, batch in enumerate(batches()):
             latents = batch["latents"].to(device=device, dtype=torch.float32)
-            noise = batch_noise(latents.shape, seed, batch_index, rank, world_size).to(device)
+            index, offset, total = _share(batch, batch_index, latents.shape[0], rank, world_size)
+            noise = batch_noise(latents.shape, seed, index, offset, total).to(device)
             context = [c.to(device) for c in batch["text_embeds"]]
             size = latents.shape[0]
             for t in group:
@@ -128,7 +143,8 @@ class ValidationHandler(Handler):
             return None
         from ...dataset.loader import build_dataloader
 
-        loader = build_dataloader(val_specs, seed=0, shuffle=False, rank=rank, world_size=world_size)
+        loader = build_dataloader(val_specs, seed=0, shuffle=False, rank=rank, world_size=world_size,
+                                  split_uneven=True)
         unweighted = timestep_cfg.model_copy(update={"weighting_scheme": "none"})
         return cls(cfg, loader, TrainingLoss.from_config(loss_cfg, unweighted))
 
@@ -149,8 +165,8 @@ class ValidationHandler(Handler):
         self.loader.load_state_dict({"epoch": 0, "position": 0})  # from the start, also after an interrupted pass
         return iter(self.loader)
 
-    def evaluate(self, trainer: Any) -> dict[str, float]:
-        """The validation metrics for the current weights (no logging)."""
+    def local_sums(self, trainer: Any) -> dict[int, tuple[float, int]]:
+        """This process's ``{t: (loss_sum, count)}`` for the current weights (no collectives)."""
         experts = trainer.experts
         model = experts.model
         dual = experts.is_dual
@@ -167,6 +183,11 @@ class ValidationHandler(Handler):
                 rank=getattr(self.loader, "rank", 0),
                 world_size=getattr(self.loader, "world_size", 1),
             )
+        return sums
+
+    def evaluate(self, trainer: Any) -> dict[str, float]:
+        """The validation metrics for the current weights (no logging): one reduction of the sums and counts."""
+        sums = self.local_sums(trainer)
         flat = sum_across([v for t in self.timesteps for v in sums[t]], trainer.device)
         per_t = {t: flat[2 * i] / max(flat[2 * i + 1], 1.0) for i, t in enumerate(self.timesteps)}
         metrics = {f"val/loss_t{t}": value for t, value in per_t.items()}
