@@ -73,7 +73,7 @@ def main() -> None:
                                video_frames=(args.frames, args.frames + 8))
         cfg = _config(root, vae_path, args)
         items = [i for s in resolve_datasets(cfg.datasets, "train") for i in scan_dataset(s).items]
-        vae = load_vae(vae_path, cfg.datasets.latent_cache)
+        vae = load_vae(vae_path, cfg.datasets.latent_cache, torch.device(args.device))
         pixels = [item.load_pixels()[None] for item in items]
         vae.encode(pixels[0])  # warm-up
 

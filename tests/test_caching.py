@@ -154,6 +154,28 @@ def test_cache_names_keys_values_skip_and_orphans(tiny_kit, media):
     assert len(list((media / "cache_videos").iterdir())) == 4
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_video_is_decoded_once_for_all_its_windows(tiny_kit, tmp_path, workers):
+    from wantrainer.dataset.media import count_decode_passes
+    from wantrainer.dataset.sources import scan_dataset
+
+    make_synthetic_dataset(tmp_path, seed=4, num_images=0, num_videos=2, video_frames=(21, 29))
+    cfg = parse_config({"vae": str(tiny_kit.vae), "datasets": {
+        "train": [{"video_directory": "videos", "cache_directory": "cache", "resolution": 32, "target_frames": [5, 9],
+                   "frame_extraction": "slide", "frame_stride": 4}],
+        "latent_cache": {"batch_size": 3, "num_workers": workers}}}, config_dir=tmp_path)
+    items = [item for spec in resolve_datasets(cfg.datasets, "train") for item in scan_dataset(spec).items]
+    assert len(items) > 10
+    with count_decode_passes() as passes:
+        summary = cache_latents(cfg)
+    assert (summary.cached, summary.failed) == (len(items), [])
+    assert passes == {path: 1 for path in {item.path for item in items}}
+    vae = WanVAE.load(tiny_kit.vae)
+    for item in items:
+        cached = next(iter(load_file(str(item.latent_cache_path)).values()))
+        torch.testing.assert_close(cached, vae.encode(item.load_pixels()[None])[0], rtol=0, atol=1e-5)
+
+
 def test_corrupt_media_is_listed_and_the_command_goes_on(tiny_kit, tmp_path, caplog):
     make_synthetic_dataset(tmp_path, seed=3, num_images=2, num_videos=1, with_corrupt_image=True,
                            with_truncated_video=True)

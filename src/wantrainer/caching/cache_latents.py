@@ -1,7 +1,7 @@
 """``wantrainer cache-latents``: encode every train / val item with the Wan VAE into ``*_wan.safetensors`` caches.
 
-Items are grouped by bucket and window length so a batch never mixes shapes; ``num_workers`` threads decode media
-ahead of the VAE. With ``skip_existing`` an existing cache is kept only when the latent shape in its header is the
+Items are grouped by bucket and window length so a batch never mixes shapes; each video is decoded once for all
+its windows (``dataset.windows``), and ``num_workers`` threads decode the next files ahead of the VAE. With ``skip_existing`` an existing cache is kept only when the latent shape in its header is the
 one the current settings expect; a cache of another shape (the musubi-tuner name carries the source size, not the
 resolution) is stale and encoded again. A file that cannot be read is listed in the summary and the run goes on;
 latents with NaN / Inf are reported and not written.
@@ -19,6 +19,7 @@ from ..common.logger import get_logger
 from ..config.datasets import LatentCacheConfig
 from ..dataset.cache_format import AmbiguousCacheError, read_latent_shape, save_latent_cache
 from ..dataset.sources import MediaItem
+from ..dataset.windows import source_key, window_pixels
 from .common import (
     LATENT_FILE,
     CacheSummary,
@@ -28,9 +29,9 @@ from .common import (
     encode_todo,
     finish,
     is_finite,
-    prefetch,
     require_file,
     start_run,
+    stream_prefetch,
 )
 
 logger = get_logger(__name__)
@@ -43,32 +44,47 @@ def load_vae(vae_path: Path, settings: LatentCacheConfig, device: torch.device):
                        cache_cpu=settings.vae_cache_cpu, tiling=settings.vae_tiling)
 
 
-def _batches(items: list[MediaItem], batch_size: int) -> list[list[MediaItem]]:
-    """Items grouped by (bucket, frames), in first-seen order, cut into batches of ``batch_size``."""
+def _sources(items: list[MediaItem]) -> list[list[MediaItem]]:
+    """Items grouped by source file in first-seen order: all the windows of a video are decoded in one pass."""
     groups: dict[tuple, list[MediaItem]] = {}
     for item in items:
-        groups.setdefault((item.bucket, item.frames), []).append(item)
-    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+        groups.setdefault(source_key(item), []).append(item)
+    return list(groups.values())
 
 
-def _loaded_batches(batches: list[list[MediaItem]], workers: int, summary: CacheSummary, progress: Progress
-                    ) -> Iterator[tuple[list[MediaItem], torch.Tensor]]:
-    """(items, pixels [B, 3, F, H, W]) per batch; unreadable items are recorded in ``summary`` and dropped."""
-    flat = [(index, item) for index, batch in enumerate(batches) for item in batch]
-    current, good, pixels = 0, [], []
-    for (index, item), result in prefetch(flat, lambda pair: pair[1].load_pixels(), workers):
-        if index != current and good:
-            yield good, torch.stack(pixels)
-            good, pixels = [], []
-        current = index
+def _source_pixels(items: list[MediaItem]) -> Iterator[tuple[MediaItem, torch.Tensor | Exception]]:
+    """``window_pixels`` of one source; an unexpected failure is reported for the items not yet returned."""
+    done: set[str] = set()
+    try:
+        for item, result in window_pixels(items):
+            done.add(item.key)
+            yield item, result
+    except Exception as exc:  # one bad file never stops the run
+        for item in items:
+            if item.key not in done:
+                yield item, exc
+
+
+def _loaded_batches(items: list[MediaItem], batch_size: int, workers: int, summary: CacheSummary,
+                    progress: Progress) -> Iterator[tuple[list[MediaItem], torch.Tensor]]:
+    """(items, pixels [B, 3, F, H, W]) batches of one (bucket, frames) each; unreadable items are recorded in
+    ``summary`` and dropped. Each source file is decoded once (``workers`` threads decode the next ones ahead),
+    and a batch goes out as soon as it is full, so memory holds at most a batch per shape."""
+    pending: dict[tuple, tuple[list[MediaItem], list[torch.Tensor]]] = {}
+    for item, result in stream_prefetch(_sources(items), _source_pixels, workers):
         if isinstance(result, Exception):
             summary.failed.append((item.path, f"{item.key}: {result}"))
             logger.warning("cannot read %s: %s", item.path, result)
             progress.advance(1)
-        else:
-            good.append(item)
-            pixels.append(result)
-    if good:
+            continue
+        shape = (item.bucket, item.frames)
+        good, pixels = pending.setdefault(shape, ([], []))
+        good.append(item)
+        pixels.append(result)
+        if len(good) == batch_size:
+            del pending[shape]
+            yield good, torch.stack(pixels)
+    for good, pixels in pending.values():
         yield good, torch.stack(pixels)
 
 
@@ -119,8 +135,7 @@ def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
             todo.append(item)
 
     def encode(vae) -> None:
-        for items, pixels in _loaded_batches(_batches(todo, settings.batch_size), settings.num_workers, summary,
-                                                progress):
+        for items, pixels in _loaded_batches(todo, settings.batch_size, settings.num_workers, summary, progress):
             _write(items, vae.encode(pixels), stale, summary)
             progress.advance(len(items))
 

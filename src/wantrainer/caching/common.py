@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import queue
 import re
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -178,31 +181,64 @@ def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-def prefetch(items: Iterable[T], load: Callable[[T], R], workers: int) -> Iterator[tuple[T, R | Exception]]:
-    """``(item, load(item))`` in order, loaded by ``workers`` threads a few items ahead (0: inline).
+def stream_prefetch(sources: Sequence[T], produce: Callable[[T], Iterable[R]], workers: int, depth: int = 4
+                    ) -> Iterator[R]:
+    """Everything ``produce(source)`` yields, source after source, in order; ``workers`` threads run the producers
+    of the next sources ahead, each holding at most ``depth`` results (0 workers: inline).
 
-    An exception raised by ``load`` is yielded in place of the result, so one bad file never stops the run.
+    ``produce`` should report per-item failures as results; an exception it raises stops the iteration.
     """
-
-    def guarded(item: T) -> R | Exception:
-        try:
-            return load(item)
-        except Exception as exc:  # reported per item by the caller
-            return exc
-
     if workers <= 0:
-        for item in items:
-            yield item, guarded(item)
+        for source in sources:
+            yield from produce(source)
         return
-    window: list[tuple[T, Future]] = []
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cache-loader") as pool:
-        for item in items:
-            window.append((item, pool.submit(guarded, item)))
-            if len(window) > 2 * workers:
-                first, future = window.pop(0)
-                yield first, future.result()
-        for item, future in window:
-            yield item, future.result()
+    stop = threading.Event()
+
+    def put(channel: queue.Queue, message: tuple[str, object]) -> bool:
+        while not stop.is_set():
+            try:
+                channel.put(message, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(source: T, channel: queue.Queue) -> None:
+        try:
+            for result in produce(source):
+                if not put(channel, ("result", result)):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(channel, ("error", exc))
+            return
+        put(channel, ("end", None))
+
+    channels: deque[queue.Queue] = deque()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cache-loader")
+
+    def submit(index: int) -> None:
+        if index < len(sources):
+            channel: queue.Queue = queue.Queue(maxsize=depth)
+            pool.submit(run, sources[index], channel)
+            channels.append(channel)
+
+    try:
+        for index in range(workers + 1):
+            submit(index)
+        next_index = workers + 1
+        while channels:
+            kind, value = channels[0].get()
+            if kind == "result":
+                yield value
+                continue
+            if kind == "error":
+                raise value
+            channels.popleft()
+            submit(next_index)
+            next_index += 1
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def clean_orphans(

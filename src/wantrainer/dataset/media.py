@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,34 +93,71 @@ def probe_video(path: Path) -> VideoInfo:
     return VideoInfo(count, width, height)
 
 
-def read_video_frames(path: Path, indices: list[int]) -> list[Image.Image]:
-    """The RGB frames at ``indices`` (source frame numbers, ascending, repeats allowed)."""
-    if not indices:
-        return []
+_pass_lock = threading.Lock()
+_pass_counters: list[Counter] = []
+
+
+@contextmanager
+def count_decode_passes() -> Iterator[Counter]:
+    """Count the decoding passes over each video file or frame folder (by path) started inside the block.
+
+    For tests and benches: one pass is one ``iter_video_frames`` call, however many frames it reads.
+    """
+    counter: Counter = Counter()
+    with _pass_lock:
+        _pass_counters.append(counter)
+    try:
+        yield counter
+    finally:
+        with _pass_lock:
+            _pass_counters.remove(counter)
+
+
+def _note_pass(path: Path) -> None:
+    with _pass_lock:
+        for counter in _pass_counters:
+            counter[path] += 1
+
+
+def _missing_frame(path: Path, index: int) -> MediaError:
+    return MediaError(f"{path}: frame {index} could not be decoded (the file is shorter than its header says)")
+
+
+def iter_video_frames(path: Path, indices: Iterable[int]) -> Iterator[tuple[int, Image.Image]]:
+    """``(frame number, RGB frame)`` for each distinct source frame number in ``indices``, ascending, decoded in
+    one pass from the start of the file (frames nobody asked for are decoded but not converted). Raises
+    ``MediaError`` when the file cannot be read or ends before the last wanted frame."""
     wanted = sorted(set(indices))
-    wanted_set = set(wanted)
-    found: dict[int, Image.Image] = {}
+    if not wanted:
+        return
+    _note_pass(path)
     if path.is_dir():
         files = frame_folder_files(path)
         for i in wanted:
             if i >= len(files):
-                break
-            found[i] = load_image(files[i])
-    else:
-        try:
-            with av.open(str(path)) as container:
-                stream = container.streams.video[0]
-                stream.thread_type = "AUTO"
-                for number, frame in enumerate(container.decode(stream)):
-                    if number in wanted_set:
-                        found[number] = frame.to_image().convert("RGB")
-                    if number >= wanted[-1]:
-                        break
-        except _READ_ERRORS as exc:
-            raise MediaError(f"{path}: unreadable video ({type(exc).__name__}: {exc})") from None
-    missing = [i for i in wanted if i not in found]
-    if missing:
-        raise MediaError(f"{path}: frame {missing[0]} could not be decoded (the file is shorter than its header says)")
+                raise _missing_frame(path, i)
+            yield i, load_image(files[i])
+        return
+    wanted_set, last, found = set(wanted), wanted[-1], 0
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for number, frame in enumerate(container.decode(stream)):
+                if number in wanted_set:
+                    found += 1
+                    yield number, frame.to_image().convert("RGB")
+                if number >= last:
+                    break
+    except _READ_ERRORS as exc:
+        raise MediaError(f"{path}: unreadable video ({type(exc).__name__}: {exc})") from None
+    if found < len(wanted):
+        raise _missing_frame(path, wanted[found])
+
+
+def read_video_frames(path: Path, indices: list[int]) -> list[Image.Image]:
+    """The RGB frames at ``indices`` (source frame numbers, ascending, repeats allowed)."""
+    found = dict(iter_video_frames(path, indices))
     return [found[i] for i in indices]
 
 
