@@ -27,8 +27,8 @@ def complete_config(tmp_path: Path) -> Path:
     for name in ("dit.safetensors", "high.safetensors", "vae.safetensors", "t5.pth", "lora.safetensors"):
         write(tmp_path / "models" / name, "x")
     (tmp_path / "models" / "tok").mkdir()
-    (tmp_path / "data" / "img").mkdir(parents=True)
-    (tmp_path / "data" / "vid").mkdir(parents=True)
+    write(tmp_path / "data" / "img" / "a.png", "x")  # validate lists media files, it never decodes them
+    write(tmp_path / "data" / "vid" / "a.mp4", "x")
     write(tmp_path / "data" / "val.jsonl", "")
     return write(tmp_path / "cfg" / "run.toml", """
 target_model = "wan22"
@@ -82,7 +82,7 @@ def test_validate_reports_every_missing_path(complete_config, capsys):
     complete_config.write_text(text, encoding="utf-8")
     assert main(["validate", "--config", str(complete_config)]) == 2
     err = capsys.readouterr().err
-    assert "missing paths" in err
+    assert "3 problems with the files and folders" in err
     assert "`vae`" in err and "missing_vae.safetensors does not exist" in err
     assert "`datasets.train[0].image_directory`" in err and "nowhere does not exist" in err
     assert "`t5_tokenizer`" in err and "expected a folder" in err

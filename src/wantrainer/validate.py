@@ -1,7 +1,8 @@
 """``wantrainer validate --config X``: parse a config, check the files it names, and summarise it.
 
 Prints the values that differ from the defaults and one line per dataset. Exit code 0 when everything is in
-place, 2 (with every problem listed) when a referenced file or folder is missing.
+place, 2 (with every problem listed) when a referenced file or folder is missing or a media folder holds no
+media of its kind.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def _missing(path: Path, kind: str) -> str | None:
     return None
 
 
+def _empty_media_folder(folder: Path, is_video: bool) -> str | None:
+    """Why a media folder that exists is unusable (it holds no media of its kind), or None."""
+    from .dataset.media import list_media, no_media_message
+
+    if list_media(folder, is_video):
+        return None
+    return "holds " + no_media_message(folder, is_video).replace(f" in {folder}", "", 1)
+
+
 def file_problems(cfg: WanTrainerConfig) -> tuple[list[str], list[str]]:
     """(problems, notes): referenced files and folders that are missing, and needed keys that are unset."""
     problems: list[str] = []
@@ -68,6 +78,8 @@ def file_problems(cfg: WanTrainerConfig) -> tuple[list[str], list[str]]:
             for key, (_, kind) in _SOURCES.items():
                 value = getattr(entry, key)
                 why = _missing(Path(value), kind) if value is not None else None
+                if why is None and value is not None and kind == "dir":
+                    why = _empty_media_folder(Path(value), key == "video_directory")
                 if why:
                     problems.append(f"`datasets.{split}[{index}].{key}` = {value} {why}")
     if not cfg.datasets.train:
@@ -140,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     text, problems = report(cfg)
     print(text)
     if problems:
-        head = f"the config refers to {len(problems)} missing path{'s' if len(problems) != 1 else ''}:"
+        head = f"{len(problems)} problem{'s' if len(problems) != 1 else ''} with the files and folders the config names:"
         raise UserError("\n".join([head] + [f"  - {p}" for p in problems]))
     print("config OK")
     return 0

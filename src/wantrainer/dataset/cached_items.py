@@ -123,6 +123,8 @@ def discover_cached_items(
         if not item.latent_cache_path.is_file():
             stale = _cached_elsewhere(item, keys_by_stem)
             (report.stale_latents if stale else report.missing_latents).append(item.key)
+            if not item.text_cache_path.is_file():  # so one message names both commands to run
+                report.missing_text.append(item.key)
             continue
         try:
             shape = read_latent_shape(item.latent_cache_path)

@@ -128,7 +128,7 @@ def write_plot(d: DatasetDiagnosis, path: Path) -> None:
 
 
 def _blockers(train: list[DatasetDiagnosis], val: list[DatasetDiagnosis]) -> list[str]:
-    problems = [f"{d.spec.name}: {d.error}" for d in train + val if d.error]
+    problems = [d.error if d.spec.name in d.error else f"{d.spec.name}: {d.error}" for d in train + val if d.error]
     if not train:
         problems.append("no [[datasets.train]] entry")
     elif not any(d.scan and d.scan.items for d in train):

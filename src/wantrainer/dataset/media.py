@@ -39,6 +39,28 @@ def frame_folder_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if is_image_file(p))
 
 
+def list_media(folder: Path, is_video: bool) -> list[Path]:
+    """The media directly in ``folder``, in name order: video files and frame folders, or image files."""
+    entries = sorted(folder.iterdir())
+    if is_video:
+        return [p for p in entries if is_video_file(p) or frame_folder_files(p)]
+    return [p for p in entries if is_image_file(p)]
+
+
+def no_media_message(folder: Path, is_video: bool) -> str:
+    """Why a media folder without media is a mistake, and what to do (names the other key when it fits)."""
+    kind, key, extensions = ("video", "video_directory", VIDEO_EXTENSIONS) if is_video else (
+        "image", "image_directory", IMAGE_EXTENSIONS)
+    found = f"no {kind} files ({' '.join(e.lstrip('.') for e in extensions)}"
+    found += " or folders of frames)" if is_video else ")"
+    others = list_media(folder, not is_video)
+    if others:
+        other_kind, other_key = ("image", "image_directory") if is_video else ("video", "video_directory")
+        return (f"{found} in {folder}, but {len(others)} {other_kind} file(s): write `{other_key}` for "
+                f"this folder instead of `{key}`")
+    return f"{found} in {folder}: put the {kind}s and their captions there, or point `{key}` at their folder"
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     frame_count: int

@@ -22,11 +22,10 @@ from .buckets import BucketSelector, resize_to_bucket
 from .cache_format import latent_cache_name, latent_shape, text_cache_name
 from .frames import frame_windows, resampled_indices
 from .media import (
-    frame_folder_files,
     frames_to_tensor,
-    is_image_file,
-    is_video_file,
+    list_media,
     load_image,
+    no_media_message,
     probe_image,
     probe_video,
     read_video_frames,
@@ -118,11 +117,9 @@ def _read_caption(media: Path, extension: str) -> str | None:
 def _directory_sources(folder: Path, spec: DatasetSpec) -> list[_Source]:
     if not folder.is_dir():
         raise UserError(f"`{spec.name}`: media folder {folder} does not exist")
-    entries = sorted(folder.iterdir())
-    if spec.is_video:
-        media = [p for p in entries if is_video_file(p) or frame_folder_files(p)]
-    else:
-        media = [p for p in entries if is_image_file(p)]
+    media = list_media(folder, spec.is_video)
+    if not media:
+        raise UserError(f"`{spec.name}`: {no_media_message(folder, spec.is_video)}")
     return [_Source(p, _read_caption(p, spec.caption_extension)) for p in media]
 
 
