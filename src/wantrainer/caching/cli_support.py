@@ -12,15 +12,15 @@ logger = get_logger(__name__)
 
 
 class TqdmProgress:
-    """Progress bar with items/s and ETA (tqdm's default format)."""
+    """Progress bar with items/s and ETA (tqdm's default format; plain lines when stderr is not a terminal)."""
 
     def __init__(self) -> None:
         self._bar = None
 
     def start(self, total: int, description: str) -> None:
-        from tqdm.auto import tqdm
+        from ..common.progress import progress_bar
 
-        self._bar = tqdm(total=total, desc=description, unit="item", dynamic_ncols=True)
+        self._bar = progress_bar(total=total, desc=description, unit="item")
 
     def advance(self, count: int = 1) -> None:
         if self._bar is not None:

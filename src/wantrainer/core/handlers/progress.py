@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
+from ...common.progress import progress_bar
 from .base import Handler
 
 
@@ -17,8 +18,8 @@ class ProgressBarHandler(Handler):
         self.bar: tqdm | None = None
 
     def on_train_start(self, trainer: Any) -> None:
-        self.bar = tqdm(total=trainer.total_steps, initial=trainer.state.step, desc="steps", unit="step",
-                        dynamic_ncols=True, **self.kwargs)
+        self.bar = progress_bar(total=trainer.total_steps, initial=trainer.state.step, desc="steps", unit="step",
+                                **self.kwargs)
 
     def on_step_end(self, trainer: Any) -> None:
         if self.bar is None:
