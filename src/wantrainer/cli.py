@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,47 +26,104 @@ class Command:
     add_arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None
     needs_config: bool = True
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    description: str = ""
+    """What ``wantrainer <command> --help`` says beyond ``help``: what it reads, writes and needs first."""
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lora", action="append", default=None, help="LoRA file to apply (repeat for wan22 experts)")
-    p.add_argument("--multiplier", type=float, default=1.0, help="LoRA strength (default 1.0)")
-    p.add_argument("--output-dir", default=None, help="where to write the samples (default {output_dir}/sample)")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE",
+                   help="LoRA file to apply; give two for Wan 2.2 (high-noise and low-noise expert). "
+                        "Without --lora the base model is sampled")
+    p.add_argument("--multiplier", type=float, default=1.0, metavar="M", help="LoRA strength (default 1.0)")
+    p.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="where to write the samples (default {output_dir}/sample)")
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dir", default="demo_output", help="working folder for the demo (default ./demo_output)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    p.add_argument("--dir", default="demo_output", metavar="DIR",
+                   help="working folder for the demo (default ./demo_output)")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="training steps (default: the demo's own)")
 
 
 def _template_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["template"], help="template: print the full config template")
-    p.add_argument("--output", default=None, help="write to this file instead of stdout")
+    p.add_argument("--output", default=None, metavar="FILE", help="write to this file instead of stdout")
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("validate", "wantrainer.validate:run", "check a config: values, files and datasets"),
-    Command("config", "wantrainer.config.template:run", "config tools (template)", _template_args, needs_config=False),
-    Command("doctor", "wantrainer.dataset.doctor:run", "inspect the datasets: items, captions, buckets, frames"),
-    Command("cache-latents", "wantrainer.caching.cache_latents:run", "encode media to VAE latent caches"),
-    Command("cache-text", "wantrainer.caching.cache_text_encoder_outputs:run", "encode captions to text caches"),
-    Command("train", "wantrainer.core.wan_network_trainer:run", "train a LoRA from the caches"),
-    Command("sample", "wantrainer.sampling.cli:run", "generate the [[sample_prompts]] videos", _sample_args),
+    Command("validate", "wantrainer.validate:run", "check a config: values, files and datasets",
+            description="Parses the config, checks that every file and folder it names exists (media folders must "
+                        "hold media), prints the values that differ from the defaults and one line per dataset. "
+                        "Loads no model."),
+    Command("config", "wantrainer.config.template:run", "config tools (template)", _template_args, needs_config=False,
+            description="`wantrainer config template` prints every key with its type, default and documentation."),
+    Command("doctor", "wantrainer.dataset.doctor:run", "inspect the datasets: items, captions, buckets, frames",
+            description="Per dataset: items, missing captions, unreadable files, videos too short, caches present, "
+                        "bucket and frame-count histograms (also written as {output_dir}/doctor_*.png). Exit 0 when "
+                        "training can proceed, 2 when not. Loads no model."),
+    Command("cache-latents", "wantrainer.caching.cache_latents:run", "encode media to VAE latent caches",
+            description="Encodes every image and video window of [[datasets.train]] and [[datasets.val]] with the "
+                        "VAE (`vae`) into each dataset's cache_directory. Run before train, and again after "
+                        "changing media or resolution; [datasets.latent_cache] holds its settings."),
+    Command("cache-text", "wantrainer.caching.cache_text_encoder_outputs:run", "encode captions to text caches",
+            description="Encodes every caption with the UMT5 text encoder (`t5`, `t5_tokenizer`) into each "
+                        "dataset's cache_directory. Run before train, and again after changing captions; "
+                        "[datasets.text_encoder_cache] holds its settings."),
+    Command("train", "wantrainer.core.wan_network_trainer:run", "train a LoRA from the caches",
+            description="Trains the LoRA on the cached latents and captions (run cache-latents and cache-text "
+                        "first) and writes {output_dir}/{output_name}.safetensors. Ctrl-C finishes the current step "
+                        "and saves a state folder; continue with auto_resume = true."),
+    Command("sample", "wantrainer.sampling.cli:run", "generate the [[sample_prompts]] videos", _sample_args,
+            description="Renders the config's [[sample_prompts]] with the base DiT(s) and the given LoRA(s)."),
     Command("demo", "wantrainer.devkit.demo:run", "end-to-end demo on a tiny model and synthetic data",
-            _demo_args, needs_config=False),
-    Command("menu", "wantrainer.menu:run", "pick a config and an operation interactively", needs_config=False),
+            _demo_args, needs_config=False,
+            description="Builds a tiny Wan model kit and a synthetic dataset, then caches, trains and samples on "
+                        "the CPU in about a minute. Downloads nothing."),
+    Command("menu", "wantrainer.menu:run", "pick a config and an operation interactively", needs_config=False,
+            description="Lists the .toml files under ./configs and the operations, reads two numbers from stdin "
+                        "and runs that command (what ./run_trainer.sh does without arguments)."),
 )
+
+_EPILOG = """\
+a run, in order:
+  wantrainer validate --config my.toml
+  wantrainer doctor --config my.toml
+  wantrainer cache-latents --config my.toml
+  wantrainer cache-text --config my.toml
+  wantrainer train --config my.toml
+
+`wantrainer <command> --help` describes each command; every config key: `wantrainer config template`.
+Exit codes: 0 done, 2 a mistake in the config, the files or the command line (the message says which), 130 interrupted."""
+
+
+def version_text() -> str:
+    """``wantrainer --version``: this package, the Python and the torch it runs with (torch is not imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    python = ".".join(map(str, sys.version_info[:3]))
+    return f"wantrainer {__version__} (Python {python}, torch {torch_version})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="wantrainer", description="LoRA trainer for Wan 2.1 / Wan 2.2 text-to-video models."
+        prog="wantrainer", description="LoRA trainer for Wan 2.1 / Wan 2.2 text-to-video models.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, aliases=list(cmd.aliases))
+        description = f"{cmd.help}\n\n{textwrap.fill(cmd.description, 100)}" if cmd.description else cmd.help
+        p = sub.add_parser(cmd.name, help=cmd.help, description=description, aliases=list(cmd.aliases),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         if cmd.needs_config:
-            p.add_argument("--config", "-c", required=True, help="the TOML config file")
+            p.add_argument("--config", "-c", required=True, metavar="FILE",
+                           help="the TOML config file (paths in it are relative to the file)")
         cmd.add_arguments(p)
         p.set_defaults(_handler=cmd.handler)
     return parser
