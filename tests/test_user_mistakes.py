@@ -93,6 +93,7 @@ def test_missing_caption_is_named_and_training_can_proceed(tmp_path, capsys, tin
         code, text = _run(capsys, "doctor", "--config", str(config))
     assert code == 0 and "captions missing: 1" in text
     assert str(folder / "img1.png") in caplog.text and "empty caption" in caplog.text
+    assert f"write its caption in {folder / 'img1.txt'}" in caplog.text
 
 
 @pytest.mark.parametrize("text, fragment", [

@@ -220,8 +220,14 @@ def scan_dataset(spec: DatasetSpec) -> DatasetScan:
 
 def _log_summary(spec: DatasetSpec, scan: DatasetScan) -> None:
     if scan.missing_captions:
-        logger.warning("%s: %d file(s) have no caption (trained with an empty caption), e.g. %s",
-                       spec.name, len(scan.missing_captions), scan.missing_captions[0])
+        first = scan.missing_captions[0]
+        if spec.image_jsonl_file is not None or spec.video_jsonl_file is not None:
+            fix = "give its line a \"caption\""
+        else:
+            fix = f"write its caption in {first.parent / (first.name if first.is_dir() else first.stem)}" \
+                  f"{spec.caption_extension}"
+        logger.warning("%s: %d file(s) have no caption (trained with an empty caption), e.g. %s: %s",
+                       spec.name, len(scan.missing_captions), first, fix)
     for skipped in scan.skipped:
         logger.warning("%s: skipped %s: %s", spec.name, skipped.path, skipped.reason)
     logger.info("%s: %d item(s), %d skipped, %d without caption", spec.name, len(scan.items),
