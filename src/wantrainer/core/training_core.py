@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..common.logger import get_logger
+from ..criteria.training_loss import flow_matching_pair
 from ..enhancements.base import StepContext
 from ..errors import UserError
 from ..optimizers import resume_lr_scheduler
@@ -347,14 +348,13 @@ class Trainer:
         noise = torch.randn((b * self.world_size, *latents.shape[1:]), generator=self.noise_gen)[lo:hi]
         t = t.to(self.device, torch.float32)
         noise = noise.to(self.device, latents.dtype)
-        t_b = t.view(-1, 1, 1, 1, 1)
-        noisy = (1.0 - t_b) * latents + t_b * noise
+        noisy, target = flow_matching_pair(latents, noise, t)
         return StepContext(
             batch=batch,
             latents=latents,
             noise=noise,
             noisy=noisy,
-            target=noise - latents,
+            target=target,
             t=t,
             timesteps=t * 1000.0,
             model=self.model,

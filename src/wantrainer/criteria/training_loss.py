@@ -26,6 +26,12 @@ Metrics = dict[str, torch.Tensor]
 LossTerm = Callable[[torch.Tensor, torch.Tensor, Mapping[str, Any], Any], tuple[torch.Tensor, Metrics]]
 
 
+def flow_matching_pair(latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model input ``(1 - t) * x0 + t * noise`` and the target ``noise - x0`` for times ``t`` [B] in (0, 1)."""
+    t_view = t.view(-1, *([1] * (latents.ndim - 1)))  # [B] -> [B, 1, 1, 1, 1]
+    return (1.0 - t_view) * latents + t_view * noise, noise - latents
+
+
 @dataclass
 class LossContext:
     """What a loss term may need besides pred/target/batch. ``t``: flow-matching times ``[B]`` in (0, 1)."""

@@ -24,7 +24,7 @@ import torch
 
 from ...common.logger import get_logger
 from ...config.output import ValidationConfig
-from ...criteria.training_loss import LossContext, TrainingLoss
+from ...criteria.training_loss import LossContext, TrainingLoss, flow_matching_pair
 from ...errors import UserError
 from ..distributed import sum_across
 from .base import Handler
@@ -102,12 +102,11 @@ def validation_losses(
             size = latents.shape[0]
             for t in group:
                 t_b = torch.full((size,), t / 1000.0, device=device, dtype=torch.float32)
-                t_view = t_b.view(-1, *([1] * (latents.ndim - 1)))
-                noisy = (1.0 - t_view) * latents + t_view * noise
+                noisy, target = flow_matching_pair(latents, noise, t_b)
                 pred = forward(noisy, t_b * 1000.0, context)
-                loss, _ = loss_fn(pred, noise - latents, batch, LossContext(t=t_b))
-                total, count = sums[t]
-                sums[t] = (total + float(loss) * size, count + size)
+                loss, _ = loss_fn(pred, target, batch, LossContext(t=t_b))
+                loss_sum, count = sums[t]
+                sums[t] = (loss_sum + float(loss) * size, count + size)
     return sums
 
 
