@@ -9,32 +9,10 @@ from typing import Any
 
 import torch
 
+from wantrainer.caching.cache_latents import cache_latents
+from wantrainer.caching.cache_text_encoder_outputs import cache_text
 from wantrainer.config.toml_writer import dump_toml
 from wantrainer.config_parser import load_config
-from wantrainer.dataset.blueprint import resolve_datasets
-from wantrainer.dataset.cache_format import save_latent_cache, save_text_cache
-from wantrainer.dataset.sources import scan_dataset
-
-
-def encode_caches(cfg: Any, kit: Any) -> int:
-    """Encode every train / val item of ``cfg`` with the kit's VAE and UMT5 (fp32, CPU); returns the count."""
-    from wantrainer.models.wan.text_encoder import WanTextEncoder
-    from wantrainer.models.wan.vae import WanVAE
-
-    vae = WanVAE.load(kit.vae)
-    te = WanTextEncoder.load(kit.t5, kit.tokenizer_dir)
-    count = 0
-    for split in ("train", "val"):
-        for spec in resolve_datasets(cfg.datasets, split):
-            for item in scan_dataset(spec).items:
-                if not item.latent_cache_path.is_file():
-                    latents = vae.encode(item.load_pixels().unsqueeze(0))[0].float()
-                    width, height = item.bucket
-                    save_latent_cache(item.latent_cache_path, latents, width, height, item.frames)
-                if not item.text_cache_path.is_file():
-                    save_text_cache(item.text_cache_path, te.encode([item.caption])[0].float())
-                count += 1
-    return count
 
 
 def write_config(path: Path, values: dict[str, Any]) -> Path:
@@ -100,8 +78,11 @@ class TrainWorkspace:
         self.val_media = make_synthetic_dataset(root / "val_media", seed=1, num_images=3, num_videos=0).image_dir
         self.train_cache = root / "train_cache"
         self.val_cache = root / "val_cache"
-        cfg_path = write_config(root / "encode.toml", self.config(root / "unused", val=True))
-        encode_caches(load_config(cfg_path), kit)
+        encoders = {"vae": str(kit.vae), "t5": str(kit.t5), "t5_tokenizer": str(kit.tokenizer_dir)}
+        cfg_path = write_config(root / "encode.toml", self.config(root / "unused", val=True, **encoders))
+        cfg = load_config(cfg_path)
+        cache_latents(cfg)  # the real caching commands' code, with the kit's VAE and UMT5 (fp32 on the CPU)
+        cache_text(cfg)
 
     def config(self, out_dir: Path, *, val: bool = False, **overrides: Any) -> dict[str, Any]:
         values = base_config(self.kit, self.train_media, self.train_cache, out_dir, **overrides)
