@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = for_benchmark(cfg, args.warmup + args.steps, root / "bench_out")
         from accelerate import Accelerator
 
-        from wantrainer.core.wan_network_trainer import build_loader
+        from wantrainer.core.wan_network_trainer import build_loader, train_specs
 
-        first_batch = next(iter(build_loader(cfg, Accelerator(cpu=not torch.cuda.is_available()))))
+        first_batch = next(iter(build_loader(cfg, train_specs(cfg), Accelerator(cpu=not torch.cuda.is_available()))))
         clock = StepClock(BareForwardBackward(first_batch))
         trainer = build_trainer(cfg, extra_handlers=[clock])
         trainer.train()

@@ -43,13 +43,19 @@ def total_steps_for(training_cfg: Any, batches_per_epoch: int) -> int:
     return training_cfg.max_train_epochs * math.ceil(batches_per_epoch / training_cfg.gradient_accumulation_steps)
 
 
-def build_loader(cfg: WanTrainerConfig, accelerator: Any) -> Any:
+def train_specs(cfg: WanTrainerConfig) -> list[Any]:
+    """The resolved [[datasets.train]] entries; none is a user error."""
     from ..dataset.blueprint import resolve_datasets
-    from ..dataset.loader import build_dataloader
 
     specs = resolve_datasets(cfg.datasets, "train")
     if not specs:
         raise UserError("no training data: add a [[datasets.train]] table (see `wantrainer config template`)")
+    return specs
+
+
+def build_loader(cfg: WanTrainerConfig, specs: list[Any], accelerator: Any) -> Any:
+    from ..dataset.loader import build_dataloader
+
     t = cfg.training
     return build_dataloader(
         specs,
@@ -63,14 +69,9 @@ def build_loader(cfg: WanTrainerConfig, accelerator: Any) -> Any:
     )
 
 
-def typical_seq_len(cfg: WanTrainerConfig) -> int | None:
-    """Tokens per latent frame at the first training dataset's resolution (8x VAE, 1x2x2 patches)."""
-    from ..dataset.blueprint import resolve_datasets
-
-    specs = resolve_datasets(cfg.datasets, "train")
-    if not specs:
-        return None
-    width, height = specs[0].resolution
+def typical_seq_len(spec: Any) -> int:
+    """Tokens per latent frame at a dataset's resolution (8x VAE, 1x2x2 patches)."""
+    width, height = spec.resolution
     return (width // 16) * (height // 16)
 
 
@@ -164,7 +165,9 @@ def enhancement_param_groups(enhancements: list[Any], lr: float) -> list[dict[st
     return groups
 
 
-def build_handlers(cfg: WanTrainerConfig, accelerator: Any, config_text: str) -> list[Any]:
+def build_handlers(
+    cfg: WanTrainerConfig, accelerator: Any, config_text: str, resolution: tuple[int, int]
+) -> list[Any]:
     """Metrics first, checkpointing last (so a saved state includes the other handlers' latest state)."""
     from ..dataset.blueprint import resolve_datasets
     from .handlers.checkpointing import CheckpointHandler
@@ -178,8 +181,7 @@ def build_handlers(cfg: WanTrainerConfig, accelerator: Any, config_text: str) ->
                                         world_size=accelerator.num_processes)
     sampling = SamplingHandler.from_config(cfg.sampling, cfg.model, cfg.saving)
     handlers.extend(h for h in (val, sampling) if h is not None)
-    train_specs = resolve_datasets(cfg.datasets, "train")
-    handlers.append(CheckpointHandler(cfg, config_text, train_specs[0].resolution if train_specs else None))
+    handlers.append(CheckpointHandler(cfg, config_text, resolution))
     return handlers
 
 
@@ -208,10 +210,11 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     metrics = MetricsLogger.from_config(cfg.logging, cfg.saving, enabled=accelerator.is_main_process)
     set_seed(cfg.training.seed)
     device = accelerator.device
-    loader = build_loader(cfg, accelerator)
+    specs = train_specs(cfg)
+    loader = build_loader(cfg, specs, accelerator)
     experts = build_experts(cfg, device)
     regimes = RegimeSampler(TimestepSampler.from_config(cfg.timesteps), experts.names, experts.boundary,
-                            seq_len=typical_seq_len(cfg))
+                            seq_len=typical_seq_len(specs[0]))
     total = total_steps_for(cfg.training, len(loader))
     networks = build_networks(cfg, experts, device)
     enhancements = build_enhancements(cfg)
@@ -220,7 +223,7 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     extra = enhancement_param_groups(enhancements, cfg.optimizer.learning_rate)
     groups = build_groups(cfg, networks, regimes, extra, total, accelerator)
     config_text = cfg.to_toml()
-    handlers = build_handlers(cfg, accelerator, config_text) + list(extra_handlers or [])
+    handlers = build_handlers(cfg, accelerator, config_text, specs[0].resolution) + list(extra_handlers or [])
     logger.info("training %s for %d steps (%d batches per epoch per process, %d process(es), accumulation %d)",
                 "/".join(experts.names), total, len(loader), accelerator.num_processes,
                 cfg.training.gradient_accumulation_steps)
