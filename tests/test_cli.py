@@ -102,7 +102,6 @@ def test_validate_notes_unset_model_files(tmp_path, capsys):
         ("learning_rat = 1e-4\n", "did you mean `learning_rate`?"),
         ('max_train_steps = "many"\n', '`max_train_steps` must be an integer, got "many" (a string)'),
         ('lr_scheduler = "cosin"\n', 'did you mean "cosine"?'),
-        ('resume = "s"\nauto_resume = true\n', "mutually exclusive"),
         ("seed = \n", "malformed TOML at line 1"),
     ],
 )
@@ -201,7 +200,7 @@ def test_readme_error_example_is_real_output(tmp_path, capsys, monkeypatch):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     start = readme.index("error: 3 problems in my.toml:")
     shown = readme[start: readme.index("```", start)].strip()
-    write(tmp_path / "my.toml", 'learning_rat = 1e-4\nmax_train_steps = "2000"\nresume = "s"\nauto_resume = true\n')
+    write(tmp_path / "my.toml", 'learning_rat = 1e-4\nmax_train_steps = "2000"\nmin_timestep = 900\nmax_timestep = 100\n')
     monkeypatch.chdir(tmp_path)
     assert main(["validate", "--config", "my.toml"]) == 2
     assert capsys.readouterr().err.strip() == shown

@@ -141,7 +141,6 @@ def test_union_constraint_reported_once():
 @pytest.mark.parametrize(
     ("data", "names"),
     [
-        ({"resume": "state", "auto_resume": True}, ("`resume`", "`auto_resume`", "mutually exclusive")),
         ({"datasets": {"train": [{"image_directory": "a", "video_directory": "b"}]}},
          ("`image_directory`", "`video_directory`", "mutually exclusive")),
         ({"min_timestep": 900, "max_timestep": 100}, ("`min_timestep`", "`max_timestep`")),
@@ -158,13 +157,13 @@ def test_every_problem_of_a_file_is_reported_at_once():
         "learning_rat": 1e-4,
         "max_train_steps": -1,
         "fp8_base": "yes",
-        "resume": "state",
-        "auto_resume": True,
+        "min_timestep": 900,
+        "max_timestep": 100,
         "datasets": {"general": {"batchsize": 2}, "train": [{"image_directory": 5}]},
         "sample_prompts": [{"txt": "a"}],
     })
     joined = "\n".join(problems)
-    for fragment in ("`learning_rat`", "`max_train_steps`", "`fp8_base`", "mutually exclusive",
+    for fragment in ("`learning_rat`", "`max_train_steps`", "`fp8_base`", "must be below `max_timestep`",
                      "`datasets.general.batchsize`", "`datasets.train[0].image_directory`",
                      "`sample_prompts[0].txt`", "`sample_prompts[0].text` is required"):
         assert fragment in joined, fragment

@@ -93,7 +93,8 @@ a run, in order:
   wantrainer train --config my.toml
 
 `wantrainer <command> --help` describes each command; every config key: `wantrainer config template`.
-Exit codes: 0 done, 2 a mistake in the config, the files or the command line (the message says which), 130 interrupted."""
+Exit codes: 0 done, 2 a mistake in the config, the files or the command line (the message says which),
+130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM (train: after saving a state)."""
 
 
 def version_text() -> str:
@@ -158,9 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 130))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -279,13 +279,11 @@ def unused_setting_problems(cfg: WanTrainerConfig) -> list[str]:
 def cross_field_problems(cfg: WanTrainerConfig) -> list[str]:
     """Checks that involve more than one key. Returns every problem found."""
     problems: list[str] = []
-    m, t, s = cfg.model, cfg.timesteps, cfg.saving
+    m, t = cfg.model, cfg.timesteps
     if t.min_timestep is not None and t.max_timestep is not None and t.min_timestep >= t.max_timestep:
         problems.append(
             f"`min_timestep` ({t.min_timestep}) must be below `max_timestep` ({t.max_timestep})"
         )
-    if s.resume is not None and s.auto_resume:
-        problems.append("`resume` and `auto_resume` are mutually exclusive: set only one of them")
     if m.fp8_scaled and not m.fp8_base:
         problems.append("`fp8_scaled` needs `fp8_base = true`")
     if m.gradient_checkpointing_cpu_offload and not m.gradient_checkpointing:

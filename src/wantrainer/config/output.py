@@ -26,9 +26,14 @@ class SavingConfig(Section):
     save_state: bool = False
     """Also save the full training state (optimiser, scheduler, RNG, data position) with each save."""
     resume: Path | None = None
-    """Resume from this state folder."""
-    auto_resume: bool = False
-    """Resume from the newest valid state folder in output_dir, if there is one."""
+    """Resume from this state folder (wins over auto_resume)."""
+    auto_resume: bool = True
+    """Resume from the newest valid state folder of output_name in output_dir, if there is one (a finished run
+    run again does nothing). With auto_resume = false a run that would start at step 0 over earlier saves of
+    output_name is refused (see overwrite_output)."""
+    overwrite_output: bool = False
+    """Start at step 0 even though output_dir holds LoRA files / state folders of output_name from an earlier
+    run: those saves are deleted first, so the folder never mixes two runs. Off: such a run is refused."""
 
 
 class LoggingConfig(Section):

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from ..common.logger import get_logger
 from ..errors import UserError
-from ..utils.atomic import atomic_path, save_safetensors_atomic, write_json_atomic, write_text_atomic
+from ..utils.atomic import save_safetensors_atomic, torch_save_atomic, write_json_atomic, write_text_atomic
 
 logger = get_logger(__name__)
 
@@ -57,11 +57,6 @@ def save_name(output_name: str, *, step: int | None = None, epoch: int | None = 
     return base
 
 
-def _torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def tmp_folder_for(final: Path) -> Path:
     return final.parent / f".{final.name}.tmp"
 
@@ -76,14 +71,14 @@ def begin_state_folder(final: Path) -> Path:
 
 
 def write_rank_part(tmp: Path, rank: int, obj: Any) -> None:
-    _torch_save(obj, tmp / f"rank{rank}.pt")
+    torch_save_atomic(obj, tmp / f"rank{rank}.pt")
 
 
 def write_main_part(tmp: Path, payload: StatePayload) -> None:
     for name, tensors in payload.tensors.items():
         save_safetensors_atomic({k: v.detach().float().cpu() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
     for name, obj in payload.objects.items():
-        _torch_save(obj, tmp / f"{name}.pt")
+        torch_save_atomic(obj, tmp / f"{name}.pt")
     write_json_atomic(tmp / "trainer_state.json", payload.info)
     if payload.config_text:
         write_text_atomic(tmp / "config.toml", payload.config_text)

@@ -6,7 +6,9 @@ tensors only, so a state folder loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -74,3 +76,63 @@ def seeded_generator(seed: int) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
     return gen
+
+
+class RandomStream:
+    """A random stream of its own for the model's training forward / backward (LoRA dropouts and anything else
+    the model draws), swapped in as the process-wide torch generator (CPU and the device's CUDA generator) only
+    inside ``active()``.
+
+    The model keeps drawing from the global generator, which ``torch.utils.checkpoint`` saves and replays when
+    it recomputes a block, so dropout masks stay consistent under gradient checkpointing; and because nothing
+    else (data-loader workers, validation, sampling, user code) ever draws from this stream, the state saved
+    with a checkpoint continues exactly where the interrupted run stopped.
+    """
+
+    def __init__(self, seed: int, device: torch.device):
+        self.seed = seed
+        self.device = torch.device(device)
+        self.cpu_state = seeded_generator(seed).get_state()
+        self.cuda_state: torch.Tensor | None = None
+
+    def _cuda_index(self) -> int | None:
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            return None
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def _initial_cuda_state(self, index: int) -> torch.Tensor:
+        outer = torch.cuda.get_rng_state(index)
+        with torch.cuda.device(index):
+            torch.cuda.manual_seed(self.seed)
+        state = torch.cuda.get_rng_state(index)
+        torch.cuda.set_rng_state(outer, index)
+        return state
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        index = self._cuda_index()
+        outer_cpu = torch.get_rng_state()
+        torch.set_rng_state(self.cpu_state)
+        outer_cuda = None
+        if index is not None:
+            outer_cuda = torch.cuda.get_rng_state(index)
+            torch.cuda.set_rng_state(self.cuda_state if self.cuda_state is not None
+                                     else self._initial_cuda_state(index), index)
+        try:
+            yield
+        finally:
+            self.cpu_state = torch.get_rng_state()
+            torch.set_rng_state(outer_cpu)
+            if index is not None:
+                self.cuda_state = torch.cuda.get_rng_state(index)
+                torch.cuda.set_rng_state(outer_cuda, index)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"cpu": self.cpu_state.clone()}
+        if self.cuda_state is not None:
+            state["cuda"] = self.cuda_state.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cpu_state = state["cpu"].clone()
+        self.cuda_state = state["cuda"].clone() if "cuda" in state else None

@@ -27,7 +27,7 @@ from ..optimizers import resume_lr_scheduler
 from .distributed import average_gradients, broadcast_parameters, sum_across
 from .experts import Experts, RegimeSampler
 from .signals import StopRequest
-from .state import TrainState, global_rng_state, seeded_generator, set_global_rng_state
+from .state import RandomStream, TrainState, global_rng_state, seeded_generator, set_global_rng_state
 
 logger = get_logger(__name__)
 
@@ -87,6 +87,7 @@ class Trainer:
         metrics: Any = None,
         cfg: Any = None,
         resume_from: Path | None = None,
+        stop: StopRequest | None = None,
     ):
         self.accelerator = accelerator
         self.experts = experts
@@ -106,12 +107,14 @@ class Trainer:
         self.state = TrainState(expert_steps={name: 0 for name in experts.names})
         self.progress_postfix: dict[str, Any] = {}
         self.last_step: StepResult | None = None
-        self.stop = StopRequest()
+        self.stop = stop or StopRequest()
         self.stop_reason = "running"
         """"completed", "interrupted" or "failed" once ``train()`` ends (handlers read it in on_train_end)."""
         self.noise_gen = seeded_generator(seed + 1)
         self.timestep_gen = seeded_generator(seed + 2)
         self.regime_gen = seeded_generator(seed + 3)
+        self.model_rng = RandomStream(seed + 4 + 7919 * accelerator.process_index, accelerator.device)
+        """The model's own stream (dropouts): see ``RandomStream``; different on every process."""
         self._iter: Iterator[Any] | None = None
         self._epoch_len = len(loader)
         self._data_time = 0.0
@@ -170,6 +173,10 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> str:
         """Train to ``total_steps``; returns the stop reason ("completed" or "interrupted")."""
+        with self.stop.installed():
+            return self._train()
+
+    def _train(self) -> str:
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
             if self.state.step >= self.total_steps:
@@ -183,10 +190,10 @@ class Trainer:
                 self.stop_reason = "completed"
                 return self.stop_reason
         self.stop_reason = "running"
+        self.stop.phase = "training"
         try:
             self._call("on_train_start")
-            with self.stop.installed():
-                self._run_steps()
+            self._run_steps()
             finished = self.state.step >= self.total_steps
             self.stop_reason = "completed" if finished else "interrupted"
         except BaseException:
@@ -310,6 +317,12 @@ class Trainer:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Noise one micro-batch, predict the flow, compute the loss and (when finite) backpropagate it."""
         timings = timings if timings is not None else {"forward": 0.0, "backward": 0.0}
+        with self.model_rng.active():
+            return self._forward_backward(batch, expert, scale, timings)
+
+    def _forward_backward(
+        self, batch: dict[str, Any], expert: str, scale: float, timings: dict[str, float]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         start = time.perf_counter()
         batch = self._to_device(batch)
         for enh in self.enhancements:
@@ -428,6 +441,7 @@ class Trainer:
                     "noise": self.noise_gen.get_state(),
                     "timestep": self.timestep_gen.get_state(),
                     "regime": self.regime_gen.get_state(),
+                    "model": self.model_rng.state_dict(),
                 },
                 "loader": self.loader.state_dict(),
                 "batches_in_epoch": self.state.batches_in_epoch,
@@ -454,6 +468,8 @@ class Trainer:
         self.noise_gen.set_state(rank["generators"]["noise"])
         self.timestep_gen.set_state(rank["generators"]["timestep"])
         self.regime_gen.set_state(rank["generators"]["regime"])
+        if "model" in rank["generators"]:
+            self.model_rng.load_state_dict(rank["generators"]["model"])
         self.loader.load_state_dict(rank["loader"])
         self.state.batches_in_epoch = int(rank["batches_in_epoch"])
         self._iter = None

@@ -19,6 +19,8 @@ from ..config_parser import WanTrainerConfig, load_config
 from ..errors import UserError
 from .checkpoint_io import find_latest_state
 from .experts import DEFAULT, Experts, RegimeSampler, load_experts, plan_experts
+from .run_folder import claim_output_folder, refuse_or_clear_earlier_run
+from .signals import StopRequest
 from .state import seeded_generator
 from .training_core import Trainer, TrainGroup
 
@@ -185,19 +187,23 @@ def build_handlers(
     return handlers
 
 
-def resume_point(saving_cfg: Any) -> Path | None:
+def resume_point(saving_cfg: Any, *, main_process: bool = True) -> Path | None:
+    """The state folder to continue from, or None for a run from step 0 (refused over an earlier run's saves)."""
     if saving_cfg.resume is not None:
         return Path(saving_cfg.resume)
-    if saving_cfg.auto_resume:
-        found = find_latest_state(Path(saving_cfg.output_dir), saving_cfg.output_name)
-        if found is None:
-            logger.info("auto_resume: no state folder in %s yet; starting from step 0", saving_cfg.output_dir)
+    found = find_latest_state(Path(saving_cfg.output_dir), saving_cfg.output_name) if saving_cfg.auto_resume else None
+    if found is not None:
         return found
+    if main_process:  # the other processes follow the main one (which stops the launch when it refuses)
+        refuse_or_clear_earlier_run(saving_cfg)
+    if saving_cfg.auto_resume:
+        logger.info("auto_resume: no state folder of %s in %s yet; starting from step 0", saving_cfg.output_name,
+                    saving_cfg.output_dir)
     return None
 
 
 def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = None,
-                  accelerator: Any = None) -> Trainer:
+                  accelerator: Any = None, stop: StopRequest | None = None) -> Trainer:
     """Everything ``Trainer`` needs, built from the config."""
     from accelerate.utils import set_seed
 
@@ -207,6 +213,7 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     from .handlers.metrics import MetricsLogger
 
     accelerator = accelerator or make_accelerator(cfg)
+    resume_from = resume_point(cfg.saving, main_process=accelerator.is_main_process)  # refuses before loading
     metrics = MetricsLogger.from_config(cfg.logging, cfg.saving, enabled=accelerator.is_main_process)
     set_seed(cfg.training.seed)
     device = accelerator.device
@@ -243,22 +250,32 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
         enhancements=enhancements,
         metrics=metrics,
         cfg=cfg,
-        resume_from=resume_point(cfg.saving),
+        resume_from=resume_from,
+        stop=stop,
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    """CLI entry: train, with a progress bar on the main process."""
+    """CLI entry: train, with a progress bar on the main process. Exit 0 done, 130 / 143 interrupted (SIGINT /
+    SIGTERM) after saving a state, 2 a user error; the output folder is locked for the whole command."""
     from .handlers.progress import ProgressBarHandler
 
     cfg = load_config(args.config)
-    accelerator = make_accelerator(cfg)
-    # Under DDP only the main process logs at the configured level; the others report warnings and errors.
-    setup_logging(cfg.logging.logging_level if accelerator.is_main_process else "WARNING")
-    trainer = build_trainer(cfg, accelerator=accelerator)
-    if trainer.is_main_process:
-        trainer.handlers.append(ProgressBarHandler())
-    reason = trainer.train()
-    if trainer.is_main_process:
-        logger.info("training %s at step %d; files in %s", reason, trainer.state.step, cfg.saving.output_dir)
+    stop = StopRequest()
+    stop.phase = "starting"
+    with stop.installed():
+        accelerator = make_accelerator(cfg)
+        # Under DDP only the main process logs at the configured level; the others report warnings and errors.
+        setup_logging(cfg.logging.logging_level if accelerator.is_main_process else "WARNING")
+        with claim_output_folder(cfg.saving, main_process=accelerator.is_main_process):
+            trainer = build_trainer(cfg, accelerator=accelerator, stop=stop)
+            if trainer.is_main_process:
+                trainer.handlers.append(ProgressBarHandler())
+            reason = trainer.train()
+            stop.finish()
+        if trainer.is_main_process:
+            logger.info("training %s at step %d; files in %s", reason, trainer.state.step, cfg.saving.output_dir)
+    if reason == "interrupted":
+        logger.warning("exit code %d: interrupted by %s after saving a state", stop.exit_code, stop.signal_name)
+        return stop.exit_code
     return 0

@@ -144,8 +144,11 @@ class CachedDataLoader:
         self._sampler = _PlanSampler()
         self._loader = None
         if num_workers > 0:
+            # Its own generator: starting an epoch's workers never draws from the process-wide torch generator.
+            generator = torch.Generator().manual_seed(seed)
             self._loader = DataLoader(self._reader, batch_size=None, sampler=self._sampler, num_workers=num_workers,
-                                      persistent_workers=persistent_workers, collate_fn=_identity)
+                                      persistent_workers=persistent_workers, collate_fn=_identity,
+                                      generator=generator)
 
     def _group_items(self) -> list[tuple[tuple[int, tuple[int, int, int]], list[int]]]:
         groups: dict[tuple[int, tuple[int, int, int]], list[int]] = {}

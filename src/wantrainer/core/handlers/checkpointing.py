@@ -16,7 +16,6 @@ keeps the last N epoch saves.
 from __future__ import annotations
 
 import contextlib
-import errno
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 from ...common.logger import get_logger
 from ...errors import UserError
 from ...networks.formats import build_lora_metadata, save_lora
+from ...utils.atomic import DiskFullError, is_disk_full
 from .. import checkpoint_io as io
 from ..experts import DEFAULT, HIGH_NOISE, LOW_NOISE
 from .base import Handler
@@ -69,7 +69,8 @@ class CheckpointHandler(Handler):
         if trainer.stop_reason == "completed":
             self.save(trainer, with_state=False)
             if self.saving.save_state and self._state_saved_at != step:
-                self.save_state(trainer, io.save_name(self.saving.output_name, step=step))
+                with trainer.stop.deferred():
+                    self.save_state(trainer, io.save_name(self.saving.output_name, step=step))
         elif trainer.stop_reason == "interrupted":
             self.save(trainer, step=step, with_state=self._state_saved_at != step)
             state = self.output_dir / f"{io.save_name(self.saving.output_name, step=step)}-state"
@@ -82,19 +83,25 @@ class CheckpointHandler(Handler):
         """A full disk (or quota) while writing ``target`` is a ``UserError``; earlier files stay as they were."""
         try:
             yield
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except (OSError, DiskFullError) as exc:
+            if not isinstance(exc, DiskFullError) and not is_disk_full(exc, self.output_dir):
                 raise
             tmp = io.tmp_folder_for(target)
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no space left"
             raise UserError(
-                f"no space left in {self.output_dir} while saving {target.name} ({exc.strerror}); the earlier "
+                f"no space left in {self.output_dir} while saving {target.name} ({detail}); the earlier "
                 "saves are unchanged: free some space (or lower save_last_n_steps / save_last_n_epochs) and "
                 "resume from the newest state"
             ) from None
 
     def save(self, trainer: Any, *, step: int | None = None, epoch: int | None = None, with_state: bool) -> None:
+        """The LoRA file(s) and, ``with_state``, a state folder; no signal interrupts it (``stop.deferred``)."""
+        with trainer.stop.deferred():
+            self._save(trainer, step=step, epoch=epoch, with_state=with_state)
+
+    def _save(self, trainer: Any, *, step: int | None, epoch: int | None, with_state: bool) -> None:
         if trainer.accelerator.is_main_process:
             for group in trainer.groups:
                 if group.network is None:

@@ -24,30 +24,41 @@ logger = get_logger(__name__)
 
 
 class MetricsLogger:
-    """``log(dict, step)`` / ``log_image(tag, array, step)`` to the backends of ``log_with``."""
+    """``log(dict, step)`` / ``log_image(tag, array, step)`` to the backends of ``log_with``.
+
+    Nothing is created before ``open(step)`` (called when training starts), so a run that fails while starting
+    leaves no empty event file. ``open(step)`` of a resumed run passes ``purge_step``: TensorBoard then drops the
+    points an interrupted run logged after its last state, so the curve has no duplicated stretch.
+    """
 
     def __init__(self, log_dir: Path | None, log_with: str, *, enabled: bool = True, run_name: str = "wantrainer",
                  config: dict[str, Any] | None = None):
         self.log_dir = log_dir
-        self.log_with = log_with
+        self.log_with = log_with if enabled else "none"
+        self.run_name = run_name
+        self.config = config or {}
         self._tb = None
         self._wandb = None
-        if not enabled or log_with == "none":
+        if self.log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+            raise UserError(f'log_with = "{log_with}" needs wandb: pip install wandb (or use log_with = "tensorboard")')
+
+    def open(self, step: int = 0) -> None:
+        """Create the writers (once); ``step`` > 0 for a resumed run."""
+        if self.active or self.log_with == "none":
             return
-        if log_with in ("wandb", "all"):
-            if importlib.util.find_spec("wandb") is None:
-                raise UserError(f'log_with = "{log_with}" needs wandb: pip install wandb '
-                                '(or use log_with = "tensorboard")')
+        if self.log_with in ("wandb", "all"):
             import wandb
 
-            self._wandb = wandb.init(project=run_name, dir=str(log_dir) if log_dir else None, config=config or {})
-        if log_with in ("tensorboard", "all"):
+            self._wandb = wandb.init(project=self.run_name, dir=str(self.log_dir) if self.log_dir else None,
+                                     config=self.config)
+        if self.log_with in ("tensorboard", "all"):
             from torch.utils.tensorboard import SummaryWriter
 
-            assert log_dir is not None
-            log_dir.mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(log_dir=str(log_dir))
-            logger.info("TensorBoard logs in %s (tensorboard --logdir %s)", log_dir, log_dir)
+            assert self.log_dir is not None
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._tb = SummaryWriter(log_dir=str(self.log_dir), purge_step=step or None,
+                                     filename_suffix=f".{self.run_name}")
+            logger.info("TensorBoard logs in %s (tensorboard --logdir %s)", self.log_dir, self.log_dir)
 
     @classmethod
     def from_config(cls, logging_cfg: Any, saving_cfg: Any, *, enabled: bool, config: dict[str, Any] | None = None):
@@ -96,6 +107,9 @@ class MetricsHandler(Handler):
     def __init__(self, window: int = 100):
         self.window = window
         self.recent: deque[float] = deque(maxlen=window)
+
+    def on_train_start(self, trainer: Any) -> None:
+        trainer.metrics.open(trainer.state.step)
 
     def on_step_end(self, trainer: Any) -> None:
         result = trainer.last_step
