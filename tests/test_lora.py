@@ -79,7 +79,7 @@ def test_include_exclude_patterns():
     with pytest.raises(UserError, match="list of regex"):
         net(dit, network_args=["include_patterns='blocks'"])
     with pytest.raises(UserError, match="not available"):
-        net(dit, network_module="lycoris.kohya")
+        net(dit, network_module="lycoris.locon")
 
 
 def test_zero_init_is_identity_and_merge_matches_wrapped_forward():

@@ -2,8 +2,10 @@
 
     python tools/convert_lora.py IN.safetensors OUT.safetensors --to diffusers [--dtype bf16]
 
-kohya keeps rank and alpha; the other two layouts have no alpha, so alpha / rank is folded into the
-down (lora_A) weights and a reader applies scale 1. The metadata is copied.
+kohya keeps rank and alpha; for a LoRA the other two layouts have no alpha, so alpha / rank is folded into the
+down (lora_A) weights and a reader applies scale 1. LoHa, LoKr and DoRA files keep their tensor names and alpha in
+the diffusion_model layout (ComfyUI reads both); diffusers' Wan loader reads plain LoRA only, so they have no
+diffusers layout. The metadata is copied.
 """
 
 from __future__ import annotations
@@ -12,21 +14,29 @@ import argparse
 import sys
 
 from wantrainer.cli import run_reporting_errors
-from wantrainer.networks.formats import LAYOUTS, SAVE_DTYPES, from_kohya, load_lora, save_lora
+from wantrainer.networks.formats import (
+    FP32_SUFFIXES,
+    LAYOUTS,
+    SAVE_DTYPES,
+    from_kohya,
+    load_lora,
+    module_tensors,
+    save_lora,
+)
 from wantrainer.utils.atomic import save_safetensors_atomic
 
 
 def convert(src: str, dst: str, layout: str, dtype: str | None = None) -> int:
     """Write ``src`` as ``layout`` to ``dst``; returns the number of LoRA modules."""
     sd, meta = load_lora(src)
-    n_modules = sum(1 for k in sd if k.endswith(".lora_down.weight"))
+    n_modules = len(module_tensors(sd))
     if layout == "kohya":
-        first = next(v for k, v in sd.items() if k.endswith(".weight"))
+        first = next(v for k, v in sd.items() if not k.endswith(FP32_SUFFIXES))
         save_lora(dst, sd, meta, dtype=dtype or first.dtype)
         return n_modules
     out = from_kohya(sd, layout)
     if dtype is not None:
-        out = {k: v.to(SAVE_DTYPES[dtype]) for k, v in out.items()}
+        out = {k: v if k.endswith(FP32_SUFFIXES) else v.to(SAVE_DTYPES[dtype]) for k, v in out.items()}
     save_safetensors_atomic(out, dst, metadata=meta)
     return n_modules
 

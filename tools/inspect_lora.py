@@ -1,4 +1,4 @@
-"""Show what a LoRA file contains: layout, modules, rank, alpha, scale, dtype, norms and metadata.
+"""Show what a LoRA / LoHa / LoKr / DoRA file contains: layout, type, modules, rank, alpha, dtype, norms, metadata.
 
     python tools/inspect_lora.py LORA.safetensors [--metadata] [--modules]
 """
@@ -10,7 +10,15 @@ import sys
 from collections import Counter
 
 from wantrainer.cli import run_reporting_errors
-from wantrainer.networks.formats import detect_layout, kohya_to_path, read_safetensors, to_kohya
+from wantrainer.networks.adapters import module_from_tensors, module_rank, module_shape
+from wantrainer.networks.formats import (
+    adapter_type,
+    detect_layout,
+    kohya_to_path,
+    module_tensors,
+    read_safetensors,
+    to_kohya,
+)
 
 SHORT_METADATA = (
     "modelspec.architecture", "modelspec.title", "modelspec.date", "modelspec.resolution",
@@ -23,13 +31,15 @@ def describe(path: str, show_metadata: bool = False, show_modules: bool = False)
     raw, meta = read_safetensors(path)
     layout = detect_layout(list(raw))
     sd = to_kohya(raw, layout)
-    names = sorted({k.rsplit(".", 2)[0] for k in sd if k.endswith(".lora_down.weight")})
-    ranks = Counter(sd[f"{n}.lora_down.weight"].shape[0] for n in names)
-    alphas = Counter(float(sd[f"{n}.alpha"]) for n in names)
+    modules = module_tensors(sd)
+    names = sorted(modules)
+    ranks = Counter(module_rank(modules[n]) for n in names)
+    alphas = Counter(float(modules[n]["alpha"]) for n in names)
     dtypes = Counter(str(v.dtype).replace("torch.", "") for k, v in raw.items() if not k.endswith(".alpha"))
     lines = [
         f"file:     {path}",
         f"layout:   {layout}",
+        f"type:     {adapter_type(sd)}",
         f"modules:  {len(names)} ({len(raw)} tensors)",
         f"rank:     {', '.join(f'{r} x{c}' for r, c in sorted(ranks.items()))}",
         f"alpha:    {', '.join(f'{a:g} x{c}' for a, c in sorted(alphas.items()))}",
@@ -40,15 +50,16 @@ def describe(path: str, show_metadata: bool = False, show_modules: bool = False)
     lines.append("targets:  " + ", ".join(f"{g} x{c}" for g, c in sorted(groups.items())))
     norms = []
     for n in names:
-        up, down = sd[f"{n}.lora_up.weight"].float(), sd[f"{n}.lora_down.weight"].float()
-        scale = float(sd[f"{n}.alpha"]) / down.shape[0]
-        norms.append((n, float((up @ down).norm()) * scale))
+        out_features, in_features = module_shape(modules[n])
+        module = module_from_tensors(n, modules[n], in_features, out_features)
+        norms.append((n, float(module.scaled_delta().detach().float().norm())))
     zero = sum(1 for _, v in norms if v == 0.0)
     if norms:
         mean = sum(v for _, v in norms) / len(norms)
-        lines.append(f"|scale*up@down|: mean {mean:.4g}, max {max(v for _, v in norms):.4g}, zero modules {zero}")
+        lines.append(f"|dW| (scaled update, before DoRA): mean {mean:.4g}, max {max(v for _, v in norms):.4g}, "
+                     f"zero modules {zero}")
     if show_modules:
-        lines += [f"  {kohya_to_path(n):32s} rank {sd[n + '.lora_down.weight'].shape[0]:4d}  |delta| {v:.4g}" for n, v in norms]
+        lines += [f"  {kohya_to_path(n):32s} rank {module_rank(modules[n]):>4s}  |dW| {v:.4g}" for n, v in norms]
     keys = sorted(meta) if show_metadata else [k for k in SHORT_METADATA if k in meta]
     if keys:
         lines.append("metadata:")
@@ -62,7 +73,7 @@ def describe(path: str, show_metadata: bool = False, show_modules: bool = False)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("lora", help="LoRA .safetensors file (kohya, diffusion_model or diffusers layout)")
+    parser.add_argument("lora", help="adapter .safetensors file (kohya, diffusion_model or diffusers layout)")
     parser.add_argument("--metadata", action="store_true", help="print every metadata key in full")
     parser.add_argument("--modules", action="store_true", help="list every module with its rank and update norm")
     args = parser.parse_args(argv)

@@ -1,9 +1,11 @@
-"""Merge one or more LoRAs into a Wan DiT checkpoint file: W += multiplier * alpha / rank * up @ down.
+"""Merge one or more adapters (LoRA, LoHa, LoKr, with or without DoRA) into a Wan DiT checkpoint file.
 
     python tools/merge_lora.py --dit DIT.safetensors --lora A.safetensors [--lora B.safetensors]
         [--multiplier 1.0 [--multiplier 0.5]] --out MERGED.safetensors [--dtype bf16]
 
-The sum is computed in fp32 and stored in each weight's own dtype (or --dtype). Key prefixes
+Each weight becomes what ComfyUI computes at that strength: ``W + m * dW`` (LoRA ``alpha / rank * up @ down``,
+LoHa, LoKr), or for DoRA ``W + m * (W' * dora_scale / ||W'|| - W)`` with ``W' = W + dW``. Several files are applied
+in order. The sum is computed in fp32 and stored in each weight's own dtype (or --dtype). Key prefixes
 (``model.diffusion_model.``) are kept; fp8 checkpoints must be converted to bf16 first.
 """
 
@@ -16,7 +18,14 @@ import torch
 
 from wantrainer.cli import run_reporting_errors
 from wantrainer.errors import UserError
-from wantrainer.networks.formats import SAVE_DTYPES, kohya_to_path, load_lora, read_safetensors
+from wantrainer.networks.adapters import module_from_tensors, module_shape
+from wantrainer.networks.formats import (
+    SAVE_DTYPES,
+    kohya_to_path,
+    load_lora,
+    module_tensors,
+    read_safetensors,
+)
 from wantrainer.utils.atomic import save_safetensors_atomic
 
 DIT_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
@@ -44,16 +53,17 @@ def merge(dit_path: str, loras: list[str], multipliers: list[float], out: str, d
     changed: dict[str, torch.Tensor] = {}
     for lora_path, multiplier in zip(loras, multipliers):
         sd, _ = load_lora(lora_path)
-        for name in sorted({k.rsplit(".", 2)[0] for k in sd if k.endswith(".lora_down.weight")}):
+        for name, tensors in sorted(module_tensors(sd).items()):
             key = _weight_key(dit, kohya_to_path(name))
             if dit[key].dtype in FP8:
                 raise UserError(f"{dit_path}: {key} is fp8; merge into the bf16/fp16 release instead")
-            up, down = sd[f"{name}.lora_up.weight"].float(), sd[f"{name}.lora_down.weight"].float()
-            if (up.shape[0], down.shape[1]) != tuple(dit[key].shape):
-                raise UserError(f"{lora_path}: {name} is {up.shape[0]}x{down.shape[1]}, the DiT's {key} is {list(dit[key].shape)}")
-            scale = float(sd[f"{name}.alpha"]) / down.shape[0]
-            base = changed.get(key, dit[key].float())
-            changed[key] = base + multiplier * scale * (up @ down)
+            out_features, in_features = module_shape(tensors)
+            if (out_features, in_features) != tuple(dit[key].shape):
+                raise UserError(f"{lora_path}: {name} is {out_features}x{in_features}, the DiT's {key} is "
+                                f"{list(dit[key].shape)}")
+            module = module_from_tensors(name, tensors, in_features, out_features)
+            module.multiplier = multiplier
+            changed[key] = module.merged_weight(changed.get(key, dit[key].float()))
     for key, value in changed.items():
         dit[key] = value.to(dit[key].dtype)
     if dtype is not None:
@@ -65,7 +75,8 @@ def merge(dit_path: str, loras: list[str], multipliers: list[float], out: str, d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dit", required=True, help="DiT checkpoint (single .safetensors file)")
-    parser.add_argument("--lora", required=True, action="append", help="LoRA file (repeat for several)")
+    parser.add_argument("--lora", required=True, action="append",
+                        help="LoRA / LoHa / LoKr / DoRA file (repeat for several)")
     parser.add_argument("--multiplier", type=float, action="append", default=[], help="strength (one, or one per --lora)")
     parser.add_argument("--out", required=True, help="merged checkpoint to write")
     parser.add_argument("--dtype", choices=sorted(SAVE_DTYPES), help="cast all float tensors (default: keep)")

@@ -61,15 +61,15 @@ class OptimizerConfig(Section):
 
 class NetworkConfig(Section):
     network_module: str = "networks.lora_wan"
-    """The adapter family to train."""
+    """The adapter family: "networks.lora_wan" (LoRA, DoRA with network_args dora_wd=True) or "lycoris.kohya" (network_args algo=loha | lokr | lora; see docs/adapters.md)."""
     network_dim: int = Field(32, ge=1)
-    """LoRA rank."""
+    """Rank of the adapter (LoRA / LoHa rank; LoKr: rank of the decomposed second Kronecker factor)."""
     network_alpha: float = Field(16.0, gt=0)
-    """LoRA alpha; the update is scaled by alpha / rank (alpha / sqrt(rank) with use_rslora)."""
+    """Alpha; the update is scaled by alpha / rank (alpha / sqrt(rank) with use_rslora; 1 for a LoKr with two full factors)."""
     network_dropout: float | None = Field(None, ge=0, lt=1)
     """Dropout on the LoRA down-projection output during training."""
     network_args: list[str] = Field(default_factory=list)
-    """Extra network arguments as "key=value" literals: include_patterns / exclude_patterns (lists of regex matched against whole module paths such as "blocks.3.ffn.0"), verbose = True."""
+    """Extra network arguments as "key=value" literals: include_patterns / exclude_patterns (lists of regex matched against whole module paths such as "blocks.3.ffn.0"), verbose = True, dora_wd = True (DoRA); with lycoris.kohya also algo = loha | lokr | lora, factor = N and full_matrix = True (LoKr)."""
     network_weights: Path | None = None
     """Continue training from this existing LoRA file (kohya, diffusion_model or diffusers layout; network_dim must match)."""
     use_rslora: bool = False

@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from ..errors import UserError
 from ..utils.atomic import save_safetensors_atomic
+from .adapters import ADAPTER_SUFFIXES, adapter_kind
 from .lora_wan import KOHYA_PREFIX, kohya_name
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -94,7 +95,14 @@ def path_to_diffusers(path: str) -> str:
 
 # -- detection and conversion to kohya --------------------------------------------------------------
 
-_SUFFIX_RE = re.compile(r"(.+)\.(lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha)")
+_LYCORIS_SUFFIXES = tuple(x for x in ADAPTER_SUFFIXES if x not in ("lora_down.weight", "lora_up.weight", "alpha"))
+_SUFFIX_RE = re.compile(
+    r"(.+)\.(lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha|"
+    + "|".join(_LYCORIS_SUFFIXES) + ")"
+)
+FP32_SUFFIXES = (".alpha", ".dora_scale")
+"""Saved in float32 whatever the save precision: ``alpha`` and the DoRA magnitudes (a bf16 magnitude would change
+the layer by up to 0.4 %)."""
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
 
 
@@ -125,7 +133,8 @@ def to_kohya(sd: Mapping[str, torch.Tensor], layout: str | None = None) -> dict[
     for key, value in sd.items():
         m = _SUFFIX_RE.fullmatch(key if layout == "kohya" else _strip_prefix(key))
         if m is None:
-            raise UserError(f"unsupported tensor in LoRA file: {key!r} (only lora_down/up, lora_A/B, alpha)")
+            raise UserError(f"unsupported tensor in LoRA file: {key!r} (only lora_down/up, lora_A/B, alpha, "
+                            "LoHa hada_*, LoKr lokr_* and DoRA dora_scale)")
         module, kind = m.group(1), m.group(2)
         if layout == "kohya":
             kohya_to_path(module)  # validates the name
@@ -144,7 +153,49 @@ def to_kohya(sd: Mapping[str, torch.Tensor], layout: str | None = None) -> dict[
         if up.shape[1] != down.shape[0]:
             raise UserError(f"LoRA module {name}: up {list(up.shape)} and down {list(down.shape)} ranks differ")
         out.setdefault(f"{name}.alpha", torch.tensor(float(down.shape[0])))
+    for name, tensors in module_tensors(out).items():
+        _check_lycoris(name, tensors)
+        if "hada_w1_b" in tensors:
+            out.setdefault(f"{name}.alpha", torch.tensor(float(tensors["hada_w1_b"].shape[0])))
+        elif "lokr_w1" in tensors:  # no alpha means scale 1
+            rank = tensors["lokr_w2_b"].shape[0] if "lokr_w2_b" in tensors else 1
+            out.setdefault(f"{name}.alpha", torch.tensor(float(rank)))
     return out
+
+
+_REQUIRED = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+
+
+def _check_lycoris(name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    kinds = [k for k, probe in (("lora", "lora_down.weight"), ("loha", "hada_w1_a"), ("lokr", "lokr_w1"))
+             if probe in tensors]
+    if len(kinds) != 1:
+        found = ", ".join(sorted(tensors))
+        raise UserError(f"adapter module {name} has no complete LoRA / LoHa / LoKr weights (found {found}); "
+                        "LoKr files with a decomposed lokr_w1 (lokr_w1_a / lokr_w1_b) are not supported")
+    missing = [k for k in _REQUIRED.get(kinds[0], ()) if k not in tensors]
+    if kinds[0] == "lokr" and "lokr_w2" not in tensors and not {"lokr_w2_a", "lokr_w2_b"} <= set(tensors):
+        missing.append("lokr_w2 (or lokr_w2_a and lokr_w2_b)")
+    if missing:
+        raise UserError(f"adapter module {name} ({kinds[0]}) lacks {', '.join(missing)}")
+
+
+def module_tensors(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """kohya state dict -> module name -> {suffix: tensor} (``lora_down.weight``, ``hada_w1_a``, ``alpha``, ...)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        m = _SUFFIX_RE.fullmatch(key)
+        if m is not None:
+            modules.setdefault(m.group(1), {})[m.group(2)] = value
+    return modules
+
+
+def adapter_type(sd: Mapping[str, torch.Tensor]) -> str:
+    """What a kohya state dict holds: ``"lora"``, ``"loha"``, ``"lokr"`` (``+dora`` with DoRA magnitudes), or
+    ``"mixed"``."""
+    kinds = {adapter_kind(dict(t)) for t in module_tensors(sd).values()}
+    kind = kinds.pop() if len(kinds) == 1 else "mixed"
+    return kind + ("+dora" if any(k.endswith(".dora_scale") for k in sd) else "")
 
 
 def from_kohya(sd: Mapping[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
@@ -153,7 +204,16 @@ def from_kohya(sd: Mapping[str, torch.Tensor], layout: str) -> dict[str, torch.T
         return dict(sd)
     if layout not in LAYOUTS:
         raise UserError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    kind = adapter_type(sd)
+    if kind != "lora" and layout == "diffusers":
+        raise UserError(f"this file holds {kind} weights; diffusers' Wan loader reads plain LoRA only: use the kohya "
+                        "or diffusion_model layout, or merge it into the DiT (tools/merge_lora.py)")
     out = {}
+    if kind != "lora":  # ComfyUI reads the LyCORIS / DoRA names with a diffusion_model. prefix too, alpha kept
+        for key, value in sd.items():
+            name, suffix = _SUFFIX_RE.fullmatch(key).groups()
+            out[f"diffusion_model.{kohya_to_path(name)}.{suffix}"] = value
+        return out
     for name in sorted({k.rsplit(".", 2)[0] for k in sd if k.endswith(".lora_down.weight")}):
         down, up = sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"]
         alpha = sd.get(f"{name}.alpha")
@@ -174,10 +234,11 @@ def save_lora(
     metadata: Mapping[str, str] | None = None,
     dtype: str | torch.dtype = "bf16",
 ) -> None:
-    """Write a kohya-layout LoRA atomically; weights in ``dtype``, ``.alpha`` always present (fp32)."""
+    """Write a kohya-layout LoRA atomically; weights in ``dtype``, ``.alpha`` always present and ``.alpha`` /
+    ``.dora_scale`` in fp32."""
     dtype = SAVE_DTYPES[dtype] if isinstance(dtype, str) else dtype
     sd = to_kohya(state_dict, "kohya")
-    tensors = {k: (v.float() if k.endswith(".alpha") else v.to(dtype)).detach().cpu() for k, v in sd.items()}
+    tensors = {k: (v.float() if k.endswith(FP32_SUFFIXES) else v.to(dtype)).detach().cpu() for k, v in sd.items()}
     meta = {}
     for key, value in (metadata or {}).items():
         if not isinstance(value, str):

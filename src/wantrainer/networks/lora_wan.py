@@ -12,27 +12,27 @@ With ``use_rslora`` the scale is ``alpha / sqrt(rank)``; the saved ``.alpha`` is
 
 from __future__ import annotations
 
-import ast
-import functools
 import math
 import re
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..common.logger import get_logger
-from ..config.training import NetworkConfig
 from ..errors import UserError
+from .adapters import AdapterModule, LoHaModule, LoKrModule, dense_weight
+from .args import network_problems, parse_network_args
+
+if TYPE_CHECKING:
+    from ..config.training import NetworkConfig
 
 logger = get_logger(__name__)
 
 DEFAULT_TARGET = r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)|blocks\.\d+\.ffn\.(0|2)"
 KOHYA_PREFIX = "lora_unet_"
-NETWORK_MODULE_NAMES = ("networks.lora_wan", "wantrainer.networks.lora_wan")
-NETWORK_ARG_KEYS = ("include_patterns", "exclude_patterns", "verbose")
 
 
 def kohya_name(module_path: str) -> str:
@@ -40,7 +40,7 @@ def kohya_name(module_path: str) -> str:
     return KOHYA_PREFIX + module_path.replace(".", "_")
 
 
-class LoRAModule(nn.Module):
+class LoRAModule(AdapterModule):
     """The low-rank pair for one Linear: ``lora_down`` [rank, in], ``lora_up`` [out, rank], ``alpha``."""
 
     def __init__(
@@ -56,20 +56,15 @@ class LoRAModule(nn.Module):
         module_dropout: float | None = None,
         generator: torch.Generator | None = None,
     ):
-        super().__init__()
-        self.lora_name = lora_name
+        super().__init__(lora_name, alpha, module_dropout=module_dropout)
         self.rank = rank
         self.lora_down = nn.Linear(in_features, rank, bias=False)
         self.lora_up = nn.Linear(rank, out_features, bias=False)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_up.weight)
-        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
         self.scale = float(alpha) / rank
-        self.multiplier = 1.0
         self.dropout = dropout
         self.rank_dropout = rank_dropout
-        self.module_dropout = module_dropout
-        self._wrapped: list[tuple[nn.Module, Callable]] = []  # (base Linear, its original forward)
 
     def refresh_scale(self) -> None:
         self.scale = float(self.alpha.item()) / self.rank
@@ -86,23 +81,8 @@ class LoRAModule(nn.Module):
             scale = scale / (1.0 - self.rank_dropout)
         return self.lora_up(lx) * (self.multiplier * scale)
 
-    def _forward(self, org_forward: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = org_forward(x, *args, **kwargs)
-        if self.multiplier == 0.0:
-            return out
-        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
-            return out
-        return out + self.delta(x).to(out.dtype)
-
-    def wrap(self, base: nn.Module) -> None:
-        org_forward = base.forward
-        base.forward = functools.partial(self._forward, org_forward)
-        self._wrapped.append((base, org_forward))
-
-    def unwrap(self) -> None:
-        for base, org_forward in self._wrapped:
-            base.forward = org_forward
-        self._wrapped.clear()
+    def scaled_delta(self) -> torch.Tensor:
+        return (self.lora_up.weight @ self.lora_down.weight) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
         """``multiplier * scale * up @ down`` (fp32), the update merged into the base weight."""
@@ -128,26 +108,76 @@ class LoRANetwork(nn.Module):
         include_patterns: list[str] | None = None,
         exclude_patterns: list[str] | None = None,
         verbose: bool = False,
+        algo: str = "lora",
+        dora_wd: bool = False,
+        factor: int = -1,
+        full_matrix: bool = False,
         generator: torch.Generator | None = None,
     ):
         super().__init__()
         self.rank, self.use_rslora, self.loraplus_lr_ratio = rank, use_rslora, loraplus_lr_ratio
+        self.algo, self.dora_wd = algo, dora_wd
         self.saved_alpha = alpha * math.sqrt(rank) if use_rslora else alpha
         self.module_paths = select_targets(dit, include_patterns or [], exclude_patterns or [])
-        self.lora_modules: list[LoRAModule] = []
+        self.lora_modules: list[AdapterModule] = []
         for path in self.module_paths:
             base = dit.get_submodule(path)
-            module = LoRAModule(
-                kohya_name(path), base.in_features, base.out_features, rank, self.saved_alpha,
-                dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout, generator=generator,
-            )  # fmt: skip
+            name, sizes = kohya_name(path), (base.in_features, base.out_features, rank, self.saved_alpha)
+            if algo == "loha":
+                module = LoHaModule(name, *sizes, module_dropout=module_dropout, generator=generator)
+            elif algo == "lokr":
+                module = LoKrModule(name, *sizes, factor=factor, full_matrix=full_matrix,
+                                    module_dropout=module_dropout, generator=generator)
+            else:
+                module = LoRAModule(name, *sizes, dropout=dropout, rank_dropout=rank_dropout,
+                                    module_dropout=module_dropout, generator=generator)
+            if dora_wd:
+                module.enable_dora(dense_weight(base))
             self.add_module(module.lora_name, module)
             self.lora_modules.append(module)
         self.set_multiplier(multiplier)
         if verbose:
             for path in self.module_paths:
-                logger.info("LoRA target: %s", path)
-        logger.info("LoRA: %d modules, rank %d, scale %.4g", len(self.lora_modules), rank, self.saved_alpha / rank)
+                logger.info("%s target: %s", algo, path)
+        logger.info("%s%s: %d modules, rank %d, alpha %g", {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}[algo],
+                    " + DoRA" if dora_wd else "", len(self.lora_modules), rank, self.saved_alpha)
+
+    @classmethod
+    def from_modules(cls, modules: dict[str, AdapterModule], multiplier: float = 1.0) -> LoRANetwork:
+        """A network of ready modules (module path -> module), e.g. read from a file by ``from_state_dict``."""
+        network = cls.__new__(cls)
+        nn.Module.__init__(network)
+        network.rank, network.use_rslora, network.loraplus_lr_ratio = None, False, None
+        network.algo = "mixed"
+        network.dora_wd = any(m.dora_scale is not None for m in modules.values())
+        network.module_paths = list(modules)
+        network.lora_modules = []
+        for module in modules.values():
+            network.add_module(module.lora_name, module)
+            network.lora_modules.append(module)
+        network.set_multiplier(multiplier)
+        return network
+
+    @classmethod
+    def from_state_dict(cls, dit: nn.Module, sd: dict[str, torch.Tensor], multiplier: float = 1.0,
+                        source: str = "LoRA file") -> LoRANetwork:
+        """The network a kohya state dict describes (LoRA, LoHa, LoKr, with or without DoRA) for ``dit``."""
+        from .adapters import module_from_tensors
+        from .formats import module_tensors
+
+        by_kohya = {kohya_name(name): name for name, m in dit.named_modules() if isinstance(m, nn.Linear)}
+        tensors = module_tensors(sd)
+        if not tensors:
+            raise UserError(f"{source}: no adapter weights (lora_down / hada_* / lokr_* tensors) found")
+        unknown = sorted(name for name in tensors if name not in by_kohya)
+        if unknown:
+            raise UserError(f"{source}: {len(unknown)} adapter module(s) do not exist in this DiT, e.g. "
+                            f"{unknown[0]!r}; was it made for this model?")
+        modules = {}
+        for name in sorted(tensors, key=lambda n: list(by_kohya).index(n)):
+            base = dit.get_submodule(by_kohya[name])
+            modules[by_kohya[name]] = module_from_tensors(name, tensors[name], base.in_features, base.out_features)
+        return cls.from_modules(modules, multiplier)
 
     # -- applying ---------------------------------------------------------------------------------
 
@@ -175,18 +205,22 @@ class LoRANetwork(nn.Module):
             weight = dit.get_submodule(path).weight
             if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                 raise UserError(f"cannot merge a LoRA into the fp8 weight of {path}; load the DiT in bf16/fp32")
-            merged = weight.float() + module.delta_weight().to(weight.device)
+            merged = module.merged_weight(dense_weight(dit.get_submodule(path)))
             weight.copy_(merged.to(weight.dtype))
 
     # -- training ---------------------------------------------------------------------------------
 
     def prepare_optimizer_params(self, lr: float) -> list[dict]:
-        """Param groups: down (and, without LoRA+, up) at ``lr``; with LoRA+ the up weights at lr * ratio."""
+        """Param groups at ``lr`` (LoRA: every down, then every up, then DoRA magnitudes); with LoRA+ the up
+        weights at lr * ratio."""
+        if self.algo != "lora":
+            return [{"params": [p for m in self.lora_modules for p in m.optimizer_params()], "lr": lr}]
         down = [m.lora_down.weight for m in self.lora_modules]
         up = [m.lora_up.weight for m in self.lora_modules]
+        magnitudes = [m.dora_scale for m in self.lora_modules if m.dora_scale is not None]
         if not self.loraplus_lr_ratio:
-            return [{"params": down + up, "lr": lr}]
-        return [{"params": down, "lr": lr}, {"params": up, "lr": lr * self.loraplus_lr_ratio}]
+            return [{"params": down + up + magnitudes, "lr": lr}]
+        return [{"params": down + magnitudes, "lr": lr}, {"params": up, "lr": lr * self.loraplus_lr_ratio}]
 
     def load_weights(self, path: str | Path) -> None:
         """Load an existing LoRA file (any layout ``formats.load_lora`` reads) into this network."""
@@ -243,37 +277,14 @@ def select_targets(dit: nn.Module, include: list[str], exclude: list[str]) -> li
     return paths
 
 
-def parse_network_args(args: list[str]) -> dict:
-    """``["include_patterns=['...']", "verbose=True"]`` -> dict; values are Python literals."""
-    parsed: dict = {}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        key = key.strip()
-        if sep and key in NetworkConfig.model_fields:
-            raise UserError(f"network_args: {key} is a top-level key; write `{key} = {value.strip()}` instead")
-        if not sep or key not in NETWORK_ARG_KEYS:
-            raise UserError(f"network_args: {arg!r} is not one of {', '.join(k + '=...' for k in NETWORK_ARG_KEYS)}")
-        try:
-            parsed[key] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            raise UserError(f"network_args: {key} = {value.strip()!r} is not a Python literal") from None
-    for key in ("include_patterns", "exclude_patterns"):
-        value = parsed.get(key, [])
-        if not isinstance(value, list | tuple) or not all(isinstance(p, str) for p in value):
-            raise UserError(f"network_args: {key} must be a list of regex strings, e.g. {key}=['blocks\\.0\\..*']")
-        parsed[key] = list(value)
-    if not isinstance(parsed.get("verbose", False), bool):
-        raise UserError("network_args: verbose must be True or False")
-    return parsed
-
-
 def create_network(
     cfg: NetworkConfig, dit: nn.Module, multiplier: float = 1.0, generator: torch.Generator | None = None
 ) -> LoRANetwork:
     """Build the LoRA for ``dit`` from the network section; loads ``network_weights`` when it is set."""
-    if cfg.network_module not in NETWORK_MODULE_NAMES:
-        raise UserError(f"network_module = {cfg.network_module!r} is not available; use \"networks.lora_wan\"")
-    args = parse_network_args(cfg.network_args)
+    problems = network_problems(cfg)
+    if problems:
+        raise UserError("; ".join(problems))
+    spec = parse_network_args(cfg.network_module, cfg.network_args)
     network = LoRANetwork(
         dit,
         rank=cfg.network_dim,
@@ -284,9 +295,13 @@ def create_network(
         rank_dropout=cfg.rank_dropout,
         module_dropout=cfg.module_dropout,
         loraplus_lr_ratio=cfg.loraplus_lr_ratio,
-        include_patterns=args["include_patterns"],
-        exclude_patterns=args["exclude_patterns"],
-        verbose=args.get("verbose", False),
+        include_patterns=spec.include_patterns,
+        exclude_patterns=spec.exclude_patterns,
+        verbose=spec.verbose,
+        algo=spec.algo,
+        dora_wd=spec.dora_wd,
+        factor=spec.factor,
+        full_matrix=spec.full_matrix,
         generator=generator,
     )
     if cfg.network_weights is not None:

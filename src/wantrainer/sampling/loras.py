@@ -8,7 +8,6 @@ LoRA as a wrapper around each Linear.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -52,11 +51,6 @@ def assign_loras(paths: list[Path], two_experts: bool) -> dict[str, Path | None]
     return {"high": paths[0], "low": paths[1]}
 
 
-def _lora_modules(sd: dict[str, torch.Tensor]) -> dict[str, int]:
-    """kohya module name -> rank, from the ``lora_down`` weights."""
-    return {key[: -len(".lora_down.weight")]: int(v.shape[0]) for key, v in sd.items() if key.endswith(".lora_down.weight")}
-
-
 def apply_lora_file(
     dit: nn.Module, path: Path, multiplier: float, device: torch.device | str | None = None
 ) -> nn.Module:
@@ -66,34 +60,19 @@ def apply_lora_file(
     DiT is now), so it stays in place while an offloaded expert moves between the CPU and the GPU.
     """
     from ..networks.formats import load_lora
-    from ..networks.lora_wan import LoRANetwork, kohya_name
+    from ..networks.lora_wan import LoRANetwork
 
     if not Path(path).is_file():
         raise UserError(f"--lora: file not found: {path}")
     sd, _ = load_lora(path)
-    ranks = _lora_modules(sd)
-    if not ranks:
-        raise UserError(f"{path}: no LoRA weights (no '*.lora_down.weight' tensors) found")
-    by_kohya = {kohya_name(name): name for name, module in dit.named_modules() if isinstance(module, nn.Linear)}
-    unknown = sorted(name for name in ranks if name not in by_kohya)
-    if unknown:
-        raise UserError(
-            f"{path}: {len(unknown)} LoRA module(s) do not exist in this DiT, e.g. {unknown[0]!r}; "
-            "was the LoRA made for this model?"
-        )
-    if len(set(ranks.values())) != 1:
-        raise UserError(f"{path}: modules of different ranks ({sorted(set(ranks.values()))}) are not supported")
-    rank = next(iter(ranks.values()))
-    targets = [re.escape(by_kohya[name]) for name in ranks]
-    network = LoRANetwork(dit, rank=rank, alpha=float(rank), multiplier=multiplier, include_patterns=targets)
-    network.load_weights(path)
+    network = LoRANetwork.from_state_dict(dit, sd, multiplier, source=str(path))
     network.eval()
     if any(t.dtype in _FP8 for t in dit.state_dict().values()):
         network.to(device=device if device is not None else dit.device)
         network.apply_to(dit)
-        logger.info("LoRA %s applied to %d fp8 Linear(s) at multiplier %g", Path(path).name, len(ranks), multiplier)
+        logger.info("LoRA %s applied to %d fp8 Linear(s) at multiplier %g", Path(path).name, len(network.module_paths), multiplier)
     else:
         network.to(device=dit.device)
         network.merge_to(dit)
-        logger.info("LoRA %s merged into %d Linear(s) at multiplier %g", Path(path).name, len(ranks), multiplier)
+        logger.info("LoRA %s merged into %d Linear(s) at multiplier %g", Path(path).name, len(network.module_paths), multiplier)
     return network

@@ -31,7 +31,7 @@ from .base import Handler
 
 logger = get_logger(__name__)
 
-_NETWORK_META_KEYS = ("network_dim", "network_alpha", "use_rslora", "network_dropout", "rank_dropout",
+_NETWORK_META_KEYS = ("network_module", "network_dim", "network_alpha", "use_rslora", "network_dropout", "rank_dropout",
                       "module_dropout", "network_args", "loraplus_lr_ratio", "dual_lora_mode")
 
 
