@@ -8,12 +8,17 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from train_support import load
-from wantrainer.core.run_folder import RunLock, claim_output_folder, earlier_saves, lock_path, remove_stray_temporaries
+from wantrainer.core.run_folder import (
+    RunLock,
+    claim_output_folder,
+    earlier_saves,
+    lock_path,
+    remove_stray_temporaries,
+)
 from wantrainer.core.wan_network_trainer import build_trainer
 from wantrainer.errors import UserError
 from wantrainer.utils import atomic
