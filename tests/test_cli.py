@@ -27,9 +27,16 @@ def complete_config(tmp_path: Path) -> Path:
     for name in ("dit.safetensors", "high.safetensors", "vae.safetensors", "t5.pth", "lora.safetensors"):
         write(tmp_path / "models" / name, "x")
     (tmp_path / "models" / "tok").mkdir()
-    write(tmp_path / "data" / "img" / "a.png", "x")  # validate lists media files, it never decodes them
-    write(tmp_path / "data" / "vid" / "a.mp4", "x")
-    write(tmp_path / "data" / "val.jsonl", "")
+    import numpy as np
+    from PIL import Image
+
+    from wantrainer.devkit.synthetic import write_mp4
+
+    (tmp_path / "data" / "img").mkdir(parents=True)  # validate probes the media (sizes, frame counts)
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "data" / "img" / "a.png")
+    (tmp_path / "data" / "vid").mkdir()
+    write_mp4(tmp_path / "data" / "vid" / "a.mp4", [np.full((32, 32, 3), i * 10, np.uint8) for i in range(17)])
+    write(tmp_path / "data" / "val.jsonl", '{"image_path": "img/a.png", "caption": "red"}\n')
     return write(tmp_path / "cfg" / "run.toml", """
 target_model = "wan22"
 dit = "../models/dit.safetensors"
@@ -72,7 +79,8 @@ def test_validate_ok_prints_changes_and_dataset_lines(complete_config, capsys):
     train1 = next(line for line in out.splitlines() if "train[1]:" in line)
     assert "videos in" in train1 and "frames [1, 17]" in train1
     assert any("val[0]: image list" in line for line in out.splitlines())
-    assert out.rstrip().endswith("config OK")
+    assert "  train: ready" in out and "  cache-latents: ready" in out
+    assert out.rstrip().endswith("config OK for train")
 
 
 def test_validate_reports_every_missing_path(complete_config, capsys):
@@ -89,11 +97,19 @@ def test_validate_reports_every_missing_path(complete_config, capsys):
     assert "Traceback" not in err
 
 
-def test_validate_notes_unset_model_files(tmp_path, capsys):
+def test_an_empty_config_is_not_ok_for_training_and_says_what_each_command_misses(tmp_path, capsys):
     cfg = write(tmp_path / "c.toml", "seed = 1\n")
-    assert main(["validate", "--config", str(cfg)]) == 0
-    out = capsys.readouterr().out
+    assert main(["validate", "--config", str(cfg)]) == 2
+    captured = capsys.readouterr()
+    out = captured.out
     assert "note: `dit` is not set" in out and "note: no [[datasets.train]]" in out
+    verdict = out[out.index("commands:"):]
+    for command, missing in [("cache-latents", "`vae` is not set"), ("cache-text", "`t5` is not set"),
+                             ("train", "`dit` is not set"), ("sample", "no [[sample_prompts]] table")]:
+        block = verdict[verdict.index(f"  {command}: not ready"):]
+        assert missing in block, (command, verdict)
+    assert "config OK" not in out and "config not ready for train" in captured.err
+    assert main(["validate", "--config", str(cfg), "--for", "all"]) == 2
 
 
 @pytest.mark.parametrize(
@@ -154,8 +170,8 @@ def test_run_trainer_wrapper_passes_commands_through(tmp_path):
     env = {**os.environ, "WANTRAINER_PYTHON": sys.executable, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(["bash", str(ROOT / "run_trainer.sh"), "validate", "--config", str(cfg)],
                           capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "config OK" in proc.stdout
+    assert proc.returncode == 2, proc.stderr  # passed through: an empty config is not ready for train
+    assert "commands:" in proc.stdout and "config not ready for train" in proc.stderr
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="shell wrapper")
@@ -181,7 +197,7 @@ def test_batch_wrappers_map_the_same_operations():
 
 def test_validate_notes_a_tokenizer_read_as_hub_id(tmp_path, capsys):
     cfg = write(tmp_path / "c.toml", 't5_tokenizer = "google/umt5-xxl"\n')
-    assert main(["validate", "--config", str(cfg)]) == 0
+    assert main(["validate", "--config", str(cfg)]) == 2  # not ready for train; the note is printed first
     assert 'note: `t5_tokenizer` = "google/umt5-xxl" is not a folder' in capsys.readouterr().out
 
 

@@ -36,9 +36,9 @@ def test_lists_configs_recursively_and_operations(project):
 
 def test_runs_the_chosen_operation(project, capsys):
     code, out = run_menu("1\n1\n")  # a.toml, validate
-    assert code == 0
+    assert code == 2  # a.toml names no model or dataset: not ready for train
     assert "validate" in out and "> wantrainer validate --config configs/a.toml" in out
-    assert "config OK" in capsys.readouterr().out
+    assert "train: not ready" in capsys.readouterr().out
 
 
 def test_bad_choices_are_asked_again_and_errors_exit_2(project, capsys):

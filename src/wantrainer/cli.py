@@ -30,6 +30,12 @@ class Command:
     """What ``wantrainer <command> --help`` says beyond ``help``: what it reads, writes and needs first."""
 
 
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    from .validate import add_arguments
+
+    add_arguments(p)
+
+
 def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=None, metavar="FILE",
                    help="LoRA file to apply; give two for Wan 2.2 (high-noise and low-noise expert). "
@@ -51,10 +57,14 @@ def _template_args(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("validate", "wantrainer.validate:run", "check a config: values, files and datasets",
+    Command("validate", "wantrainer.validate:run", "check a config: values, files, datasets and each command",
+            _validate_args,
             description="Parses the config, checks that every file and folder it names exists (media folders must "
-                        "hold media), prints the values that differ from the defaults and one line per dataset. "
-                        "Loads no model."),
+                        "hold media), runs the start-up checks of cache-latents, cache-text, train and sample (the "
+                        "same code the commands run: options, Wan 2.2 experts, datasets that give no item), and "
+                        "prints the values that differ from the defaults, one line per dataset and a verdict per "
+                        "command. Exit 2 when the --for command (default train) would refuse to start. Loads no "
+                        "model."),
     Command("config", "wantrainer.config.template:run", "config tools (template)", _template_args, needs_config=False,
             description="`wantrainer config template` prints every key with its type, default and documentation."),
     Command("doctor", "wantrainer.dataset.doctor:run", "inspect the datasets: items, captions, buckets, frames",

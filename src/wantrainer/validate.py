@@ -1,8 +1,9 @@
-"""``wantrainer validate --config X``: parse a config, check the files it names, and summarise it.
+"""``wantrainer validate --config X [--for COMMAND]``: parse a config, check the files it names, run every
+command's own start-up checks (``preflight``: the same function the commands call) and summarise it.
 
-Prints the values that differ from the defaults and one line per dataset. Exit code 0 when everything is in
-place, 2 (with every problem listed) when a referenced file or folder is missing or a media folder holds no
-media of its kind.
+Prints the values that differ from the defaults, one line per dataset and one verdict per command. Exit code 0
+when the files are in place and the chosen command (``--for``, default ``train``; ``all`` for every one) can
+start; 2, with every problem listed, otherwise.
 """
 
 from __future__ import annotations
@@ -131,6 +132,22 @@ def _changed_lines(cfg: WanTrainerConfig) -> list[str]:
     return lines
 
 
+def command_verdicts(cfg: WanTrainerConfig, scan_media: bool) -> dict[str, list[str]]:
+    """command -> the problems that stop it (``preflight``); the media are scanned once for all of them."""
+    from .preflight import COMMANDS, command_problems, dataset_item_problems
+
+    media = dataset_item_problems(cfg, ("train", "val")) if scan_media and cfg.datasets.train else []
+    return {c: command_problems(cfg, c) + (media if c != "sample" else []) for c in COMMANDS}
+
+
+def _verdict_lines(verdicts: dict[str, list[str]]) -> list[str]:
+    lines = ["commands:"]
+    for command, problems in verdicts.items():
+        lines.append(f"  {command}: " + ("ready" if not problems else "not ready"))
+        lines.extend(f"    - {p}".replace("\n", "\n      ") for p in problems)
+    return lines
+
+
 def report(cfg: WanTrainerConfig) -> tuple[str, list[str]]:
     """The text that ``validate`` prints and the list of problems (empty when the config is usable)."""
     problems, notes = file_problems(cfg)
@@ -154,5 +171,20 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         head = f"{len(problems)} problem{'s' if len(problems) != 1 else ''} with the files and folders the config names:"
         raise UserError("\n".join([head] + [f"  - {p}" for p in problems]))
-    print("config OK")
+    verdicts = command_verdicts(cfg, scan_media=True)
+    print("\n".join(_verdict_lines(verdicts)))
+    wanted = list(verdicts) if args.for_command == "all" else [args.for_command]
+    blocked = [c for c in wanted if verdicts[c]]
+    if blocked:
+        raise UserError(f"config not ready for {', '.join(blocked)}: fix the problems listed under "
+                        f"\"commands:\" above (`--for` picks the command to check; default train)")
+    print(f"config OK for {args.for_command if args.for_command != 'all' else 'every command'}")
     return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .preflight import COMMANDS
+
+    parser.add_argument("--for", dest="for_command", choices=[*COMMANDS, "all"], default="train",
+                        help="the command whose start-up checks decide the exit code (default train; all: every "
+                             "command)")

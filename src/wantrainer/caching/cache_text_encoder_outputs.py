@@ -70,6 +70,13 @@ def _write_all(pending: list[tuple[Path, str, Future | None]], summary: CacheSum
             summary.failed.append((path, f"cannot write: {exc}"))
 
 
+def _warn_long_captions(batch: list[tuple[Path, str]], encoder) -> None:
+    for (path, _), count in zip(batch, encoder.token_counts([c for _, c in batch])):
+        if count > encoder.max_length:
+            logger.warning("%s: the caption has %d tokens; the text encoder reads only the first %d, the rest is "
+                           "cut off: shorten it", path.name, count, encoder.max_length)
+
+
 def _encode_all(todo: list[tuple[Path, str]], encoder, settings: TextEncoderCacheConfig, summary: CacheSummary,
                 progress: Progress) -> None:
     """Encode in batches; ``num_workers`` threads write the files while the encoder works on the next batch."""
@@ -78,6 +85,7 @@ def _encode_all(todo: list[tuple[Path, str]], encoder, settings: TextEncoderCach
     with pool or nullcontext():
         for i in range(0, len(todo), settings.batch_size):
             batch = todo[i:i + settings.batch_size]
+            _warn_long_captions(batch, encoder)
             for (path, caption), embeds in zip(batch, encoder.encode([c for _, c in batch])):
                 if not is_finite(embeds):
                     summary.non_finite.append(path.name)

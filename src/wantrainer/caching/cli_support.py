@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 
 from ..common.logger import get_logger, setup_logging
+from ..errors import UserError
 from .common import CacheSummary
 
 logger = get_logger(__name__)
@@ -33,12 +34,18 @@ class TqdmProgress:
 
 
 def run_caching(args: argparse.Namespace, cache: Callable[..., CacheSummary], name: str) -> int:
-    """Load ``args.config``, run ``cache(cfg, progress)`` and log the summary. Exit code 0 (failures are listed)."""
+    """Load ``args.config``, run ``cache(cfg, progress)`` and log the summary. Exit code 0 when every dataset has
+    cached items (failed items are listed), 2 when a dataset is left with none (a ``cache && train`` script stops)."""
     from ..config_parser import load_config
+    from ..preflight import require_ready
 
     cfg = load_config(args.config)
     setup_logging(cfg.logging.logging_level)
+    require_ready(cfg, name)
     summary = cache(cfg, TqdmProgress())
     for line in summary.lines():
-        (logger.warning if line.lstrip().startswith("failed") else logger.info)("%s", line)
+        (logger.warning if line.lstrip().startswith(("failed", "no usable")) else logger.info)("%s", line)
+    if summary.unusable:
+        raise UserError(f"{name}: {len(summary.unusable)} dataset(s) have no usable item:\n"
+                        + "\n".join(f"  - {r}" for r in summary.unusable))
     return 0

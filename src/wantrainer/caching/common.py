@@ -19,7 +19,7 @@ from ..common.logger import get_logger
 from ..config.datasets import DatasetsConfig
 from ..dataset.blueprint import DatasetSpec, resolve_datasets
 from ..dataset.cache_format import LATENT_NAME, TEXT_SUFFIX
-from ..dataset.sources import MediaItem, scan_dataset
+from ..dataset.sources import MediaItem, no_items_reason, scan_dataset
 from ..errors import UserError
 
 logger = get_logger(__name__)
@@ -73,6 +73,8 @@ class CacheSummary:
     orphans_kept: list[Path] = field(default_factory=list)
     """Orphan cache files left in place (keep_cache = true)."""
     seconds: float = 0.0
+    unusable: list[str] = field(default_factory=list)
+    """Datasets left without a single cached item (the command then exits 2)."""
 
     def lines(self) -> list[str]:
         rate = f", {self.cached / self.seconds:.2f} items/s" if self.cached and self.seconds > 0 else ""
@@ -84,6 +86,7 @@ class CacheSummary:
             out.append(f"  removed {len(self.removed)} orphan cache file(s) of media that is gone or changed")
         if self.orphans_kept:
             out.append(f"  kept {len(self.orphans_kept)} orphan cache file(s) (keep_cache = true)")
+        out += [f"  no usable item: {reason}" for reason in self.unusable]
         return out
 
 
@@ -107,6 +110,8 @@ class CacheRun:
     protected: dict[Path, set[str]]
     """Cache folder -> stems of media that exists but could not be read this time (their caches are kept)."""
     started: float
+    datasets: list[tuple[str, str | None, list[Path]]] = field(default_factory=list)
+    """(dataset name, why it gave no item or None, the cache files of its items) for the final check."""
 
 
 def start_run(kind: str, datasets: DatasetsConfig, device: str, device_key: str,
@@ -123,6 +128,7 @@ def start_run(kind: str, datasets: DatasetsConfig, device: str, device_key: str,
         run.protected.setdefault(spec.cache_directory, set()).update(media_stem(s.path) for s in scan.skipped)
         run.expected.setdefault(spec.cache_directory, set()).update(cache_path(i).name for i in scan.items)
         run.items += scan.items
+        run.datasets.append((spec.name, no_items_reason(spec, scan), [cache_path(i) for i in scan.items]))
     return run
 
 
@@ -140,6 +146,10 @@ def encode_todo(todo: list[T], load_model: Callable[[], R], encode: Callable[[R]
 def finish(run: CacheRun, pattern: re.Pattern, keep_cache: bool) -> CacheSummary:
     """Clean (or list) the orphan caches and stamp the run time."""
     clean_orphans(run.expected, run.protected, pattern, keep_cache, run.summary)
+    for name, reason, caches in run.datasets:
+        if not any(path.is_file() for path in caches):
+            run.summary.unusable.append(reason or f"`{name}`: none of its {len(caches)} item(s) could be cached "
+                                                  "(see the failures above)")
     run.summary.seconds = time.perf_counter() - run.started
     return run.summary
 

@@ -209,9 +209,11 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
 
     from ..criteria.training_loss import TrainingLoss
     from ..enhancements.registry import build_enhancements
+    from ..preflight import require_ready
     from ..scheduling.timesteps import TimestepSampler
     from .handlers.metrics import MetricsLogger
 
+    require_ready(cfg, "train")  # what `validate` checks, before anything is loaded
     accelerator = accelerator or make_accelerator(cfg)
     resume_from = resume_point(cfg.saving, main_process=accelerator.is_main_process)  # refuses before loading
     metrics = MetricsLogger.from_config(cfg.logging, cfg.saving, enabled=accelerator.is_main_process)

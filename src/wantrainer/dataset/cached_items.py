@@ -19,7 +19,7 @@ from ..common.logger import get_logger
 from ..errors import UserError
 from .blueprint import DatasetSpec
 from .cache_format import LATENT_NAME, AmbiguousCacheError, check_text_cache, read_latent_shape
-from .sources import MediaItem, scan_dataset
+from .sources import MediaItem, no_items_reason, scan_dataset
 
 logger = get_logger(__name__)
 
@@ -53,6 +53,8 @@ class CacheReport:
     stale_text: list[str] = field(default_factory=list)
     """Text cache file names holding several ``varlen_t5_*`` tensors (re-cached in another dtype over the file)."""
     unreadable: list[str] = field(default_factory=list)
+    no_items: str | None = None
+    """Why the media gave no item at all (``sources.no_items_reason``), or None."""
 
     def summary(self) -> str:
         parts = [f"{self.usable} of {self.media_items} item(s) usable"]
@@ -114,7 +116,7 @@ def discover_cached_items(
     """Scan ``spec``'s media and keep the items whose caches exist and hold the expected latent shape
     (``dataset_index`` defaults to spec.index)."""
     scan = scan_dataset(spec)
-    report = CacheReport(spec.name, media_items=len(scan.items))
+    report = CacheReport(spec.name, media_items=len(scan.items), no_items=no_items_reason(spec, scan))
     keys_by_stem = _cached_keys_by_stem(spec.cache_directory)
     weight = prior_loss_weight if spec.is_reg else 1.0
     items: list[CachedItem] = []
@@ -176,8 +178,7 @@ def discover_all(specs: list[DatasetSpec], prior_loss_weight: float = 1.0) -> tu
 def _nothing_usable_message(reports: list[CacheReport]) -> str:
     lines = ["no training item has both a latent cache and a text cache:"]
     lines += [f"  {r.summary()}" for r in reports]
-    if not any(r.media_items for r in reports):
-        lines.append("no media was found: check the dataset folders (`wantrainer doctor --config ...`)")
+    lines += [f"  {r.no_items}" for r in reports if r.no_items]
     if any(r.missing_latents or r.stale_latents or r.unreadable for r in reports):
         lines.append("run `wantrainer cache-latents --config <your config>` to encode the media")
     if any(r.missing_text for r in reports):

@@ -41,7 +41,7 @@ def diagnose(spec: DatasetSpec) -> DatasetDiagnosis:
     """Scan one dataset and collect what the report shows."""
     found = DatasetDiagnosis(spec)
     try:
-        found.scan = scan = scan_dataset(spec)
+        found.scan = scan = scan_dataset(spec, decode_images=True)
     except UserError as exc:
         found.error = str(exc)
         return found

@@ -21,7 +21,9 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi")
 _EXIF_ORIENTATION = 0x0112
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)
 """EXIF orientations that swap width and height when applied."""
-_READ_ERRORS = (OSError, ValueError, EOFError, RuntimeError, SyntaxError, UnidentifiedImageError, av.FFmpegError)
+_READ_ERRORS = (OSError, ValueError, EOFError, RuntimeError, SyntaxError, UnidentifiedImageError, av.FFmpegError,
+                Image.DecompressionBombError)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def is_image_file(path: Path) -> bool:
@@ -47,6 +49,38 @@ def list_media(folder: Path, is_video: bool) -> list[Path]:
     return [p for p in entries if is_image_file(p)]
 
 
+def broken_links(folder: Path, is_video: bool) -> list[Path]:
+    """Symbolic links in ``folder`` with a media extension whose target does not exist (reported, not used)."""
+    extensions = VIDEO_EXTENSIONS if is_video else IMAGE_EXTENSIONS
+    return sorted(p for p in folder.iterdir()
+                  if p.is_symlink() and not p.exists() and p.suffix.lower() in extensions)
+
+
+def pixel_limit_text() -> str:
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    side = int(limit ** 0.5)
+    return f"{limit:,} pixels, about {side:,}x{side:,}"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB, scaling high bit depths instead of clipping them.
+
+    ``I;16*`` (16-bit grayscale) is divided by 257; ``I`` (32-bit integers, how Pillow opens some 16-bit files)
+    is scaled from 0..65535 when a value exceeds 255; ``F`` from 0..1 when every value is within it, else 0..255.
+    Every other mode (1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, 16-bit RGB, which Pillow opens as RGB) goes
+    through ``convert("RGB")``.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        values = np.asarray(image).astype(np.float64)
+        if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and values.size and values.max() > 255):
+            values = values / 257.0
+        elif image.mode == "F" and values.size and values.min() >= 0 and values.max() <= 1.0:
+            values = values * 255.0
+        gray = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    return image.convert("RGB")
+
+
 def no_media_message(folder: Path, is_video: bool) -> str:
     """Why a media folder without media is a mistake, and what to do (names the other key when it fits)."""
     kind, key, extensions = ("video", "video_directory", VIDEO_EXTENSIONS) if is_video else (
@@ -68,29 +102,39 @@ class VideoInfo:
     height: int
 
 
-def probe_image(path: Path) -> tuple[int, int]:
-    """(width, height) of an image as shown (EXIF rotation applied); checks the file without decoding pixels."""
+def _image_error(exc: BaseException) -> MediaError:
+    if isinstance(exc, Image.DecompressionBombError):
+        return MediaError(f"image too large to decode safely ({exc}); the limit is {pixel_limit_text()}: "
+                          "downscale it (training resolutions are far smaller)")
+    return MediaError(f"unreadable image ({type(exc).__name__}: {exc})")
+
+
+def probe_image(path: Path, *, decode: bool = False) -> tuple[int, int]:
+    """(width, height) of an image as shown (EXIF rotation applied). Checks the file without decoding pixels,
+    or, with ``decode``, decodes them all (what caching will do: finds truncated JPEGs that ``verify`` passes)."""
     try:
         with Image.open(path) as image:
             image.verify()  # must come first on a freshly opened file
         with Image.open(path) as image:
+            if decode:
+                image.load()
             size = image.size
             if image.getexif().get(_EXIF_ORIENTATION) in _ROTATED_ORIENTATIONS:
                 size = (size[1], size[0])
     except _READ_ERRORS as exc:
-        raise MediaError(f"unreadable image ({type(exc).__name__}: {exc})") from None
+        raise _image_error(exc) from None
     if size[0] <= 0 or size[1] <= 0:
         raise MediaError(f"image has no pixels ({size[0]}x{size[1]})")
     return size
 
 
 def load_image(path: Path) -> Image.Image:
-    """The decoded RGB image, turned upright by its EXIF orientation."""
+    """The decoded 8-bit RGB image (see ``to_rgb``), turned upright by its EXIF orientation."""
     try:
         with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(image))
     except _READ_ERRORS as exc:
-        raise MediaError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
+        raise MediaError(f"{path}: {_image_error(exc)}") from None
 
 
 def probe_video(path: Path) -> VideoInfo:

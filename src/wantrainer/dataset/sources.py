@@ -10,6 +10,7 @@ nothing raises for bad media.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .buckets import BucketSelector, resize_to_bucket
 from .cache_format import latent_cache_name, latent_shape, text_cache_name
 from .frames import frame_windows, resampled_indices
 from .media import (
+    broken_links,
     frames_to_tensor,
     list_media,
     load_image,
@@ -114,10 +116,12 @@ def _read_caption(media: Path, extension: str) -> str | None:
     return caption_file.read_text(encoding="utf-8", errors="replace").strip()
 
 
-def _directory_sources(folder: Path, spec: DatasetSpec) -> list[_Source]:
+def _directory_sources(folder: Path, spec: DatasetSpec, skipped: list[SkippedFile]) -> list[_Source]:
     if not folder.is_dir():
         raise UserError(f"`{spec.name}`: media folder {folder} does not exist")
     media = list_media(folder, spec.is_video)
+    for link in broken_links(folder, spec.is_video):
+        skipped.append(SkippedFile(link, f"broken symbolic link: its target {os.readlink(link)} does not exist"))
     if not media:
         raise UserError(f"`{spec.name}`: {no_media_message(folder, spec.is_video)}")
     return [_Source(p, _read_caption(p, spec.caption_extension)) for p in media]
@@ -153,14 +157,15 @@ def _stem(path: Path) -> str:
     return path.name if path.is_dir() else path.stem
 
 
-def _items_for(source: _Source, spec: DatasetSpec, selector: BucketSelector, scan: DatasetScan) -> list[MediaItem]:
+def _items_for(source: _Source, spec: DatasetSpec, selector: BucketSelector, scan: DatasetScan,
+               decode: bool = False) -> list[MediaItem]:
     stem = _stem(source.path)
     caption = source.caption or ""
     text_cache = spec.cache_directory / text_cache_name(stem)
     common = dict(source_stem=stem, path=source.path, caption=caption, text_cache_path=text_cache,
                   caption_missing=source.caption is None)
     if not spec.is_video:
-        size = probe_image(source.path)
+        size = probe_image(source.path, decode=decode)
         scan.sizes[source.path] = size
         bucket = selector.select(size)
         latent = spec.cache_directory / latent_cache_name(stem, *size)
@@ -189,14 +194,17 @@ def _items_for(source: _Source, spec: DatasetSpec, selector: BucketSelector, sca
     ]
 
 
-def scan_dataset(spec: DatasetSpec) -> DatasetScan:
-    """Find every item of ``spec``. Raises ``UserError`` only when the folder or JSONL file is missing."""
+def scan_dataset(spec: DatasetSpec, *, decode_images: bool = False) -> DatasetScan:
+    """Find every item of ``spec``. Raises ``UserError`` only when the folder or JSONL file is missing.
+
+    ``decode_images`` decodes every image instead of checking its header (``doctor``: it then finds the
+    truncated files that caching would find)."""
     scan = DatasetScan()
     source_path = spec.source
     if spec.image_jsonl_file is not None or spec.video_jsonl_file is not None:
         sources = _jsonl_sources(source_path, spec, scan.skipped)
     else:
-        sources = _directory_sources(source_path, spec)
+        sources = _directory_sources(source_path, spec, scan.skipped)
     selector = BucketSelector(spec.resolution, spec.enable_bucket, spec.bucket_no_upscale)
     stems: dict[str, Path] = {}
     for source in sources:
@@ -206,7 +214,7 @@ def scan_dataset(spec: DatasetSpec) -> DatasetScan:
                                                          "collide; rename one"))
             continue
         try:
-            items = _items_for(source, spec, selector, scan)
+            items = _items_for(source, spec, selector, scan, decode_images)
         except MediaError as exc:
             scan.skipped.append(SkippedFile(source.path, str(exc)))
             continue
@@ -216,6 +224,26 @@ def scan_dataset(spec: DatasetSpec) -> DatasetScan:
             scan.missing_captions.append(source.path)
     _log_summary(spec, scan)
     return scan
+
+
+def no_items_reason(spec: DatasetSpec, scan: DatasetScan) -> str | None:
+    """Why a scanned dataset gives no item, saying what was found and what to change; None when it has items."""
+    if scan.items:
+        return None
+    where = f"`{spec.name}` ({spec.source})"
+    short = {p: n for p, n in scan.frame_counts.items() if n}
+    if spec.is_video and short:
+        longest = max(short.values())
+        targets = ", ".join(str(t) for t in spec.target_frames)
+        need = min(spec.target_frames)
+        return (f"{where} has no usable clip: {len(short)} clip(s), the longest {longest} frames; target_frames "
+                f"[{targets}] needs at least {need}: lower target_frames (to {max(1, (longest - 1) // 4 * 4 + 1)} or "
+                f"less), or use frame_extraction = \"full\" (the whole clip, rounded down to 4k+1 frames)")
+    if scan.skipped:
+        first = scan.skipped[0]
+        return (f"{where} has no usable file: {len(scan.skipped)} skipped, e.g. {first.path.name}: {first.reason} "
+                "(`wantrainer doctor` lists them all)")
+    return f"{where} has no media"
 
 
 def _log_summary(spec: DatasetSpec, scan: DatasetScan) -> None:

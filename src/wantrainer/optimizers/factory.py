@@ -84,6 +84,15 @@ def resolve_optimizer_class(optimizer_type: str, kwargs: dict[str, Any]) -> type
     return cls
 
 
+def check_optimizer_config(cfg: OptimizerConfig) -> None:
+    """The optimiser checks that need no parameters (``validate`` runs them too): type, args, schedule name."""
+    from .schedulers import SCHEDULES
+
+    resolve_optimizer_class(cfg.optimizer_type, parse_optimizer_args(cfg.optimizer_args))
+    if cfg.lr_scheduler not in SCHEDULES:
+        raise UserError(f"lr_scheduler = {cfg.lr_scheduler!r} is unknown; use one of {', '.join(SCHEDULES)}")
+
+
 def create_optimizer(cfg: OptimizerConfig, param_groups: Iterable) -> torch.optim.Optimizer:
     """Build the optimiser for ``param_groups`` (groups may carry their own ``lr``, e.g. LoRA+)."""
     kwargs = parse_optimizer_args(cfg.optimizer_args)

@@ -283,6 +283,11 @@ class WanTextEncoder:
         )
         return batch["input_ids"], batch["attention_mask"]
 
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """Tokens of each prompt before truncation (``</s>`` included): above ``max_length`` the rest is cut."""
+        batch = self.tokenizer([clean_prompt(p) for p in prompts], truncation=False, add_special_tokens=True)
+        return [len(ids) for ids in batch["input_ids"]]
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> list[torch.Tensor]:
         if not prompts:

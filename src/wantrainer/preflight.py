@@ -1,0 +1,93 @@
+"""The checks of a command that need no model weights: ``validate`` runs them for every command, and each
+command runs its own before it loads anything (one function, so ``validate`` says what the command will say).
+
+``command_problems(cfg, command)`` returns the problems for ``command`` (empty when it can start):
+
+- every command: the keys it needs are set (``dit`` for train, ``vae`` for cache-latents, ...) and it has the
+  datasets it works on;
+- ``train``: the network section (``network_module``, ``network_args``), the optimiser (``optimizer_type``,
+  ``optimizer_args``, ``lr_scheduler``) and the Wan 2.2 expert plan (which experts the timestep range reaches);
+- with ``scan_media``: every dataset gives at least one item (what was found, and what to change, when not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .errors import UserError
+
+COMMANDS = ("cache-latents", "cache-text", "train", "sample")
+_NEEDED_KEYS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "cache-latents": (("model", "vae", "the Wan VAE file"),),
+    "cache-text": (("model", "t5", "the UMT5 text-encoder file"), ("model", "t5_tokenizer", "the tokenizer folder")),
+    "train": (("model", "dit", "the Wan DiT checkpoint"),),
+    "sample": (("model", "dit", "the Wan DiT checkpoint"), ("model", "vae", "the Wan VAE file"),
+               ("model", "t5", "the UMT5 text-encoder file"), ("model", "t5_tokenizer", "the tokenizer folder")),
+}
+
+
+def _collect(problems: list[str], check: Callable[[], Any]) -> None:
+    try:
+        check()
+    except UserError as exc:
+        problems.append(str(exc))
+
+
+def training_checks(cfg: Any) -> list[str]:
+    """What ``train`` refuses before loading a model."""
+    from .core.experts import plan_experts
+    from .networks.args import network_problems
+    from .optimizers.factory import check_optimizer_config
+
+    problems: list[str] = list(network_problems(cfg.network))
+    _collect(problems, lambda: check_optimizer_config(cfg.optimizer))
+    if cfg.model.dit is not None or cfg.model.dit_high_noise is not None:
+        _collect(problems, lambda: plan_experts(cfg.model, cfg.timesteps))
+    return problems
+
+
+def dataset_item_problems(cfg: Any, splits: tuple[str, ...]) -> list[str]:
+    """Datasets of ``splits`` whose media give no item (scans the media: probes, no decoding of videos)."""
+    from .dataset.blueprint import resolve_datasets
+    from .dataset.sources import no_items_reason, scan_dataset
+
+    problems: list[str] = []
+    for split in splits:
+        try:
+            specs = resolve_datasets(cfg.datasets, split)
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
+        for spec in specs:
+            try:
+                reason = no_items_reason(spec, scan_dataset(spec))
+            except UserError as exc:
+                reason = str(exc)
+            if reason:
+                problems.append(reason)
+    return problems
+
+
+def command_problems(cfg: Any, command: str, *, scan_media: bool = False) -> list[str]:
+    """Everything that stops ``command`` before it loads a model (see the module docstring)."""
+    problems = [f"`{key}` is not set: point it at {what}"
+                for section, key, what in _NEEDED_KEYS.get(command, ())
+                if getattr(getattr(cfg, section), key) is None]
+    if command in ("cache-latents", "cache-text", "train") and not cfg.datasets.train:
+        problems.append("no [[datasets.train]] table: add one with a media folder (see `wantrainer config template`)")
+    if command == "sample" and not cfg.sampling.sample_prompts:
+        problems.append("no [[sample_prompts]] table: add one with the prompt text")
+    if command == "train":
+        problems += training_checks(cfg)
+    if scan_media and command in ("cache-latents", "cache-text", "train") and cfg.datasets.train:
+        problems += dataset_item_problems(cfg, ("train", "val"))
+    return problems
+
+
+def require_ready(cfg: Any, command: str) -> None:
+    """Raise one ``UserError`` listing every problem of ``command`` (what ``validate`` reports for it)."""
+    problems = command_problems(cfg, command)
+    if problems:
+        head = f"`{command}` cannot start ({len(problems)} problem{'s' if len(problems) != 1 else ''}):"
+        raise UserError("\n".join([head] + [f"  - {p}" for p in problems]))
