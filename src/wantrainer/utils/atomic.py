@@ -28,7 +28,9 @@ from ..errors import UserError
 
 TMP_SUFFIX = ".tmp"
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_DISK_FULL_WORDS = ("no space left", "disk quota exceeded", "os error 28", "os error 122", "file write failed")
+_DISK_FULL_WORDS = ("no space left", "disk quota exceeded", "os error 28", "os error 122")
+_WRITE_FAILED_WORDS = ("file write failed", "iostream error", "unexpected pos")
+"""What ``torch.save`` says when a write fails (it does not say why): disk full when little space is left."""
 _LOW_FREE_BYTES = 1 << 20
 
 
@@ -56,13 +58,16 @@ def is_disk_full(exc: BaseException, folder: Path) -> bool:
     """Whether ``exc`` raised while writing into ``folder`` means the disk (or quota) is full."""
     if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
         return True
-    if isinstance(exc, (OSError, RuntimeError)) or type(exc).__name__ == "SafetensorError":
-        text = str(exc).lower()
-        if any(word in text for word in _DISK_FULL_WORDS):
-            try:
-                return "file write failed" not in text or shutil.disk_usage(folder).free < _LOW_FREE_BYTES
-            except OSError:
-                return True
+    if not isinstance(exc, (OSError, RuntimeError)) and type(exc).__name__ != "SafetensorError":
+        return False
+    text = str(exc).lower()
+    if any(word in text for word in _DISK_FULL_WORDS):
+        return True
+    if any(word in text for word in _WRITE_FAILED_WORDS):
+        try:
+            return shutil.disk_usage(folder).free < _LOW_FREE_BYTES
+        except OSError:
+            return True
     return False
 
 
