@@ -76,7 +76,7 @@ def _mode_cases(tmp_path: Path) -> dict[str, tuple[Image.Image | Path, np.ndarra
         "LA": (Image.fromarray(np.stack([g, np.full_like(g, 255)], -1), mode="LA"), gray_rgb),
         "P": (Image.fromarray(few).quantize(colors=64, method=Image.Quantize.MAXCOVERAGE), few),
         "PA": (Image.fromarray(few).quantize(colors=64, method=Image.Quantize.MAXCOVERAGE).convert("PA"), few),
-        "I;16": (Image.fromarray((g.astype(np.uint16) * 257)), gray_rgb),
+        "I;16": (Image.fromarray(g.astype(np.uint16) * 257), gray_rgb),
         "I": (Image.fromarray(g.astype(np.int32) * 257), gray_rgb),
         "F": (Image.fromarray(g.astype(np.float32) / 255.0), gray_rgb),
         "RGB": (Image.fromarray(c), c),
