@@ -81,8 +81,9 @@ COMMANDS: tuple[Command, ...] = (
                         "[datasets.text_encoder_cache] holds its settings."),
     Command("train", "wantrainer.core.wan_network_trainer:run", "train a LoRA from the caches",
             description="Trains the LoRA on the cached latents and captions (run cache-latents and cache-text "
-                        "first) and writes {output_dir}/{output_name}.safetensors. Ctrl-C finishes the current step "
-                        "and saves a state folder; continue with auto_resume = true."),
+                        "first) and writes {output_dir}/{output_name}.safetensors. Ctrl-C finishes the current step, "
+                        "saves a state folder and exits 130 (SIGTERM: 143); the same command continues the run "
+                        "(auto_resume, on by default). One train per output_dir + output_name at a time."),
     Command("sample", "wantrainer.sampling.cli:run", "generate the [[sample_prompts]] videos", _sample_args,
             description="Renders the config's [[sample_prompts]] with the base DiT(s) and the given LoRA(s)."),
     Command("demo", "wantrainer.devkit.demo:run", "end-to-end demo on a tiny model and synthetic data",

@@ -25,6 +25,7 @@ from ..common.logger import get_logger
 logger = get_logger(__name__)
 
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+_EXIT_GUARD_REGISTERED = False
 
 
 class Interrupted(KeyboardInterrupt):
@@ -98,8 +99,11 @@ class StopRequest:
 
     def finish(self) -> None:
         """The run's files are written: ignore signals from now on, also during interpreter shutdown."""
+        global _EXIT_GUARD_REGISTERED
         self.phase = "done"
-        atexit.register(_ignore_signals)  # runs first at exit (atexit is last-in, first-out)
+        if not _EXIT_GUARD_REGISTERED:
+            atexit.register(_ignore_signals)  # runs before the atexit callbacks registered earlier (LIFO)
+            _EXIT_GUARD_REGISTERED = True
 
     def is_installed(self) -> bool:
         return threading.current_thread() is threading.main_thread() and all(

@@ -203,6 +203,8 @@ class Trainer:
             self._call("on_train_end")
             for enh in self.enhancements:
                 enh.teardown()
+            if self.stop_reason != "failed":
+                self.stop.finish()  # the last files are written: a late Ctrl-C changes nothing now
         return self.stop_reason
 
     def _run_steps(self) -> None:
