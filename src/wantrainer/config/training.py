@@ -84,6 +84,12 @@ class NetworkConfig(Section):
     """dtype of the tensors in saved LoRA files."""
     dual_lora_mode: Literal["shared", "separate"] = "shared"
     """wan22 with both experts: one LoRA for both ("shared") or one per expert ("separate")."""
+    trainable_blocks: list[str] = Field(default_factory=list)
+    """network_module = "full": regexes matched against whole parameter names (e.g. "blocks\\.(1[0-9]|2[0-9])\\..*"); the matching parameters train, all others stay frozen. Empty: every parameter of the DiT."""
+    full_save_precision: Literal["bf16", "fp16", "fp32", "fp8_scaled"] = "bf16"
+    """network_module = "full": precision of the saved DiT file (fp8_scaled: ComfyUI's scaled-fp8 format)."""
+    full_save_comfyui_prefix: bool = True
+    """network_module = "full": save keys with ComfyUI's model.diffusion_model. prefix (false: the original Wan layout)."""
 
 
 TimestepSampling = Literal["uniform", "sigmoid", "shift", "logsnr", "qinglong", "flux_shift", "logit_normal"]

@@ -112,6 +112,9 @@ def build_networks(cfg: WanTrainerConfig, experts: Experts, device: torch.device
     from ..networks.lora_wan import create_network
 
     generator = seeded_generator(cfg.training.seed)  # the same initial LoRA on every process
+    if experts.is_dual and cfg.network.network_module == "full":
+        raise UserError('network_module = "full" trains one Wan 2.2 expert at a time: set min_timestep / '
+                        "max_timestep on one side of the boundary (or give only that expert's DiT)")
     separate = experts.is_dual and cfg.network.dual_lora_mode == "separate"
     names = experts.names if separate else [DEFAULT]
     networks = {}
@@ -148,6 +151,7 @@ def build_groups(
         if index == 0:
             param_groups = param_groups + extra_params
         optimizer = create_optimizer(group_cfg, param_groups)
+        network.attach_optimizer(optimizer)
         scheduler = create_lr_scheduler(group_cfg, optimizer, steps)
         params = [p for pg in param_groups for p in pg["params"]]
         groups.append(TrainGroup(name, params, accelerator.prepare_optimizer(optimizer), scheduler, network, experts))

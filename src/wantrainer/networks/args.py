@@ -21,7 +21,8 @@ from ..errors import UserError
 
 LORA_MODULES = ("networks.lora_wan", "wantrainer.networks.lora_wan", "networks.lora")
 LYCORIS_MODULES = ("lycoris.kohya",)
-NETWORK_MODULES = LORA_MODULES + LYCORIS_MODULES
+FULL_MODULES = ("full",)
+NETWORK_MODULES = LORA_MODULES + LYCORIS_MODULES + FULL_MODULES
 ALGOS = ("lora", "locon", "loha", "lokr")
 COMMON_KEYS = ("include_patterns", "exclude_patterns", "verbose", "dora_wd")
 LYCORIS_KEYS = COMMON_KEYS + ("algo", "factor", "full_matrix")
@@ -33,7 +34,7 @@ TOP_LEVEL_KEYS = ("network_dim", "network_alpha", "network_dropout", "rank_dropo
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """The parsed adapter choice: ``algo`` is ``"lora"``, ``"loha"`` or ``"lokr"``."""
+    """The parsed adapter choice: ``algo`` is ``"lora"``, ``"loha"``, ``"lokr"`` or ``"full"`` (full fine-tuning)."""
 
     algo: str = "lora"
     dora_wd: bool = False
@@ -82,8 +83,13 @@ def _raw_args(module: str, args: list[str]) -> dict[str, Any]:
 def parse_network_args(module: str, args: list[str]) -> NetworkSpec:
     """``network_module`` + ``network_args`` -> ``NetworkSpec``; a ``UserError`` names the bad key."""
     if module not in NETWORK_MODULES:
-        names = ", ".join(f'"{m}"' for m in ("networks.lora_wan", "lycoris.kohya"))
+        names = ", ".join(f'"{m}"' for m in ("networks.lora_wan", "lycoris.kohya", "full"))
         raise UserError(f"network_module = {module!r} is not available; use one of {names}")
+    if module in FULL_MODULES:
+        if args:
+            raise UserError('network_args have no effect with network_module = "full" (it trains the DiT\'s own '
+                            "weights); choose them with trainable_blocks, or remove network_args")
+        return NetworkSpec(algo="full")
     raw = _raw_args(module, args)
     for key in ("include_patterns", "exclude_patterns"):
         value = raw.get(key, [])
@@ -116,7 +122,10 @@ def network_problems(cfg: Any) -> list[str]:
         spec = parse_network_args(cfg.network_module, cfg.network_args)
     except UserError as exc:
         return [str(exc)]
-    problems = []
+    if spec.algo == "full" or cfg.network_module in FULL_MODULES:
+        return full_network_problems(cfg)
+    problems = [f"`{key}` is only read with network_module = \"full\"; remove it or set that module"
+                for key in FULL_KEYS if getattr(cfg, key) != type(cfg).model_fields[key].get_default(call_default_factory=True)]
     if spec.algo != "lora" and cfg.loraplus_lr_ratio is not None:
         problems.append(f"`loraplus_lr_ratio` is a LoRA option (faster lora_up); algo={spec.algo} has no up matrix: "
                         "remove it")
@@ -127,4 +136,40 @@ def network_problems(cfg: Any) -> list[str]:
         for key in ("network_dropout", "rank_dropout"):
             if getattr(cfg, key) is not None:
                 problems.append(f"`{key}` is not available with {what}; use `module_dropout` or remove it")
+    return problems
+
+
+FULL_KEYS = ("trainable_blocks", "full_save_precision", "full_save_comfyui_prefix")
+ADAPTER_KEYS = ("network_dim", "network_alpha", "network_dropout", "network_weights", "use_rslora", "rank_dropout",
+                "module_dropout", "loraplus_lr_ratio", "save_precision", "dual_lora_mode")
+"""Options of the adapters that a full fine-tune never reads."""
+
+
+def full_network_problems(cfg: Any) -> list[str]:
+    """The network section with ``network_module = "full"``: no adapter options, valid regexes."""
+    import re
+
+    problems = []
+    for key in ADAPTER_KEYS:
+        if getattr(cfg, key) != type(cfg).model_fields[key].get_default(call_default_factory=True):
+            problems.append(f'`{key}` is an adapter option; network_module = "full" trains the DiT itself: remove it')
+    for pattern in cfg.trainable_blocks:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(f"`trainable_blocks`: bad regex {pattern!r}: {exc}")
+    return problems
+
+
+def full_model_problems(model_cfg: Any, network_cfg: Any) -> list[str]:
+    """Model options a full fine-tune cannot honour (it trains and optimises the weights in place)."""
+    if network_cfg.network_module not in FULL_MODULES:
+        return []
+    problems = []
+    if model_cfg.fp8_base:
+        problems.append('`fp8_base` cannot be trained: network_module = "full" needs bf16 / fp16 / fp32 weights; '
+                        "set fp8_base = false (save an fp8 file with full_save_precision = \"fp8_scaled\")")
+    if model_cfg.blocks_to_swap:
+        problems.append('`blocks_to_swap` is not available with network_module = "full" (the optimiser holds every '
+                        "trained weight on the device); set it to 0 and use gradient_checkpointing")
     return problems

@@ -222,6 +222,15 @@ class LoRANetwork(nn.Module):
             return [{"params": down + up + magnitudes, "lr": lr}]
         return [{"params": down + magnitudes, "lr": lr}, {"params": up, "lr": lr * self.loraplus_lr_ratio}]
 
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing to do: the optimiser updates the adapter tensors in place."""
+
+    def save_weights(self, path: str | Path, metadata: dict[str, str], precision: str) -> None:
+        """Write the adapter file (kohya keys) in ``precision``."""
+        from .formats import save_lora
+
+        save_lora(path, self.state_dict(), metadata, precision)
+
     def load_weights(self, path: str | Path) -> None:
         """Load an existing LoRA file (any layout ``formats.load_lora`` reads) into this network."""
         from .formats import load_lora
@@ -279,12 +288,17 @@ def select_targets(dit: nn.Module, include: list[str], exclude: list[str]) -> li
 
 def create_network(
     cfg: NetworkConfig, dit: nn.Module, multiplier: float = 1.0, generator: torch.Generator | None = None
-) -> LoRANetwork:
+) -> nn.Module:
     """Build the LoRA for ``dit`` from the network section; loads ``network_weights`` when it is set."""
     problems = network_problems(cfg)
     if problems:
         raise UserError("; ".join(problems))
     spec = parse_network_args(cfg.network_module, cfg.network_args)
+    if spec.algo == "full":
+        from .full import FullNetwork
+
+        return FullNetwork(dit, cfg.trainable_blocks, save_precision=cfg.full_save_precision,
+                           comfyui_prefix=cfg.full_save_comfyui_prefix)
     network = LoRANetwork(
         dit,
         rank=cfg.network_dim,

@@ -23,7 +23,7 @@ from typing import Any
 
 from ...common.logger import get_logger
 from ...errors import UserError
-from ...networks.formats import build_lora_metadata, save_lora
+from ...networks.formats import build_lora_metadata
 from ...utils.atomic import DiskFullError, is_disk_full
 from .. import checkpoint_io as io
 from ..experts import DEFAULT, HIGH_NOISE, LOW_NOISE
@@ -110,8 +110,8 @@ class CheckpointHandler(Handler):
                 name = io.save_name(self.saving.output_name, step=step, epoch=epoch, suffix=suffix)
                 path = self.output_dir / f"{name}.safetensors"
                 with self._disk_errors(path):
-                    save_lora(path, group.network.state_dict(), self.metadata(trainer, group.name, name),
-                              self.network_cfg.save_precision)
+                    group.network.save_weights(path, self.metadata(trainer, group.name, name),
+                                               self.network_cfg.save_precision)
                 self.written.append(path)
                 logger.info("saved %s", path)
         if with_state:
