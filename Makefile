@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo browser clean
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ lint: install
 
 demo: install
 	$(VENV)/bin/wantrainer demo $(DEMO_ARGS)
+
+# Debian's chromium for the web UI's browser tests (skipped without it). Needs root (or sudo) and apt.
+browser:
+	@command -v chromium >/dev/null 2>&1 && echo "chromium present: $$(command -v chromium)" || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -90,6 +90,12 @@ COMMANDS: tuple[Command, ...] = (
             _demo_args, needs_config=False,
             description="Builds a tiny Wan model kit and a synthetic dataset, then caches, trains and samples on "
                         "the CPU in about a minute. Downloads nothing."),
+    Command("ui", "wantrainer.ui.serve:run", "the local web UI: configs, runs, curves and samples",
+            lambda p: _load_handler("wantrainer.ui.serve:add_arguments")(p), needs_config=False,
+            description="Serves a page on http://127.0.0.1:7860/ (--host / --port): edit configs as forms made from "
+                        "the schema, start and stop the CLI commands, watch the loss curves, samples and saves. "
+                        "Only the --root folders (default: the current one) are read or written; any host but "
+                        "loopback needs the access token printed in the URL. Needs `pip install 'wantrainer[ui]'`."),
     Command("menu", "wantrainer.menu:run", "pick a config and an operation interactively", needs_config=False,
             description="Lists the .toml files under ./configs and the operations, reads two numbers from stdin "
                         "and runs that command (what ./run_trainer.sh does without arguments)."),

@@ -7,13 +7,22 @@ line every ``LOG_INTERVAL_S`` seconds instead (and once at the end).
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
 LOG_INTERVAL_S = 30.0
-"""Seconds between progress lines when stderr is not a terminal."""
+"""Seconds between progress lines when stderr is not a terminal (``WANTRAINER_PROGRESS_INTERVAL`` overrides it:
+the web UI reads the progress from these lines and asks for one a second)."""
+
+
+def _log_interval() -> float:
+    try:
+        return max(float(os.environ.get("WANTRAINER_PROGRESS_INTERVAL", LOG_INTERVAL_S)), 0.1)
+    except ValueError:
+        return LOG_INTERVAL_S
 
 
 class _LineWriter:
@@ -43,5 +52,5 @@ def progress_bar(stream: TextIO | None = None, **kwargs: Any) -> tqdm:
         from tqdm.auto import tqdm as auto_tqdm
 
         return auto_tqdm(file=stream, dynamic_ncols=True, **kwargs)
-    kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+    kwargs.setdefault("mininterval", _log_interval())
     return tqdm(file=_LineWriter(stream), ncols=120, **kwargs)
