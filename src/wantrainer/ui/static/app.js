@@ -117,7 +117,8 @@ function renderForm() {
   const s = state.schema, form = $("#form");
   form.replaceChildren();
   for (const sec of s.sections) {
-    form.append(sectionBox(sec.title, null, sec.fields.map((f) => fieldRow(f, [f.key])), sec.name === "model"));
+    const anySet = sec.fields.some((f) => getAt([f.key]) !== undefined);  // sections the file uses start open
+    form.append(sectionBox(sec.title, null, sec.fields.map((f) => fieldRow(f, [f.key])), anySet));
   }
   form.append(tableList("[[sample_prompts]]", "prompts rendered during training and by `wantrainer sample`", s.sample_prompt, ["sample_prompts"]));
   const d = s.datasets;
@@ -246,7 +247,7 @@ const GROUPS = [["loss", (t) => t.startsWith("loss/")], ["validation loss", (t) 
                 ["grad norm", (t) => t === "grad_norm"]];
 
 function chart(title, series) {
-  const W = 420, H = 180, P = 34;
+  const W = 440, H = 180, P = 52;
   const pts = series.flatMap((s) => s.points);
   const box = el("div", { class: "chart", "data-chart": title, "data-points": String(pts.length) }, el("h4", {}, title));
   if (!pts.length) return box;
