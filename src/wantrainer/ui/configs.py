@@ -66,19 +66,24 @@ def parse_text(text: str) -> dict[str, Any]:
         raise ConfigError([_toml_error_message(exc, text)]) from None
 
 
-def check(data: dict[str, Any], path: Path) -> dict[str, Any]:
+def check(data: dict[str, Any], path: Path, scan_media: bool = False) -> dict[str, Any]:
     """What ``validate`` finds for ``data`` as if it were the file at ``path``: schema problems first; when the
-    schema passes, the files and folders it names. ``ok`` is true when both are clean."""
-    from ..validate import report
+    schema passes, the files and folders it names, then each command's verdict (``commands``: command -> its
+    problems; ``scan_media`` also counts each dataset's items, as ``validate`` does). ``ok``, as ``validate``'s
+    default ``--for train``: schema, files and the train verdict are clean."""
+    from ..validate import command_verdicts, report
 
     try:
         cfg = parse_config(data, config_dir=path.parent, source=str(path), config_path=path)
     except ConfigError as exc:
-        return {"ok": False, "schema_ok": False, "problems": _problems(exc.problems), "notes": [], "report": ""}
+        return {"ok": False, "schema_ok": False, "problems": _problems(exc.problems), "notes": [], "report": "",
+                "commands": {}}
     text, problems = report(cfg)
     notes = [line[len("note: "):] for line in text.splitlines() if line.startswith("note: ")]
-    return {"ok": not problems, "schema_ok": True, "problems": _problems(problems), "notes": notes,
-            "report": text, **output_of(cfg)}
+    commands = command_verdicts(cfg, scan_media=scan_media) if not problems else {}
+    train = commands.get("train", [])
+    return {"ok": not problems and not train, "schema_ok": True, "problems": _problems(problems + train),
+            "notes": notes, "report": text, "commands": commands, **output_of(cfg)}
 
 
 def output_of(cfg: WanTrainerConfig) -> dict[str, str]:
@@ -95,8 +100,8 @@ def read_config(roots: Roots, path: str) -> dict[str, Any]:
         data = parse_text(text)
     except ConfigError as exc:
         return {"path": str(file), "text": text, "data": None, "ok": False, "schema_ok": False,
-                "problems": _problems(exc.problems), "notes": []}
-    return {"path": str(file), "text": text, "data": data, **check(data, file)}
+                "problems": _problems(exc.problems), "notes": [], "commands": {}}
+    return {"path": str(file), "text": text, "data": data, **check(data, file, scan_media=True)}
 
 
 def _plain(value: Any) -> Any:

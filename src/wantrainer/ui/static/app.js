@@ -162,9 +162,12 @@ function showVerdict(result) {
     }
   }
   for (const n of result.notes || []) list.append(el("li", { class: "note" }, "note: " + n));
+  const verdicts = Object.entries(result.commands || {});
+  if (verdicts.length) list.append(el("li", { class: "commands" }, "commands: " + verdicts.map(([c, p]) => `${c} ${p.length ? "not ready" : "ready"}`).join(", ")));
+  for (const [c, probs] of verdicts) if (c !== "train") for (const p of probs) list.append(el("li", { class: "note" }, `${c}: ${p}`));
   const v = $("#verdict");
   v.className = "verdict " + (result.ok ? "ok" : "bad");
-  v.textContent = result.ok ? "config OK" : result.schema_ok ? "the schema accepts it; files are missing" :
+  v.textContent = result.ok ? "config OK" : result.schema_ok ? "the schema accepts it; not ready to train" :
                   `${(result.problems || []).length} problem(s)`;
 }
 
