@@ -177,6 +177,26 @@ def test_runs_one_per_output_folder_and_stop(client, workspace):
     assert done["returncode"] == 0 and any(line.startswith("config OK") for line in done["lines"]), done["lines"]
 
 
+def test_doctor_from_the_page_writes_its_plots(client, workspace):
+    root, config = workspace
+    run = client.post("/api/runs", json={"config": str(config), "command": "doctor"}).json()
+    done = _wait(client, run["id"])
+    assert done["returncode"] == 0, done["lines"]
+    plots = client.get("/api/watch", params={"config": str(config)}).json()["doctor"]
+    assert {p["name"] for p in plots} >= {"doctor_train_0.png", "doctor_val_0.png"}
+
+
+def test_info_says_whether_estimate_exists(client, workspace):
+    import subprocess
+    import sys
+
+    info = client.get("/api/info").json()
+    assert info["roots"] == [str(workspace[0])]
+    present = subprocess.run([sys.executable, "-m", "wantrainer.cli", "estimate", "--help"],
+                             capture_output=True).returncode == 0
+    assert info["estimate"] is present
+
+
 def test_train_refused_while_the_cli_lock_is_held(client, workspace):
     root, config = workspace
     out = root / "output"

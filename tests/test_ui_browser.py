@@ -112,6 +112,10 @@ def test_config_run_watch_stop(server, tmp_path):
         page.wait_for_selector('.chart[data-chart="validation loss"]', timeout=WAIT_MS)
         media = page.locator("#samples figure video, #samples figure img").first
         assert "api/file" in media.get_attribute("src")
+        # playable: the browser decoded the mp4 (a frame at least) or the image
+        page.wait_for_function("(() => { const m = document.querySelector('#samples video, #samples img');"
+                               " return m.tagName === 'VIDEO' ? m.readyState >= 2 && m.videoWidth === 64"
+                               " : m.complete && m.naturalWidth === 64; })()", timeout=60_000)
         page.wait_for_timeout(1500)
         page.screenshot(path=str(shots / "4-watch.png"), full_page=True)
 

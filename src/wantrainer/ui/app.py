@@ -24,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 from ..config_parser import load_config
 from ..errors import ConfigError, UserError
 from . import configs, watch
-from .runs import RunBusy, RunManager
+from .runs import RunBusy, RunManager, live_lock
 from .schema_view import schema_view
 from .security import TOKEN_COOKIE, PathRefused, Roots
 
@@ -154,8 +154,6 @@ class Api:
         cfg = load_config(self.roots.resolve(self._param(request, "config")))
         out = Path(cfg.saving.output_dir)
         logs = Path(cfg.logging.logging_dir or out / "logs")
-        from .runs import live_lock
-
         return JSONResponse({
             "output_dir": str(out), "output_name": cfg.saving.output_name, "logging_dir": str(logs),
             "scalars": self.events.scalars(logs, cfg.saving.output_name),
