@@ -19,9 +19,12 @@ def diffusers_twin(ours: WanModel) -> WanTransformer3DModel:
         patch_size=c.patch_size, num_attention_heads=c.num_heads, attention_head_dim=c.head_dim,
         in_channels=c.in_dim, out_channels=c.out_dim, text_dim=c.text_dim, freq_dim=c.freq_dim,
         ffn_dim=c.ffn_dim, num_layers=c.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        eps=c.eps,
+        eps=c.eps, image_dim=c.image_dim, added_kv_proj_dim=c.dim if c.image_dim else None,
+        pos_embed_seq_len=c.image_pos_len,
     ).eval()  # fmt: skip
     converted = convert_wan_transformer_to_diffusers({k: v.clone() for k, v in ours.state_dict().items()})
+    if "img_emb.emb_pos" in converted:  # diffusers' converter leaves the FLF2V position embedding unrenamed
+        converted["condition_embedder.image_embedder.pos_embed"] = converted.pop("img_emb.emb_pos")
     ref.load_state_dict(converted, strict=True)
     return ref
 

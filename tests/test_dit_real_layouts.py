@@ -15,7 +15,7 @@ from wantrainer.models.wan.transformer import WanModel
 
 
 def reference_shapes(dim, ffn_dim, num_layers, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256,
-                     i2v=False) -> dict[str, tuple[int, ...]]:  # fmt: skip
+                     i2v=False, flf2v=False) -> dict[str, tuple[int, ...]]:  # fmt: skip
     """Every tensor of a Wan reference ``WanModel`` (qk_norm and cross_attn_norm on, as in all released
     configs; norm1 / norm2 / head.norm have no affine parameters; ``freqs`` is a plain attribute, not saved)."""
     shapes = {
@@ -55,6 +55,8 @@ def reference_shapes(dim, ffn_dim, num_layers, in_dim=16, out_dim=16, text_dim=4
             "img_emb.proj.3.weight": (dim, 1280), "img_emb.proj.3.bias": (dim,),
             "img_emb.proj.4.weight": (dim,), "img_emb.proj.4.bias": (dim,),
         })  # fmt: skip
+    if flf2v:  # MLPProj(flf_pos_emb=True): emb_pos [1, FIRST_LAST_FRAME_CONTEXT_TOKEN_NUMBER = 257 * 2, 1280]
+        shapes["img_emb.emb_pos"] = (1, 514, 1280)
     return shapes
 
 
@@ -64,8 +66,14 @@ RELEASED = {
     "wan21_t2v_14b": dict(dim=5120, ffn_dim=13824, num_layers=40),
     "wan22_t2v_a14b": dict(dim=5120, ffn_dim=13824, num_layers=40),
     "wan22_ti2v_5b": dict(dim=3072, ffn_dim=14336, num_layers=30, in_dim=48, out_dim=48),
+    "wan21_i2v_14b": dict(dim=5120, ffn_dim=13824, num_layers=40, in_dim=36, i2v=True),
+    "wan21_flf2v_14b": dict(dim=5120, ffn_dim=13824, num_layers=40, in_dim=36, i2v=True, flf2v=True),
+    "wan22_i2v_a14b": dict(dim=5120, ffn_dim=13824, num_layers=40, in_dim=36),
 }
-HEADS = {"wan21_t2v_1.3b": 12, "wan21_t2v_14b": 40, "wan22_t2v_a14b": 40, "wan22_ti2v_5b": 24}
+HEADS = {"wan21_t2v_1.3b": 12, "wan21_t2v_14b": 40, "wan22_t2v_a14b": 40, "wan22_ti2v_5b": 24,
+         "wan21_i2v_14b": 40, "wan21_flf2v_14b": 40, "wan22_i2v_a14b": 40}  # fmt: skip
+TYPES = {"wan21_t2v_1.3b": "t2v", "wan21_t2v_14b": "t2v", "wan22_t2v_a14b": "t2v", "wan22_ti2v_5b": "ti2v",
+         "wan21_i2v_14b": "i2v", "wan21_flf2v_14b": "flf2v", "wan22_i2v_a14b": "i2v_a14b"}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
@@ -74,6 +82,7 @@ def test_released_layouts_infer_the_named_config_and_match_our_model(name):
     config = infer_wan_config(shapes)
     assert config == WAN_CONFIGS[name]
     assert config.num_heads == HEADS[name]
+    assert config.model_type == TYPES[name]
     with torch.device("meta"):
         ours = {k: tuple(v.shape) for k, v in WanModel(config).state_dict().items()}
     assert ours == shapes
@@ -87,18 +96,30 @@ def _save_zeros(path, shapes, prefix=""):
 
 
 @pytest.mark.parametrize(
-    "extra, fragment",
+    "extra, model_type",
     [
-        (dict(in_dim=36), "image-to-video"),  # Wan 2.2 I2V A14B: no image keys, 36 input channels
-        (dict(in_dim=36, i2v=True), "image-to-video"),  # Wan 2.1 I2V / FLF2V
-        (dict(in_dim=48, out_dim=48), "TI2V-5B"),
+        (dict(in_dim=36), "i2v_a14b"),  # Wan 2.2 I2V A14B: no image keys, 36 input channels
+        (dict(in_dim=36, i2v=True), "i2v"),  # Wan 2.1 I2V
+        (dict(in_dim=36, i2v=True, flf2v=True), "flf2v"),  # Wan 2.1 FLF2V
+        (dict(in_dim=48, out_dim=48), "ti2v"),
     ],
 )
-def test_image_to_video_and_ti2v_files_are_refused(tmp_path, extra, fragment):
-    _save_zeros(tmp_path / "dit.safetensors", reference_shapes(**TINY, **extra), "model.diffusion_model.")
-    with pytest.raises(CheckpointMismatchError, match=fragment) as err:
+def test_image_to_video_and_ti2v_files_load_as_their_variant(tmp_path, extra, model_type):
+    shapes = reference_shapes(**TINY, **extra)
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=gen).to(torch.bfloat16) for k, s in shapes.items()}
+    save_file({"model.diffusion_model." + k: v for k, v in state.items()}, str(tmp_path / "dit.safetensors"))
+    model = load_wan_dit(tmp_path / "dit.safetensors")
+    assert model.config.model_type == model_type
+    loaded = model.state_dict()
+    assert set(loaded) == set(state)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_unknown_channel_layouts_are_refused(tmp_path):
+    _save_zeros(tmp_path / "dit.safetensors", reference_shapes(**TINY, in_dim=32), "model.diffusion_model.")
+    with pytest.raises(CheckpointMismatchError, match="32 input / 16 output channels.*I2V and FLF2V"):
         load_wan_dit(tmp_path / "dit.safetensors")
-    assert "text-to-video" in str(err.value)
 
 
 # ----- ComfyUI scaled fp8 -----------------------------------------------------------------------------------

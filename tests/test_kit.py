@@ -7,7 +7,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from wantrainer.devkit.tiny_kit import COMFY_PREFIX, TINY_DIT_CONFIG, make_tiny_model_kit
+from wantrainer.devkit.tiny_kit import (
+    COMFY_PREFIX,
+    TINY_CLIP_TOKENS,
+    TINY_DIT_CONFIG,
+    TINY_DIT_VARIANTS,
+    make_tiny_model_kit,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -15,18 +21,24 @@ KIT_FILES = {
     "dit_wan21.safetensors",
     "dit_wan22_high_noise.safetensors",
     "dit_wan22_low_noise.safetensors",
+    "dit_wan21_i2v.safetensors",
+    "dit_wan21_flf2v.safetensors",
+    "dit_wan22_i2v_high_noise.safetensors",
+    "dit_wan22_i2v_low_noise.safetensors",
+    "dit_wan22_ti2v.safetensors",
+    "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
     "wan_2.1_vae.safetensors",
     "models_t5_umt5-xxl-enc-bf16.pth",
     "tokenizer",
 }
 
 
-def _load_dit(path):
+def _load_dit(path, config=TINY_DIT_CONFIG):
     """The kit file through the loader real checkpoints take; its config must be inferred as the kit's."""
     from wantrainer.models.wan.loading import load_wan_dit
 
     model = load_wan_dit(path, dtype=torch.float32)
-    assert model.config == TINY_DIT_CONFIG
+    assert model.config == config
     state = load_file(str(path))
     assert all(k.startswith(COMFY_PREFIX) for k in state)
     for key, value in model.state_dict().items():
@@ -107,3 +119,23 @@ def test_kit_models_run_together_and_gradients_reach_the_blocks(tiny_kit):
     out.square().mean().backward()
     grad = dit.blocks[0].self_attn.q.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "name, model_type",
+    [("dit_wan21_i2v", "i2v"), ("dit_wan21_flf2v", "flf2v"), ("dit_wan22_i2v_high", "i2v_a14b"),
+     ("dit_wan22_i2v_low", "i2v_a14b"), ("dit_wan22_ti2v", "ti2v")],
+)  # fmt: skip
+def test_kit_image_to_video_dits_load_as_their_variant_and_run(tiny_kit, name, model_type):
+    dit = _load_dit(getattr(tiny_kit, name), TINY_DIT_VARIANTS[model_type])
+    config = dit.config
+    assert config.model_type == model_type
+    keys = set(load_file(str(getattr(tiny_kit, name))))
+    assert (COMFY_PREFIX + "blocks.1.cross_attn.k_img.weight" in keys) == (model_type in ("i2v", "flf2v"))
+    assert (COMFY_PREFIX + "img_emb.emb_pos" in keys) == (model_type == "flf2v")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, config.out_dim, 2, 4, 4, generator=gen)
+    y = torch.randn(1, config.condition_channels, 2, 4, 4, generator=gen) if config.condition_channels else None
+    clip = torch.randn(1, config.clip_images * TINY_CLIP_TOKENS, 64, generator=gen) if config.image_dim else None
+    out = dit(x, torch.tensor([500.0]), [torch.randn(5, 64, generator=gen)], clip_fea=clip, y=y)
+    assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().max() > 0.01

@@ -40,6 +40,10 @@ NOT_KEYS = {
     "input_scale",
     "comfy_quant",  # DiT file tensors
     "frame_count",  # cache-file metadata
+    "v_img",
+    "norm_k_img",  # DiT file tensors of the Wan 2.1 I2V image branch
+    "image_dim",
+    "pos_embed_seq_len",  # diffusers WanTransformer3DModel arguments
     "noisy",
     "s",
     "t",  # names in formulas

@@ -182,7 +182,7 @@ def load_experts(
     A single expert without block swap loads straight onto ``device``; otherwise everything loads on the CPU
     and the caller places the model.
     """
-    from ..models.wan.loading import load_wan_dit
+    from ..models.wan.loading import load_wan_dit, require_text_to_video
 
     direct = len(plan.files) == 1 and not model_cfg.blocks_to_swap
     if torch.device(device).type == "cpu":
@@ -191,7 +191,7 @@ def load_experts(
     def load(path: Path, target: torch.device | str = "cpu") -> torch.nn.Module:
         if not Path(path).exists():
             raise UserError(f"DiT checkpoint not found: {path}")
-        return load_wan_dit(
+        dit = load_wan_dit(
             path,
             device=target,
             dtype=dtype,
@@ -199,6 +199,8 @@ def load_experts(
             fp8_scaled=model_cfg.fp8_scaled,
             attn_mode=model_cfg.attn_mode,
         )
+        require_text_to_video(dit.config, str(path), "training")
+        return dit
 
     names = [name for name, _ in plan.files]
     first_name, first_path = plan.files[0]

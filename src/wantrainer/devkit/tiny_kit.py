@@ -4,6 +4,12 @@ Deterministic from ``seed``, built in seconds, a few MB:
 
 - ``dit_wan21.safetensors``, ``dit_wan22_high_noise.safetensors``, ``dit_wan22_low_noise.safetensors``: 2-layer
   Wan DiTs (dim 128, one head of 128, ffn 256, text_dim 64), ComfyUI layout (``model.diffusion_model.`` prefix), bf16;
+- the same size as image-to-video variants: ``dit_wan21_i2v.safetensors`` (36 input channels, the CLIP image
+  branch on the tiny CLIP's 64-wide features), ``dit_wan21_flf2v.safetensors`` (plus ``img_emb.emb_pos`` for
+  2 x 17 image tokens), ``dit_wan22_i2v_{high,low}_noise.safetensors`` (36 input channels, no CLIP branch) and
+  ``dit_wan22_ti2v.safetensors`` (48 latent channels in and out, the TI2V-5B layout);
+- ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``: a 3-block CLIP vision tower (width 64, 56 px,
+  patch 14: 17 tokens) in the official Wan ``.pth`` layout (with a stub text tower, which loaders ignore);
 - ``wan_2.1_vae.safetensors``: a Wan 2.1 VAE of base width 16 in the original key layout, bf16;
 - ``models_t5_umt5-xxl-enc-bf16.pth``: a 2-layer UMT5 encoder (d_model 64) in the official Wan ``.pth`` layout;
 - ``tokenizer/spiece.model``: a sentencepiece unigram model trained offline on a built-in caption corpus.
@@ -24,6 +30,16 @@ from safetensors.torch import save_file
 from ..models.wan.configs import WanModelConfig
 
 TINY_DIT_CONFIG = WanModelConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=64)
+TINY_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2,
+             "image_size": 56, "patch_size": 14}  # fmt: skip
+TINY_CLIP_TOKENS = 1 + (TINY_CLIP["image_size"] // TINY_CLIP["patch_size"]) ** 2  # class token + 4 x 4 patches
+TINY_DIT_VARIANTS: dict[str, WanModelConfig] = {
+    "i2v": TINY_DIT_CONFIG.with_(in_dim=36, image_dim=TINY_CLIP["hidden_size"]),
+    "flf2v": TINY_DIT_CONFIG.with_(in_dim=36, image_dim=TINY_CLIP["hidden_size"], image_pos_len=2 * TINY_CLIP_TOKENS),
+    "i2v_a14b": TINY_DIT_CONFIG.with_(in_dim=36),
+    "ti2v": TINY_DIT_CONFIG.with_(in_dim=48, out_dim=48),
+}
+"""The tiny image-to-video / TI2V DiTs of the kit, by model type."""
 TINY_VAE_BASE_DIM = 16
 TINY_T5 = {"d_model": 64, "d_ff": 128, "num_layers": 2, "num_heads": 2, "d_kv": 32, "num_buckets": 32}
 TINY_VOCAB_TARGET = 300
@@ -52,6 +68,12 @@ class TinyModelKit:
     dit_wan21: Path
     dit_wan22_high: Path
     dit_wan22_low: Path
+    dit_wan21_i2v: Path
+    dit_wan21_flf2v: Path
+    dit_wan22_i2v_high: Path
+    dit_wan22_i2v_low: Path
+    dit_wan22_ti2v: Path
+    clip: Path
     vae: Path
     t5: Path
     tokenizer_dir: Path
@@ -134,6 +156,36 @@ def tiny_umt5_state_dict(seed: int, vocab_size: int) -> dict[str, torch.Tensor]:
     return hf_to_wan({k: v.clone() for k, v in model.state_dict().items()})
 
 
+def tiny_clip_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """A CLIP vision tower of ``TINY_CLIP`` size in the official Wan ``.pth`` layout (float32)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from ..models.wan.clip_vision import hf_to_wan
+
+    config = CLIPVisionConfig(**TINY_CLIP, hidden_act="gelu", layer_norm_eps=1e-5)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPVisionModel(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "layer_norm" in name or "layrnorm" in name or "layernorm" in name:
+                param.copy_((1.0 + 0.1 * noise) if name.endswith("weight") else 0.05 * noise)
+            elif name.endswith("bias"):
+                param.copy_(0.02 * noise)
+            elif "embedding" in name:
+                param.copy_(0.5 * noise)
+    hf_state = {("" if k.startswith("vision_model.") else "vision_model.") + k: v.clone()
+                for k, v in model.state_dict().items()}  # fmt: skip
+    state = hf_to_wan(hf_state)
+    width = TINY_CLIP["hidden_size"]
+    state["visual.head"] = torch.randn(width, 32, generator=generator) * 0.05  # projection (unused by Wan)
+    state["textual.token_embedding.weight"] = torch.randn(8, 32, generator=generator)  # text tower stand-in
+    state["log_scale"] = torch.tensor(4.6052)
+    return state
+
+
 def tiny_dit_state_dict(seed: int, config: WanModelConfig = TINY_DIT_CONFIG) -> dict[str, torch.Tensor]:
     """A seeded Wan DiT in the original key layout (float32); the head is non-zero so gradients reach the blocks."""
     from ..models.wan.transformer import WanModel
@@ -144,6 +196,8 @@ def tiny_dit_state_dict(seed: int, config: WanModelConfig = TINY_DIT_CONFIG) -> 
         model = WanModel(config)
     with torch.no_grad():
         torch.nn.init.normal_(model.head.head.weight, std=0.02, generator=generator)
+        if model.img_emb is not None and model.img_emb.emb_pos is not None:  # FLF2V: a non-zero position embedding
+            model.img_emb.emb_pos.normal_(std=0.5, generator=generator)
     _perturb_(model, generator)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -168,6 +222,12 @@ def make_tiny_model_kit(out_dir: str | Path, seed: int = 0) -> TinyModelKit:
         dit_wan21=root / "dit_wan21.safetensors",
         dit_wan22_high=root / "dit_wan22_high_noise.safetensors",
         dit_wan22_low=root / "dit_wan22_low_noise.safetensors",
+        dit_wan21_i2v=root / "dit_wan21_i2v.safetensors",
+        dit_wan21_flf2v=root / "dit_wan21_flf2v.safetensors",
+        dit_wan22_i2v_high=root / "dit_wan22_i2v_high_noise.safetensors",
+        dit_wan22_i2v_low=root / "dit_wan22_i2v_low_noise.safetensors",
+        dit_wan22_ti2v=root / "dit_wan22_ti2v.safetensors",
+        clip=root / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
         vae=root / "wan_2.1_vae.safetensors",
         t5=root / "models_t5_umt5-xxl-enc-bf16.pth",
         tokenizer_dir=root / "tokenizer",
@@ -176,9 +236,16 @@ def make_tiny_model_kit(out_dir: str | Path, seed: int = 0) -> TinyModelKit:
     vocab = len(T5Tokenizer.from_pretrained(str(kit.tokenizer_dir), extra_ids=0))
     vocab = -(-vocab // 64) * 64  # embedding rows rounded up, like the released model's 256384
 
-    for path, dit_seed in ((kit.dit_wan21, seed), (kit.dit_wan22_high, seed + 100), (kit.dit_wan22_low, seed + 200)):
-        state = _bf16(tiny_dit_state_dict(dit_seed))
+    dits = [(kit.dit_wan21, seed, TINY_DIT_CONFIG), (kit.dit_wan22_high, seed + 100, TINY_DIT_CONFIG),
+            (kit.dit_wan22_low, seed + 200, TINY_DIT_CONFIG), (kit.dit_wan21_i2v, seed + 500, TINY_DIT_VARIANTS["i2v"]),
+            (kit.dit_wan21_flf2v, seed + 600, TINY_DIT_VARIANTS["flf2v"]),
+            (kit.dit_wan22_i2v_high, seed + 700, TINY_DIT_VARIANTS["i2v_a14b"]),
+            (kit.dit_wan22_i2v_low, seed + 800, TINY_DIT_VARIANTS["i2v_a14b"]),
+            (kit.dit_wan22_ti2v, seed + 900, TINY_DIT_VARIANTS["ti2v"])]  # fmt: skip
+    for path, dit_seed, config in dits:
+        state = _bf16(tiny_dit_state_dict(dit_seed, config))
         save_file({COMFY_PREFIX + k: v for k, v in state.items()}, str(path), metadata={"format": "pt"})
     save_file(_bf16(tiny_vae_state_dict(seed + 300)), str(kit.vae))
+    torch.save(_bf16(tiny_clip_state_dict(seed + 1000)), str(kit.clip))
     torch.save(_bf16(tiny_umt5_state_dict(seed + 400, vocab)), str(kit.t5))
     return kit

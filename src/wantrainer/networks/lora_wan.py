@@ -1,8 +1,8 @@
 """LoRA for the Wan DiT (``network_module = "networks.lora_wan"``).
 
 Each targeted ``nn.Linear`` (by default every Linear of the blocks: self-attn and cross-attn
-q/k/v/o, ffn.0, ffn.2) gets a low-rank update ``y = W x + multiplier * scale * up(down(x))`` with
-``scale = alpha / rank``. The Linear is wrapped by replacing its ``forward`` (the original is kept and
+q/k/v/o, ffn.0, ffn.2, and the image-branch k_img / v_img of Wan 2.1 I2V / FLF2V) gets a low-rank update
+``y = W x + multiplier * scale * up(down(x))`` with ``scale = alpha / rank``. The Linear is wrapped by replacing its ``forward`` (the original is kept and
 restored by ``remove()``); the LoRA modules are never children of the DiT, so they work with fp8 Linear
 subclasses and block swap (the LoRA parameters stay on the compute device while the base weights move).
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-DEFAULT_TARGET = r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)|blocks\.\d+\.ffn\.(0|2)"
+DEFAULT_TARGET = r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)|blocks\.\d+\.cross_attn\.(k_img|v_img)|blocks\.\d+\.ffn\.(0|2)"
 KOHYA_PREFIX = "lora_unet_"
 
 

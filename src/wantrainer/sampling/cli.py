@@ -48,7 +48,7 @@ class LoadedExperts:
 
 def load_dit_for_sampling(model_cfg, path: Path, device: torch.device, resident: bool) -> nn.Module:
     """Load one DiT in the compute dtype; ``resident`` puts it on ``device`` now (else it stays on the CPU)."""
-    from ..models.wan.loading import load_wan_dit
+    from ..models.wan.loading import load_wan_dit, require_text_to_video
 
     if not Path(path).exists():  # a file, a shard index or a folder of shards
         raise UserError(f"DiT checkpoint not found: {path}")
@@ -57,6 +57,7 @@ def load_dit_for_sampling(model_cfg, path: Path, device: torch.device, resident:
         path, device="cpu", dtype=dtype, fp8_base=model_cfg.fp8_base, fp8_scaled=model_cfg.fp8_scaled,
         attn_mode=model_cfg.attn_mode,
     )  # fmt: skip
+    require_text_to_video(dit.config, str(path), "sampling")
     dit.eval().requires_grad_(False)
     if model_cfg.blocks_to_swap and device.type == "cuda":
         dit.enable_block_swap(model_cfg.blocks_to_swap, device)

@@ -16,10 +16,13 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
-# Linear layers inside each block that are stored in fp8 (relative to ``blocks.N``).
+# Linear layers inside each block that are stored in fp8 (relative to ``blocks.N``); the image-branch
+# projections ``cross_attn.k_img`` / ``v_img`` (Wan 2.1 I2V / FLF2V) too when the model has them.
 FP8_BLOCK_LINEARS = tuple(f"{a}.{p}" for a in ("self_attn", "cross_attn") for p in "qkvo") + (
     "ffn.0",
     "ffn.2",
+    "cross_attn.k_img",
+    "cross_attn.v_img",
 )
 
 
@@ -78,7 +81,7 @@ def replace_block_linears(model: nn.Module, scaled: bool) -> list[str]:
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name)
             old = getattr(parent, child) if not child.isdigit() else parent[int(child)]
-            if isinstance(old, FP8Linear):
+            if old is None or isinstance(old, FP8Linear):  # no image branch / already fp8
                 continue
             device = old.weight.device
             new = FP8Linear(

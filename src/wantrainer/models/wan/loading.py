@@ -33,11 +33,10 @@ _IGNORED_KEYS = ("scaled_fp8",)  # marker tensor of ComfyUI's scaled-fp8 files
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 _UNUSED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-TRAINABLE_CHANNELS = 16  # text-to-video: 16 latent channels in and out (the Wan 2.1 VAE)
 
 
 class CheckpointMismatchError(UserError):
-    """The file is not a Wan text-to-video DiT in the original layout (or is incomplete)."""
+    """The file is not a Wan DiT in the original layout (or is incomplete, or of an unsupported variant)."""
 
 
 @dataclass(frozen=True)
@@ -130,10 +129,10 @@ def guess_layout(keys) -> str:
         return "this looks like a VAE"
     if "shared.weight" in joined or "encoder.block." in joined or "token_embedding." in joined:
         return "this looks like a text encoder (T5 / UMT5)"
-    if "img_emb." in joined or ".k_img." in joined:
-        return "this looks like an image-to-video Wan DiT; only text-to-video models are supported"
     if "vace_blocks." in joined:
-        return "this looks like a Wan VACE model; only text-to-video models are supported"
+        return "this looks like a Wan VACE model, which is not supported (T2V, I2V, FLF2V and TI2V-5B are)"
+    if "img_emb." in joined or ".k_img." in joined:
+        return "this looks like a Wan 2.1 I2V / FLF2V DiT, but incomplete (img_emb and k_img / v_img go together)"
     if "patch_embedding.weight" in joined and "blocks.0.self_attn.q.weight" in joined:
         return "this looks like a Wan DiT in the original layout, but incomplete or of another variant"
     return "this does not look like a Wan DiT"
@@ -153,18 +152,25 @@ def scale_entry(entries: dict[str, TensorEntry], key: str) -> TensorEntry | None
 
 
 def check_variant(config: WanModelConfig, source: str) -> None:
-    """Refuse the image-to-video / TI2V models, whose channel counts the text-to-video trainer cannot feed."""
-    if config.in_dim == TRAINABLE_CHANNELS and config.out_dim == TRAINABLE_CHANNELS:
+    """Refuse channel layouts that are none of the released variants (``configs.MODEL_TYPES``)."""
+    known = (config.in_dim, config.out_dim) in ((16, 16), (36, 16), (48, 48))
+    if known and not (config.image_pos_len is not None and config.image_dim is None):
         return
-    if config.in_dim == 36:
-        what = "an image-to-video Wan DiT (36 input channels: latents + image condition)"
-    elif config.out_dim == 48:
-        what = "the Wan 2.2 TI2V-5B DiT (48 latent channels, for the Wan 2.2 VAE)"
-    else:
-        what = f"a Wan DiT with {config.in_dim} input / {config.out_dim} output channels"
     raise CheckpointMismatchError(
-        f"{source} is {what}; only the text-to-video models are supported (Wan 2.1 T2V 1.3B / 14B, "
-        "Wan 2.2 T2V A14B high- and low-noise experts, 16 latent channels)"
+        f"{source} is a Wan DiT with {config.in_dim} input / {config.out_dim} output channels, which is none of the "
+        "supported variants: T2V (16 / 16), I2V and FLF2V (36 / 16), TI2V-5B (48 / 48)"
+    )
+
+
+def require_text_to_video(config: WanModelConfig, source: str, action: str) -> None:
+    """For the commands that feed the DiT text and latents only: refuse a model that needs image conditioning."""
+    if config.model_type == "t2v":
+        return
+    from .configs import MODEL_TYPES
+
+    raise UserError(
+        f"{source} is a {config.model_type} model ({MODEL_TYPES[config.model_type]}); {action} supports the "
+        "text-to-video models only so far (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 T2V A14B)"
     )
 
 
@@ -217,6 +223,8 @@ def infer_wan_config(shapes: dict[str, tuple[int, ...]], source: str = "the chec
     )
     if dim % HEAD_DIM and dim > HEAD_DIM:
         raise CheckpointMismatchError(f"{source}: dim {dim} is not a multiple of the head width {HEAD_DIM}")
+    image_dim = shapes.get("img_emb.proj.1.weight", (None, None))[1]  # Wan 2.1 I2V / FLF2V CLIP branch
+    pos = shapes.get("img_emb.emb_pos")  # FLF2V: [1, 2 x 257, 1280]
     return WanModelConfig(
         dim=dim,
         ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
@@ -227,6 +235,8 @@ def infer_wan_config(shapes: dict[str, tuple[int, ...]], source: str = "the chec
         text_dim=shapes["text_embedding.0.weight"][1],
         freq_dim=shapes["time_embedding.0.weight"][1],
         patch_size=tuple(patch),
+        image_dim=image_dim,
+        image_pos_len=pos[1] if pos is not None and len(pos) == 3 else None,
     )
 
 
@@ -310,7 +320,8 @@ def load_wan_dit(
     model.load_state_dict(state, strict=True, assign=True)
     del state
     name = known_config_name(config) or "custom size"
-    logger.info("loaded Wan DiT %s (%s): %s, compute dtype %s%s", source, name, _describe(config), model.dtype,
+    logger.info("loaded Wan DiT %s (%s, %s): %s, compute dtype %s%s", source, name, config.model_type,
+                _describe(config), model.dtype,
                 ", fp8 scaled" if fp8_scaled else ", fp8" if use_fp8 else "")  # fmt: skip
     return model
 

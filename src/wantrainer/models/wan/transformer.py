@@ -1,8 +1,13 @@
-"""The Wan 2.1 / 2.2 text-to-video diffusion transformer, in the original checkpoint key layout.
+"""The Wan 2.1 / 2.2 diffusion transformer (T2V, I2V, FLF2V, TI2V-5B), in the original checkpoint key layout.
 
 Keys: ``patch_embedding``, ``text_embedding.{0,2}``, ``time_embedding.{0,2}``, ``time_projection.1``,
 ``blocks.N.{self_attn,cross_attn}.{q,k,v,o,norm_q,norm_k}``, ``blocks.N.norm3``, ``blocks.N.ffn.{0,2}``,
-``blocks.N.modulation``, ``head.head``, ``head.modulation``.
+``blocks.N.modulation``, ``head.head``, ``head.modulation``; the Wan 2.1 I2V / FLF2V image branch adds
+``img_emb.*`` (see ``image_embedding.py``) and ``blocks.N.cross_attn.{k_img,v_img,norm_k_img}``.
+
+The variant is data (``WanModelConfig.model_type``): I2V models take the conditioning ``y`` (mask + image
+latents) concatenated to the noisy latents on the channel axis, Wan 2.1 I2V / FLF2V also the CLIP features
+(their tokens come first in the cross-attention context), TI2V-5B a per-token timestep.
 
 Numerics follow the Wan reference: the residual stream, time embedding, modulation, norms and RoPE are float32;
 Linear layers, patch embedding and attention run in the compute dtype (``model.dtype``).
@@ -19,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import ATTN_MODES, attention, check_attn_mode
 from .configs import WanModelConfig
+from .image_embedding import WanImageEmbedding
 from .rope import apply_rope, rope_cos_sin
 
 
@@ -67,12 +73,34 @@ class WanSelfAttention(nn.Module):
 
 
 class WanCrossAttention(WanSelfAttention):
+    """Cross-attention to the text; with ``image_branch`` also to the image tokens that precede the text tokens
+    in the context (own keys / values ``k_img`` / ``v_img``, outputs summed before ``o``)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6, text_len: int = 512,
+                 image_branch: bool = False):  # fmt: skip
+        super().__init__(dim, num_heads, eps)
+        self.text_len = text_len
+        if image_branch:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+        else:
+            self.k_img = self.v_img = self.norm_k_img = None
+
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # x: [B, L, dim], context: [B, text_len, dim]
+        # x: [B, L, dim], context: [B, (image tokens +) text_len, dim]
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
-        v = self.v(context).unflatten(-1, (self.num_heads, -1))
-        return self.o(attention(q, k, v, self.attn_mode).flatten(2))
+        image_tokens = context.shape[1] - self.text_len if self.k_img is not None else 0
+        text = context[:, image_tokens:]
+        k = self.norm_k(self.k(text)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(text).unflatten(-1, (self.num_heads, -1))
+        out = attention(q, k, v, self.attn_mode).flatten(2)
+        if image_tokens:
+            image = context[:, :image_tokens]
+            k_img = self.norm_k_img(self.k_img(image)).unflatten(-1, (self.num_heads, -1))
+            v_img = self.v_img(image).unflatten(-1, (self.num_heads, -1))
+            out = out + attention(q, k_img, v_img, self.attn_mode).flatten(2)
+        return self.o(out)
 
 
 def _modulation_terms(table: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -89,7 +117,9 @@ class WanAttentionBlock(nn.Module):
         self.norm1 = LayerNorm32(dim, eps, elementwise_affine=False)
         self.self_attn = WanSelfAttention(dim, config.num_heads, eps)
         self.norm3 = LayerNorm32(dim, eps, elementwise_affine=True)
-        self.cross_attn = WanCrossAttention(dim, config.num_heads, eps)
+        self.cross_attn = WanCrossAttention(
+            dim, config.num_heads, eps, config.text_len, image_branch=config.image_dim is not None
+        )
         self.norm2 = LayerNorm32(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(
             nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
@@ -139,7 +169,7 @@ def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class WanModel(nn.Module):
-    """Wan DiT. ``forward(x [B,C,F,H,W], timestep [B] or [B,L], context list of [L_i, text_dim])``."""
+    """Wan DiT. ``forward(x [B,C,F,H,W], timestep [B] or [B,L], context list of [L_i, text_dim], clip_fea, y)``."""
 
     _keep_in_fp32_modules = (
         "time_embedding",
@@ -150,6 +180,7 @@ class WanModel(nn.Module):
         "norm3",
         "norm_q",
         "norm_k",
+        "norm_k_img",
     )
     """Name parts of the precision-sensitive parameters kept in float32 by ``to_compute_dtype``."""
 
@@ -167,6 +198,10 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         self.blocks = nn.ModuleList([WanAttentionBlock(config) for _ in range(config.num_layers)])
         self.head = WanHead(config)
+        if config.image_dim is not None:
+            self.img_emb = WanImageEmbedding(config.image_dim, dim, config.image_pos_len)
+        else:
+            self.img_emb = None
         self.gradient_checkpointing = False
         self.gradient_checkpointing_cpu_offload = False
         self.block_swapper = None  # an offloading.BlockSwapper when blocks_to_swap > 0
@@ -290,19 +325,56 @@ class WanModel(nn.Module):
             padded[i, : ctx.shape[0]] = ctx.to(padded)
         return self.text_embedding(padded)
 
+    def embed_image(self, clip_fea: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """CLIP features [B, tokens, image_dim] (I2V / FLF2V) -> image context [B, tokens, dim], else None."""
+        if self.img_emb is None:
+            if clip_fea is not None:
+                raise ValueError(f"CLIP features given to a {self.config.model_type} model, which has no image branch")
+            return None
+        if clip_fea is None or clip_fea.shape[0] != batch:
+            shape = None if clip_fea is None else tuple(clip_fea.shape)
+            raise ValueError(f"the {self.config.model_type} model needs CLIP features for a batch of {batch}, got {shape}")
+        return self.img_emb(clip_fea.to(self.device), self.dtype)
+
+    def concat_condition(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """Noisy latents [B, out_dim, F, H, W] + conditioning y [B, in_dim - out_dim, F, H, W] -> [B, in_dim, ...]."""
+        need = self.config.condition_channels
+        if need == 0:
+            if y is not None:
+                raise ValueError(f"image conditioning given to a {self.config.model_type} model, which takes none")
+            return x
+        if y is None or y.shape[0] != x.shape[0] or y.shape[1] != need or y.shape[2:] != x.shape[2:]:
+            shape = None if y is None else tuple(y.shape)
+            raise ValueError(
+                f"the {self.config.model_type} model needs conditioning y of shape "
+                f"[{x.shape[0]}, {need}, {', '.join(map(str, x.shape[2:]))}] (mask + image latents), got {shape}"
+            )
+        return torch.cat([x, y.to(x)], dim=1)
+
     def forward(
-        self, x: torch.Tensor, timestep: torch.Tensor, context: list[torch.Tensor] | torch.Tensor
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: list[torch.Tensor] | torch.Tensor,
+        clip_fea: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, in_dim, F, H, W], timestep [B] or [B, L] in 0..1000 -> prediction [B, out_dim, F, H, W] float32."""
+        """x [B, out_dim, F, H, W] noisy latents, timestep [B] or [B, L] in 0..1000, ``clip_fea`` [B, tokens, 1280]
+        (Wan 2.1 I2V / FLF2V), ``y`` [B, in_dim - out_dim, F, H, W] (I2V / FLF2V: 4 mask + 16 image-latent
+        channels) -> prediction [B, out_dim, F, H, W] float32. A T2V / TI2V model takes neither."""
         batch, _, frames, height, width = x.shape
         p_t, p_h, p_w = self.config.patch_size
         grid = (frames // p_t, height // p_h, width // p_w)
+        x = self.concat_condition(x, y)
         # 1. patchify: [B, C, F, H, W] -> [B, dim, f, h, w] -> [B, L, dim]
         h = self.patch_embedding(x.to(self.device, self.dtype)).flatten(2).transpose(1, 2)
         h = h.float().contiguous()
-        # 2. conditions
+        # 2. conditions: image tokens (if any) first, then the text tokens
         e, e0 = self.embed_time(timestep, batch, h.shape[1])
         ctx = self.embed_text(context, batch)
+        image_ctx = self.embed_image(clip_fea, batch)
+        if image_ctx is not None:
+            ctx = torch.cat([image_ctx, ctx], dim=1)  # [B, image tokens + text_len, dim]
         cos, sin = rope_cos_sin(grid, self.config.head_dim, h.device)
         # 3. blocks
         h = self._run_blocks(h, e0, ctx, cos, sin)
