@@ -140,7 +140,7 @@ def test_timesteps_are_grouped_by_expert():
     served = []
     active = {"name": None}
 
-    def forward(x, t, ctx):
+    def forward(x, t, ctx, conditioning):
         served.append((active["name"], float(t[0])))
         return torch.zeros_like(x)
 

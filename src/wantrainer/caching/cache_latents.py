@@ -5,6 +5,9 @@ its windows (``dataset.windows``), and ``num_workers`` threads decode the next f
 one the current settings expect; a cache of another shape (the musubi-tuner name carries the source size, not the
 resolution) is stale and encoded again. A file that cannot be read is listed in the summary and the run goes on;
 latents with NaN / Inf are reported and not written.
+
+For an image-to-video DiT (`dit` is read for its model type) each cache also holds the conditioning that model
+trains on (``caching.conditioning``); a cache made for a model type with other conditioning is stale.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import torch
 
 from ..common.logger import get_logger
 from ..config.datasets import LatentCacheConfig
-from ..dataset.cache_format import AmbiguousCacheError, read_latent_shape, save_latent_cache
+from ..dataset.cache_format import AmbiguousCacheError, cache_model_type, read_latent_shape, save_latent_cache
 from ..dataset.sources import MediaItem
 from ..dataset.windows import source_key, window_pixels
+from ..models.wan.conditioning import cache_compatible, require_clip_path, require_supported, run_model_type
 from .common import (
     LATENT_FILE,
     CacheSummary,
@@ -88,28 +92,32 @@ def _loaded_batches(items: list[MediaItem], batch_size: int, workers: int, summa
         yield good, torch.stack(pixels)
 
 
-def _existing_state(item: MediaItem) -> str:
-    """"missing", "current" (holds the expected latent shape), "stale" (another shape, or several latents
-    tensors) or "unreadable"."""
+def _existing_state(item: MediaItem, model_type: str) -> str:
+    """"missing", "current" (holds the expected latent shape and the conditioning ``model_type`` takes), "stale"
+    (another shape, several latents tensors, or made for a model type with other conditioning) or "unreadable"."""
     if not item.latent_cache_path.is_file():
         return "missing"
     try:
         shape = read_latent_shape(item.latent_cache_path)
+        compatible = cache_compatible(cache_model_type(item.latent_cache_path), model_type)
     except AmbiguousCacheError:  # two latents tensors (re-cached in another dtype over the file)
         return "stale"
     except Exception:  # truncated or foreign file: encode it again
         return "unreadable"
-    return "current" if shape == item.latent_shape else "stale"
+    return "current" if shape == item.latent_shape and compatible else "stale"
 
 
-def _write(items: list[MediaItem], latents: torch.Tensor, stale: set[Path], summary: CacheSummary) -> None:
-    for item, item_latents in zip(items, latents):
-        if not is_finite(item_latents):
+def _write(items: list[MediaItem], latents: torch.Tensor, extras: list[dict] | None, model_type: str,
+           stale: set[Path], summary: CacheSummary) -> None:
+    for index, (item, item_latents) in enumerate(zip(items, latents)):
+        extra = extras[index] if extras is not None else {}
+        if not all(is_finite(t) for t in (item_latents, *extra.values())):
             summary.non_finite.append(item.key)
             summary.failed.append((item.path, f"{item.key}: latents contain NaN / Inf (not written)"))
             logger.warning("%s: latents contain NaN / Inf; not written", item.key)
             continue
-        save_latent_cache(item.latent_cache_path, item_latents, *item.cache_size, item.frames)
+        save_latent_cache(item.latent_cache_path, item_latents, *item.cache_size, item.frames,
+                          model_type=model_type, **extra)
         summary.cached += 1
         if item.latent_cache_path in stale:
             summary.stale += 1
@@ -125,8 +133,11 @@ def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
     summary = job.summary
     todo: list[MediaItem] = []
     stale: set[Path] = set()
+    model_type = run_model_type(cfg.model)
+    require_supported(model_type, "cache-latents")
+    clip_path = require_clip_path(cfg.model, model_type)
     for item in job.items:
-        state = _existing_state(item)
+        state = _existing_state(item, model_type)
         if state == "stale":
             stale.add(item.latent_cache_path)
         if settings.skip_existing and state == "current":
@@ -134,14 +145,22 @@ def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
         else:
             todo.append(item)
 
-    def encode(vae) -> None:
+    def load():
+        vae = load_vae(require_file(cfg.model.vae, "vae", "Wan 2.1 VAE file"), settings, job.device)
+        from .conditioning import ImageConditioner
+
+        dtype = compute_dtype(settings.vae_dtype, job.device)
+        return vae, ImageConditioner.load(model_type, vae, clip_path, job.device, dtype)
+
+    def encode(models) -> None:
+        vae, conditioner = models
         for items, pixels in _loaded_batches(todo, settings.batch_size, settings.num_workers, summary, progress):
-            _write(items, vae.encode(pixels), stale, summary)
+            latents = vae.encode(pixels)
+            extras = conditioner.encode(pixels, latents) if conditioner is not None else None
+            _write(items, latents, extras, model_type, stale, summary)
             progress.advance(len(items))
 
-    vae_path = cfg.model.vae
-    encode_todo(todo, lambda: load_vae(require_file(vae_path, "vae", "Wan 2.1 VAE file"), settings, job.device),
-                encode, progress, "cache-latents")
+    encode_todo(todo, load, encode, progress, "cache-latents")
     return finish(job, LATENT_FILE, settings.keep_cache)
 
 def run(args: argparse.Namespace) -> int:

@@ -21,6 +21,8 @@ class ModelConfig(Section):
     """wan22 only: the high-noise expert checkpoint, used for timesteps at or above `timestep_boundary`."""
     vae: Path | None = None
     """Wan 2.1 VAE weights (wan_2.1_vae.safetensors or Wan2.1_VAE.pth)."""
+    clip: Path | None = None
+    """Wan 2.1 I2V / FLF2V only: the CLIP vision encoder (models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth, ComfyUI's clip_vision_h.safetensors or a diffusers image_encoder folder); cache-latents writes its features."""
     t5: Path | None = None
     """UMT5-XXL text encoder weights (models_t5_umt5-xxl-enc-bf16.pth or a HF / ComfyUI safetensors)."""
     t5_tokenizer: str | None = None
@@ -40,6 +42,6 @@ class ModelConfig(Section):
     attn_mode: AttnMode = "sdpa"
     """Attention backend: sdpa (PyTorch), flash_attn, sage_attn (inference only), xformers, split_attn."""
     timestep_boundary: float | None = Field(None, gt=0)
-    """wan22: timestep where the experts switch, as 875 or 0.875 (default 875 for T2V A14B)."""
+    """wan22: timestep where the experts switch, as 875 or 0.875 (default: 875 for T2V A14B, 900 for I2V A14B, as the reference)."""
     offload_inactive_dit: bool = True
     """wan22: keep the expert that is not in use on the CPU."""

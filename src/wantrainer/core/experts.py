@@ -27,6 +27,7 @@ DEFAULT = "default"
 HIGH_NOISE = "high_noise"
 LOW_NOISE = "low_noise"
 DEFAULT_BOUNDARY = 0.875
+I2V_DEFAULT_BOUNDARY = 0.900  # Wan 2.2 I2V A14B (wan/configs/wan_i2v_A14B.py)
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,10 @@ class ExpertPlan:
     t_range: tuple[float, float]
 
 
-def normalise_boundary(value: float | None) -> float:
-    """875 or 0.875 -> 0.875; None -> the Wan 2.2 T2V A14B default."""
+def normalise_boundary(value: float | None, model_type: str = "t2v") -> float:
+    """875 or 0.875 -> 0.875; None -> the reference's default for the model type (I2V A14B 0.900, T2V 0.875)."""
     if value is None:
-        return DEFAULT_BOUNDARY
+        return I2V_DEFAULT_BOUNDARY if model_type == "i2v_a14b" else DEFAULT_BOUNDARY
     return value / 1000.0 if value > 1 else float(value)
 
 
@@ -53,7 +54,9 @@ def plan_experts(model_cfg: Any, timestep_cfg: Any) -> ExpertPlan:
         if model_cfg.dit is None:
             raise UserError("`dit` is not set: give the path of the Wan DiT checkpoint (.safetensors)")
         return ExpertPlan([(DEFAULT, model_cfg.dit)], None, (lo, hi))
-    boundary = normalise_boundary(model_cfg.timestep_boundary)
+    from ..models.wan.conditioning import run_model_type
+
+    boundary = normalise_boundary(model_cfg.timestep_boundary, run_model_type(model_cfg))
     if not 0 < boundary < 1:
         raise UserError(f"`timestep_boundary` = {model_cfg.timestep_boundary}: use a value in (0, 1000)")
     needs_high, needs_low = hi > boundary, lo < boundary
@@ -182,7 +185,8 @@ def load_experts(
     A single expert without block swap loads straight onto ``device``; otherwise everything loads on the CPU
     and the caller places the model.
     """
-    from ..models.wan.loading import load_wan_dit, require_text_to_video
+    from ..models.wan.conditioning import require_supported
+    from ..models.wan.loading import load_wan_dit
 
     direct = len(plan.files) == 1 and not model_cfg.blocks_to_swap
     if torch.device(device).type == "cpu":
@@ -199,7 +203,7 @@ def load_experts(
             fp8_scaled=model_cfg.fp8_scaled,
             attn_mode=model_cfg.attn_mode,
         )
-        require_text_to_video(dit.config, str(path), "training")
+        require_supported(dit.config.model_type, "training")
         return dit
 
     names = [name for name, _ in plan.files]

@@ -157,11 +157,13 @@ class Trainer:
         return {g.name: g.network for g in self.groups if g.network is not None}
 
     def call_model(
-        self, model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, context: list[torch.Tensor]
+        self, model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, context: list[torch.Tensor],
+        conditioning: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One forward pass in the run's precision (what training, validation and sampling all use)."""
+        """One forward pass in the run's precision (what training, validation and sampling all use);
+        ``conditioning``: the image inputs of the I2V models (``y``, ``clip_fea``), empty for the others."""
         with self.accelerator.autocast():
-            return model(x, timestep=timestep, context=context).float()
+            return model(x, timestep=timestep, context=context, **(conditioning or {})).float()
 
     @property
     def steps_per_epoch(self) -> int:
@@ -330,7 +332,8 @@ class Trainer:
         for enh in self.enhancements:
             batch = enh.modify_inputs(batch)
         ctx = self._noised_inputs(batch, expert)
-        ctx.pred = self.call_model(self.model, ctx.noisy, ctx.timesteps, batch["text_embeds"])
+        ctx.pred = self.call_model(self.model, ctx.noisy, ctx.timesteps, batch["text_embeds"],
+                                   batch.get("conditioning"))
         loss, metrics = self.compute_loss(ctx)
         self._sync_device()
         timings["forward"] += time.perf_counter() - start
@@ -419,6 +422,8 @@ class Trainer:
         out["text_embeds"] = [e.to(self.device, torch.float32) for e in batch["text_embeds"]]
         if "loss_weight" in batch:
             out["loss_weight"] = batch["loss_weight"].to(self.device, torch.float32)
+        if "conditioning" in batch:
+            out["conditioning"] = {k: v.to(self.device, torch.float32) for k, v in batch["conditioning"].items()}
         return out
 
     def _sync_device(self) -> None:

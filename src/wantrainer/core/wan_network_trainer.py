@@ -55,7 +55,7 @@ def train_specs(cfg: WanTrainerConfig) -> list[Any]:
     return specs
 
 
-def build_loader(cfg: WanTrainerConfig, specs: list[Any], accelerator: Any) -> Any:
+def build_loader(cfg: WanTrainerConfig, specs: list[Any], accelerator: Any, model_type: str = "t2v") -> Any:
     from ..dataset.loader import build_dataloader
 
     t = cfg.training
@@ -68,6 +68,7 @@ def build_loader(cfg: WanTrainerConfig, specs: list[Any], accelerator: Any) -> A
         persistent_workers=t.persistent_data_loader_workers,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        model_type=model_type,
     )
 
 
@@ -172,7 +173,7 @@ def enhancement_param_groups(enhancements: list[Any], lr: float) -> list[dict[st
 
 
 def build_handlers(
-    cfg: WanTrainerConfig, accelerator: Any, config_text: str, resolution: tuple[int, int]
+    cfg: WanTrainerConfig, accelerator: Any, config_text: str, resolution: tuple[int, int], model_type: str = "t2v"
 ) -> list[Any]:
     """Metrics first, checkpointing last (so a saved state includes the other handlers' latest state)."""
     from ..dataset.blueprint import resolve_datasets
@@ -184,8 +185,8 @@ def build_handlers(
     handlers: list[Any] = [MetricsHandler()]
     val = ValidationHandler.from_config(cfg.validation, resolve_datasets(cfg.datasets, "val"), cfg.loss,
                                         cfg.timesteps, rank=accelerator.process_index,
-                                        world_size=accelerator.num_processes)
-    sampling = SamplingHandler.from_config(cfg.sampling, cfg.model, cfg.saving)
+                                        world_size=accelerator.num_processes, model_type=model_type)
+    sampling = SamplingHandler.from_config(cfg.sampling, cfg.model, cfg.saving, model_type)
     handlers.extend(h for h in (val, sampling) if h is not None)
     handlers.append(CheckpointHandler(cfg, config_text, resolution))
     return handlers
@@ -224,7 +225,11 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     set_seed(cfg.training.seed)
     device = accelerator.device
     specs = train_specs(cfg)
-    loader = build_loader(cfg, specs, accelerator)
+    from ..models.wan.conditioning import require_supported, run_model_type
+
+    model_type = run_model_type(cfg.model)
+    require_supported(model_type, "training")
+    loader = build_loader(cfg, specs, accelerator, model_type)
     experts = build_experts(cfg, device)
     regimes = RegimeSampler(TimestepSampler.from_config(cfg.timesteps), experts.names, experts.boundary,
                             seq_len=typical_seq_len(specs[0]))
@@ -236,7 +241,8 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     extra = enhancement_param_groups(enhancements, cfg.optimizer.learning_rate)
     groups = build_groups(cfg, networks, regimes, extra, total, accelerator)
     config_text = cfg.to_toml()
-    handlers = build_handlers(cfg, accelerator, config_text, specs[0].resolution) + list(extra_handlers or [])
+    handlers = build_handlers(cfg, accelerator, config_text, specs[0].resolution, model_type)
+    handlers += list(extra_handlers or [])
     logger.info("training %s for %d steps (%d batches per epoch per process, %d process(es), accumulation %d)",
                 "/".join(experts.names), total, len(loader), accelerator.num_processes,
                 cfg.training.gradient_accumulation_steps)

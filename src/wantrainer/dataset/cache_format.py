@@ -17,6 +17,12 @@ the resolution the latents were encoded at: readers compare the ``latents_{F}x{H
 with the shape they expect (``latent_shape``) and treat a mismatch as a stale cache. musubi replaces NaN latents by
 zeros with a warning; here NaN caches are not written (the caching commands report them).
 
+Image-to-video caches (musubi's ``save_latent_cache_wan`` with ``--i2v`` / ``--clip``) also hold
+``latents_image_{F}x{H}x{W}_{dtype}`` [20, F, H, W] (4 mask channels + 16 latent channels of the conditioning
+video, see ``models.wan.conditioning``) and, for Wan 2.1 I2V / FLF2V, ``clip_{dtype}`` [257, 1280] (FLF2V
+[2, 257, 1280]). Ours add the metadata ``model_type`` (``t2v``, ``i2v``, ``flf2v``, ``i2v_a14b``); a musubi
+cache without it is typed by its tensors (``cache_model_type``).
+
 musubi keeps the tensors already in a cache file when it writes one, so re-caching in another dtype over a file
 leaves two ``latents_{F}x{H}x{W}_*`` (or two ``varlen_t5_*``) tensors in it. Such a file is ambiguous
 (``AmbiguousCacheError``): readers treat it like a stale cache, and the caching commands encode it again (our
@@ -46,6 +52,8 @@ LATENT_NAME = re.compile(
 )
 """A latent cache file name: ``key`` is the item key (stem plus video window), ``stem`` the media stem."""
 _LATENT_KEY = re.compile(r"^latents_(\d+)x(\d+)x(\d+)_[a-z0-9_]+$")
+_IMAGE_KEY = re.compile(r"^latents_image_(\d+)x(\d+)x(\d+)_[a-z0-9_]+$")
+CLIP_PREFIX = "clip_"
 
 
 
@@ -124,9 +132,11 @@ def text_tensor_key(embeds: torch.Tensor) -> str:
 
 
 def save_latent_cache(
-    path: str | Path, latents: torch.Tensor, width: int, height: int, frame_count: int | None = None
+    path: str | Path, latents: torch.Tensor, width: int, height: int, frame_count: int | None = None,
+    image_latents: torch.Tensor | None = None, clip: torch.Tensor | None = None, model_type: str | None = None,
 ) -> None:
-    """Write one item's latents [16, F, H, W] atomically."""
+    """Write one item's latents [C, F, H, W] atomically; I2V caches add ``image_latents`` [20, F, H, W] (mask +
+    conditioning latents), Wan 2.1 I2V / FLF2V also ``clip`` [257, D] / [2, 257, D]; ``model_type`` is recorded."""
     if latents.ndim != 4:
         raise ValueError(f"latents must be [C, F, H, W], got {tuple(latents.shape)}")
     metadata = {
@@ -137,7 +147,47 @@ def save_latent_cache(
     }
     if frame_count is not None:
         metadata["frame_count"] = str(frame_count)
-    save_safetensors_atomic({latent_tensor_key(latents): latents.cpu()}, path, metadata=metadata)
+    if model_type is not None:
+        metadata["model_type"] = model_type
+    tensors = {latent_tensor_key(latents): latents.cpu()}
+    suffix = latent_tensor_key(latents).removeprefix("latents_")  # {F}x{H}x{W}_{dtype}
+    if image_latents is not None:
+        if image_latents.shape[1:] != latents.shape[1:]:
+            raise ValueError(f"image latents {tuple(image_latents.shape)} do not match latents {tuple(latents.shape)}")
+        tensors[f"latents_image_{suffix}"] = image_latents.to(latents.dtype).cpu()
+    if clip is not None:  # named by the latents' dtype, as musubi-tuner does
+        tensors[f"{CLIP_PREFIX}{dtype_name(latents.dtype)}"] = clip.to(latents.dtype).cpu()
+    save_safetensors_atomic(tensors, path, metadata=metadata)
+
+
+def cache_model_type(path: str | Path) -> str:
+    """The model type a latent cache serves: its ``model_type`` metadata, else what its tensors say (musubi
+    caches): CLIP features of two frames -> "flf2v", of one -> "i2v", image latents only -> "i2v_a14b", else
+    "t2v". Reads the header only."""
+    with safe_open(str(path), framework="pt") as f:
+        recorded = (f.metadata() or {}).get("model_type")
+        if recorded:
+            return recorded
+        keys = list(f.keys())
+        clip = [k for k in keys if k.startswith(CLIP_PREFIX)]
+        has_image = any(_IMAGE_KEY.match(k) for k in keys)
+        if has_image and clip:
+            shape = f.get_slice(clip[0]).get_shape()
+            return "flf2v" if len(shape) == 3 and shape[0] == 2 else "i2v"
+        return "i2v_a14b" if has_image else "t2v"
+
+
+def load_conditioning(path: str | Path, kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The cached conditioning of one item: ``{"image": [20, F, H, W], "clip": [tokens, D] or [frames, tokens, D]}``
+    for the requested ``kinds``."""
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        if "image" in kinds:
+            out["image"] = f.get_tensor(_single_key(path, [k for k in keys if _IMAGE_KEY.match(k)], "latents_image"))
+        if "clip" in kinds:
+            out["clip"] = f.get_tensor(_single_key(path, [k for k in keys if k.startswith(CLIP_PREFIX)], "clip"))
+    return out
 
 
 def save_text_cache(path: str | Path, embeds: torch.Tensor, caption: str | None = None) -> None:

@@ -17,8 +17,15 @@ from safetensors import SafetensorError
 
 from ..common.logger import get_logger
 from ..errors import UserError
+from ..models.wan.conditioning import cache_compatible
 from .blueprint import DatasetSpec
-from .cache_format import LATENT_NAME, AmbiguousCacheError, check_text_cache, read_latent_shape
+from .cache_format import (
+    LATENT_NAME,
+    AmbiguousCacheError,
+    cache_model_type,
+    check_text_cache,
+    read_latent_shape,
+)
 from .sources import MediaItem, no_items_reason, scan_dataset
 
 logger = get_logger(__name__)
@@ -55,6 +62,9 @@ class CacheReport:
     unreadable: list[str] = field(default_factory=list)
     no_items: str | None = None
     """Why the media gave no item at all (``sources.no_items_reason``), or None."""
+    wrong_type: list[tuple[str, str]] = field(default_factory=list)
+    """(item key, the model type its cache was made for) of caches without the conditioning this run needs."""
+    model_type: str = "t2v"
 
     def summary(self) -> str:
         parts = [f"{self.usable} of {self.media_items} item(s) usable"]
@@ -73,6 +83,11 @@ class CacheReport:
                          "or delete them)")
         if self.unreadable:
             parts.append(f"{len(self.unreadable)} with an unreadable cache file")
+        if self.wrong_type:
+            key, made_for = self.wrong_type[0]
+            parts.append(f"{len(self.wrong_type)} with a latent cache made for a {made_for} model, without the "
+                         f"conditioning the {self.model_type} model trains on (e.g. {key}; re-run `wantrainer "
+                         "cache-latents --config <your config>` with this `dit`: it re-encodes them)")
         return f"{self.name}: " + ", ".join(parts)
 
 
@@ -111,12 +126,13 @@ def _text_usable(path: Path, known: dict[Path, bool], report: CacheReport) -> bo
 
 
 def discover_cached_items(
-    spec: DatasetSpec, prior_loss_weight: float = 1.0, dataset_index: int | None = None
+    spec: DatasetSpec, prior_loss_weight: float = 1.0, dataset_index: int | None = None, model_type: str = "t2v"
 ) -> tuple[list[CachedItem], CacheReport]:
-    """Scan ``spec``'s media and keep the items whose caches exist and hold the expected latent shape
-    (``dataset_index`` defaults to spec.index)."""
+    """Scan ``spec``'s media and keep the items whose caches exist, hold the expected latent shape and the
+    conditioning ``model_type`` trains on (``dataset_index`` defaults to spec.index)."""
     scan = scan_dataset(spec)
-    report = CacheReport(spec.name, media_items=len(scan.items), no_items=no_items_reason(spec, scan))
+    report = CacheReport(spec.name, media_items=len(scan.items), no_items=no_items_reason(spec, scan),
+                         model_type=model_type)
     keys_by_stem = _cached_keys_by_stem(spec.cache_directory)
     weight = prior_loss_weight if spec.is_reg else 1.0
     items: list[CachedItem] = []
@@ -130,6 +146,7 @@ def discover_cached_items(
             continue
         try:
             shape = read_latent_shape(item.latent_cache_path)
+            made_for = cache_model_type(item.latent_cache_path)
         except AmbiguousCacheError as exc:
             logger.warning("%s: %s (stale; re-run `wantrainer cache-latents`)", spec.name, exc)
             report.stale_latents.append(item.key)
@@ -143,6 +160,9 @@ def discover_cached_items(
                          "x".join(map(str, shape)), "x".join(map(str, item.latent_shape)))
             report.stale_latents.append(item.key)
             continue
+        if not cache_compatible(made_for, model_type):
+            report.wrong_type.append((item.key, made_for))
+            continue
         if not item.text_cache_path.is_file():
             report.missing_text.append(item.key)
             continue
@@ -155,15 +175,16 @@ def discover_cached_items(
     return items, report
 
 
-def discover_all(specs: list[DatasetSpec], prior_loss_weight: float = 1.0) -> tuple[list[CachedItem], list[CacheReport]]:
-    """Usable items of every dataset (``dataset_index`` = position in ``specs``); warns about the rest,
-    ``UserError`` when nothing at all is usable."""
+def discover_all(specs: list[DatasetSpec], prior_loss_weight: float = 1.0, model_type: str = "t2v"
+                 ) -> tuple[list[CachedItem], list[CacheReport]]:  # fmt: skip
+    """Usable items of every dataset (``dataset_index`` = position in ``specs``) for a ``model_type`` run; warns
+    about the rest, ``UserError`` when nothing at all is usable."""
     if not specs:
         raise UserError("no datasets configured: add a [[datasets.train]] table with a media folder")
     items: list[CachedItem] = []
     reports: list[CacheReport] = []
     for position, spec in enumerate(specs):
-        found, report = discover_cached_items(spec, prior_loss_weight, dataset_index=position)
+        found, report = discover_cached_items(spec, prior_loss_weight, dataset_index=position, model_type=model_type)
         items.extend(found)
         reports.append(report)
         if report.usable < report.media_items:
@@ -179,7 +200,7 @@ def _nothing_usable_message(reports: list[CacheReport]) -> str:
     lines = ["no training item has both a latent cache and a text cache:"]
     lines += [f"  {r.summary()}" for r in reports]
     lines += [f"  {r.no_items}" for r in reports if r.no_items]
-    if any(r.missing_latents or r.stale_latents or r.unreadable for r in reports):
+    if any(r.missing_latents or r.stale_latents or r.unreadable or r.wrong_type for r in reports):
         lines.append("run `wantrainer cache-latents --config <your config>` to encode the media")
     if any(r.missing_text for r in reports):
         lines.append("run `wantrainer cache-text --config <your config>` to encode the captions")

@@ -31,8 +31,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..common.logger import get_logger
 from ..errors import UserError
+from ..models.wan.conditioning import CONDITIONING
 from .blueprint import DatasetSpec
-from .cache_format import load_latent_cache, load_text_cache
+from .cache_format import load_conditioning, load_latent_cache, load_text_cache
 from .cached_items import CachedItem, CacheReport, discover_all
 
 logger = get_logger(__name__)
@@ -60,25 +61,31 @@ def share_of(size: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 class CachedBatchReader(Dataset):
-    """Reads one planned batch from disk (runs in DataLoader workers when there are any)."""
+    """Reads one planned batch from disk (runs in DataLoader workers when there are any); with ``conditioning``
+    (``models.wan.conditioning.CONDITIONING``) also the cached image conditioning, as ``batch["conditioning"]``:
+    ``y`` [B, 20, F, H, W] (mask + image latents) and ``clip_fea`` [B, tokens, D] / [B, frames, tokens, D]."""
 
-    def __init__(self, items: list[CachedItem]):
+    def __init__(self, items: list[CachedItem], conditioning: tuple[str, ...] = ()):
         self.items = items
+        self.conditioning = conditioning
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, share: PlannedShare) -> dict[str, Any]:
         latents, embeds, weights, keys = [], [], [], []
+        extras: dict[str, list[torch.Tensor]] = {}
         for index, dropped in share.plan:
             item = self.items[index]
             latent, _ = load_latent_cache(item.latent_path)
             latents.append(latent.to(torch.float32))
+            for kind, tensor in (load_conditioning(item.latent_path, self.conditioning) if self.conditioning else {}).items():
+                extras.setdefault(kind, []).append(tensor.to(torch.float32))
             text = load_text_cache(item.text_path).to(torch.float32)
             embeds.append(text[:0].clone() if dropped else text)
             weights.append(item.loss_weight)
             keys.append(item.key)
-        return {
+        batch = {
             "latents": torch.stack(latents),  # [B, 16, F, H, W]
             "text_embeds": embeds,  # B x [L, D]
             "loss_weight": torch.tensor(weights, dtype=torch.float32),  # [B]
@@ -87,6 +94,10 @@ class CachedBatchReader(Dataset):
             "share_offset": share.offset,
             "global_batch_size": share.global_size,
         }
+        if extras:
+            names = {"image": "y", "clip": "clip_fea"}
+            batch["conditioning"] = {names[kind]: torch.stack(values) for kind, values in extras.items()}
+        return batch
 
 
 class _PlanSampler(Sampler):
@@ -123,6 +134,7 @@ class CachedDataLoader:
         world_size: int = 1,
         split_uneven: bool = False,
         reports: list[CacheReport] | None = None,
+        conditioning: tuple[str, ...] = (),
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -138,7 +150,7 @@ class CachedDataLoader:
         self.epoch = 0
         self.position = 0
         """Index of the next batch of this rank in the current epoch."""
-        self._reader = CachedBatchReader(items)
+        self._reader = CachedBatchReader(items, conditioning)
         self._groups = self._group_items()
         self.global_batches, self._batches, self.left_out = self._count_batches()
         self._sampler = _PlanSampler()
@@ -272,12 +284,14 @@ def build_dataloader(
     rank: int = 0,
     world_size: int = 1,
     split_uneven: bool = False,
+    model_type: str = "t2v",
 ) -> CachedDataLoader:
     """Scan ``specs``, match their caches and return the loader. Raises ``UserError`` when nothing is usable.
 
     ``split_uneven`` keeps every item under DDP (see the module docstring); only for loops without collectives.
+    ``model_type``: the DiT's; its image conditioning is checked in the caches and read with the latents.
     """
-    items, reports = discover_all(specs, prior_loss_weight)
+    items, reports = discover_all(specs, prior_loss_weight, model_type)
     loader = CachedDataLoader(
         items,
         {i: s.batch_size for i, s in enumerate(specs)},
@@ -285,6 +299,7 @@ def build_dataloader(
         seed=seed, shuffle=shuffle, num_workers=num_workers,
         persistent_workers=persistent_workers and num_workers > 0,
         rank=rank, world_size=world_size, split_uneven=split_uneven, reports=reports,
+        conditioning=CONDITIONING[model_type],
     )
     if loader.global_batches == 0:
         sizes = ", ".join(str(s.batch_size) for s in specs)

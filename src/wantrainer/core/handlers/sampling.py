@@ -53,7 +53,8 @@ class SamplingHandler(Handler):
         self._warned_single = False
 
     @classmethod
-    def from_config(cls, cfg: SamplingConfig, model_cfg: Any, saving_cfg: Any) -> SamplingHandler | None:
+    def from_config(cls, cfg: SamplingConfig, model_cfg: Any, saving_cfg: Any, model_type: str = "t2v"
+                    ) -> SamplingHandler | None:  # fmt: skip
         """None without prompts or triggers; a ``UserError`` when a trigger has no prompts to sample."""
         triggered = cfg.sample_at_first or cfg.sample_every_n_steps is not None or cfg.sample_every_n_epochs is not None
         if not cfg.sample_prompts:
@@ -67,6 +68,9 @@ class SamplingHandler(Handler):
             logger.warning("[[sample_prompts]] are set but no trigger: set `sample_every_n_steps`, "
                            "`sample_every_n_epochs` or `sample_at_first` to generate them")
             return None
+        if model_type != "t2v":
+            raise UserError(f"samples during training are not supported for the {model_type} model yet: remove "
+                            "the sampling triggers (`sample_at_first`, `sample_every_n_steps`, `sample_every_n_epochs`)")
         missing = [key for key in ("t5", "t5_tokenizer", "vae") if getattr(model_cfg, key) is None]
         if missing:
             raise UserError(f"sampling needs {', '.join(f'`{k}`' for k in missing)}: set them, or remove the triggers")

@@ -32,7 +32,8 @@ from .inference import inference_session
 
 logger = get_logger(__name__)
 
-Forward = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], torch.Tensor]
+Forward = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
+"""(noisy latents, timesteps 0..1000, text contexts, image conditioning (empty for T2V)) -> prediction."""
 
 VAL_NOISE_SEED = 20_240_917
 """Default base seed of the validation noise (independent of the training seed)."""
@@ -99,11 +100,12 @@ def validation_losses(
             index, offset, total = _share(batch, batch_index, latents.shape[0], rank, world_size)
             noise = batch_noise(latents.shape, seed, index, offset, total).to(device)
             context = [c.to(device) for c in batch["text_embeds"]]
+            conditioning = {k: v.to(device) for k, v in batch.get("conditioning", {}).items()}
             size = latents.shape[0]
             for t in group:
                 t_b = torch.full((size,), t / 1000.0, device=device, dtype=torch.float32)
                 noisy, target = flow_matching_pair(latents, noise, t_b)
-                pred = forward(noisy, t_b * 1000.0, context)
+                pred = forward(noisy, t_b * 1000.0, context, conditioning)
                 loss, _ = loss_fn(pred, target, batch, LossContext(t=t_b))
                 loss_sum, count = sums[t]
                 sums[t] = (loss_sum + float(loss) * size, count + size)
@@ -126,7 +128,7 @@ class ValidationHandler(Handler):
 
     @classmethod
     def from_config(cls, cfg: ValidationConfig, val_specs: list, loss_cfg, timestep_cfg, *, rank: int = 0,
-                    world_size: int = 1) -> ValidationHandler | None:
+                    world_size: int = 1, model_type: str = "t2v") -> ValidationHandler | None:
         """None when there is nothing to do; a ``UserError`` when a trigger is set without val datasets."""
         triggered = cfg.validate_every_n_steps is not None or cfg.validate_on_epoch_end
         if not val_specs:
@@ -143,7 +145,7 @@ class ValidationHandler(Handler):
         from ...dataset.loader import build_dataloader
 
         loader = build_dataloader(val_specs, seed=0, shuffle=False, rank=rank, world_size=world_size,
-                                  split_uneven=True)
+                                  split_uneven=True, model_type=model_type)
         unweighted = timestep_cfg.model_copy(update={"weighting_scheme": "none"})
         return cls(cfg, loader, TrainingLoss.from_config(loss_cfg, unweighted))
 
@@ -171,7 +173,7 @@ class ValidationHandler(Handler):
         dual = experts.is_dual
         with inference_session(trainer):
             sums = validation_losses(
-                lambda x, t, ctx: trainer.call_model(model, x, t, ctx),
+                lambda x, t, ctx, conditioning=None: trainer.call_model(model, x, t, ctx, conditioning),
                 self._batches,
                 self.timesteps,
                 self.loss_fn,
