@@ -43,6 +43,10 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--multiplier", type=float, default=1.0, metavar="M", help="LoRA strength (default 1.0)")
     p.add_argument("--output-dir", default=None, metavar="DIR",
                    help="where to write the samples (default {output_dir}/sample)")
+    p.add_argument("--image", default=None, metavar="FILE",
+                   help="image-to-video models: the first frame of every prompt (replaces their `image`)")
+    p.add_argument("--last-image", default=None, metavar="FILE",
+                   help="FLF2V: the last frame of every prompt (replaces their `last_image`)")
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:

@@ -94,6 +94,10 @@ class SamplePrompt(Section):
     """Flow shift of the sampling schedule."""
     sample_solver: Literal["unipc", "euler"] = "unipc"
     """Solver: unipc or euler."""
+    image: Path | None = None
+    """Image-to-video models: the first frame (resized to cover width x height, centre-cropped). Required for I2V / FLF2V, not accepted by T2V."""
+    last_image: Path | None = None
+    """FLF2V only: the last frame, prepared like `image`."""
 
     @field_validator("frames")
     @classmethod

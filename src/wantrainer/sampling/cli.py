@@ -16,7 +16,7 @@ from torch import nn
 
 from ..common.logger import get_logger, setup_logging
 from ..errors import UserError
-from .generate import ExpertSwitch, ModelFn, boundary_timestep
+from .generate import ExpertSwitch, ModelFn
 from .loras import assign_loras
 from .pipeline import (
     compute_dtype,
@@ -48,7 +48,8 @@ class LoadedExperts:
 
 def load_dit_for_sampling(model_cfg, path: Path, device: torch.device, resident: bool) -> nn.Module:
     """Load one DiT in the compute dtype; ``resident`` puts it on ``device`` now (else it stays on the CPU)."""
-    from ..models.wan.loading import load_wan_dit, require_text_to_video
+    from ..models.wan.conditioning import require_supported
+    from ..models.wan.loading import load_wan_dit
 
     if not Path(path).exists():  # a file, a shard index or a folder of shards
         raise UserError(f"DiT checkpoint not found: {path}")
@@ -57,7 +58,7 @@ def load_dit_for_sampling(model_cfg, path: Path, device: torch.device, resident:
         path, device="cpu", dtype=dtype, fp8_base=model_cfg.fp8_base, fp8_scaled=model_cfg.fp8_scaled,
         attn_mode=model_cfg.attn_mode,
     )  # fmt: skip
-    require_text_to_video(dit.config, str(path), "sampling")
+    require_supported(dit.config.model_type, "sampling")
     dit.eval().requires_grad_(False)
     if model_cfg.blocks_to_swap and device.type == "cuda":
         dit.enable_block_swap(model_cfg.blocks_to_swap, device)
@@ -108,10 +109,12 @@ def experts_model_fn(experts: LoadedExperts, model_cfg, device: torch.device) ->
         free_memory(device)
         place_dit(active, device)
 
+    from ..core.experts import normalise_boundary
+
     return ExpertSwitch(
         high=dit_model_fn(experts.high),
         low=dit_model_fn(experts.low),
-        boundary=boundary_timestep(model_cfg.timestep_boundary),
+        boundary=normalise_boundary(model_cfg.timestep_boundary, experts.low.config.model_type) * 1000.0,
         on_switch=on_switch,
     )
 
@@ -134,6 +137,12 @@ def _note_cpu_settings(model_cfg) -> None:
         logger.warning("no CUDA device: sampling on the CPU; not applied: %s", "; ".join(unused))
 
 
+def with_cli_images(prompts: list, image: str | None, last_image: str | None) -> list:
+    """The prompts with ``--image`` / ``--last-image`` as every prompt's `image` / `last_image`."""
+    changes = {k: Path(v).expanduser().resolve() for k, v in (("image", image), ("last_image", last_image)) if v}
+    return [p.model_copy(update=changes) for p in prompts] if changes else prompts
+
+
 def run(args: argparse.Namespace) -> int:
     from ..config_parser import load_config
 
@@ -142,16 +151,24 @@ def run(args: argparse.Namespace) -> int:
     prompts = list(cfg.sampling.sample_prompts)
     if not prompts:
         raise UserError(f"{args.config}: no [[sample_prompts]] to generate; add at least one table with `text`")
+    prompts = with_cli_images(prompts, getattr(args, "image", None), getattr(args, "last_image", None))
     loras = [Path(p).expanduser() for p in (args.lora or [])]
     device = default_device()
     if device.type == "cpu":
         _note_cpu_settings(cfg.model)
     out_dir = Path(args.output_dir).expanduser() if args.output_dir else cfg.saving.output_dir / "sample"
 
+    from ..models.wan.conditioning import require_supported, run_model_type
+    from .conditioning import encode_sample_conditions
+
+    model_type = run_model_type(cfg.model)
+    require_supported(model_type, "sampling")
     embeds = encode_sample_prompts(cfg.model, prompts, device)
+    conditions = encode_sample_conditions(cfg.model, model_type, prompts, device)
     experts = load_experts(cfg.model, loras, args.multiplier, device)
     with torch.no_grad():
-        latents = generate_all_latents(experts_model_fn(experts, cfg.model, device), prompts, embeds, device)
+        latents = generate_all_latents(experts_model_fn(experts, cfg.model, device), prompts, embeds, device,
+                                       conditions)
     del experts
     free_memory(device)
     results = decode_and_write(latents, prompts, cfg.model.vae, device, out_dir, output_name(cfg, loras), step=None)

@@ -20,7 +20,9 @@ from ..common.logger import get_logger
 
 logger = get_logger(__name__)
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], torch.Tensor]
+ModelFn = Callable[..., torch.Tensor]
+"""``(latents, timestep, context, **conditioning) -> prediction``; ``conditioning`` holds the image inputs of the
+I2V models (``y``, ``clip_fea``; see ``sampling.conditioning.bind``), nothing for T2V."""
 
 LATENT_CHANNELS = 16
 VAE_TEMPORAL_STRIDE = 4
@@ -171,7 +173,8 @@ class ExpertSwitch:
     def expert_for(self, timestep: float) -> str:
         return "high" if timestep >= self.boundary else "low"
 
-    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, context: list[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, context: list[torch.Tensor],
+                 **conditioning: torch.Tensor) -> torch.Tensor:  # fmt: skip
         t = float(timestep.flatten()[0])
         name = self.expert_for(t)
         if name != self.active:
@@ -180,4 +183,4 @@ class ExpertSwitch:
             logger.debug("sampling with the %s-noise expert from t=%.1f", name, t)
             self.active = name
         self.history.append((name, t))
-        return (self.high if name == "high" else self.low)(latents, timestep, context)
+        return (self.high if name == "high" else self.low)(latents, timestep, context, **conditioning)

@@ -136,10 +136,12 @@ def dit_model_fn(dit: torch.nn.Module) -> ModelFn:
     the swapped blocks start from their resting place as before a training forward.
     """
 
-    def model_fn(latents: torch.Tensor, timestep: torch.Tensor, context: list[torch.Tensor]) -> torch.Tensor:
+    def model_fn(latents: torch.Tensor, timestep: torch.Tensor, context: list[torch.Tensor],
+                 **conditioning: torch.Tensor) -> torch.Tensor:  # fmt: skip
         dit.prepare_block_swap_before_forward()
         device = dit.device
-        out = dit(latents.to(device), timestep.to(device), [c.to(device) for c in context])
+        extra = {k: v.to(device) for k, v in conditioning.items()}
+        out = dit(latents.to(device), timestep.to(device), [c.to(device) for c in context], **extra)
         return out.float()
 
     return model_fn
@@ -150,17 +152,23 @@ def generate_all_latents(
     prompts: Sequence,
     embeds: Sequence[PromptEmbeds],
     device: torch.device | str,
+    conditions: Sequence[dict[str, torch.Tensor] | None] | None = None,
 ) -> list[torch.Tensor]:
-    """Denoise every prompt; latents come back on the CPU so the VAE can take the device afterwards."""
+    """Denoise every prompt (with its image conditioning, if any); latents come back on the CPU so the VAE can
+    take the device afterwards."""
+    from .conditioning import bind
+
     out = []
-    for index, (prompt, emb) in enumerate(zip(prompts, embeds)):
+    conditions = conditions if conditions is not None else [None] * len(prompts)
+    for index, (prompt, emb, condition) in enumerate(zip(prompts, embeds, conditions)):
         settings = GenerationSettings.from_prompt(prompt)
         logger.info(
             "sample %d/%d: %dx%d, %d frame(s), %d %s step(s), cfg %.2g, seed %d",
             index + 1, len(prompts), settings.width, settings.height, settings.frames, settings.steps,
             settings.solver, settings.cfg_scale, settings.seed,
         )
-        latents = generate_latents(model_fn, emb.context, emb.negative, settings, device=device)
+        latents = generate_latents(bind(model_fn, condition, device), emb.context, emb.negative, settings,
+                                   device=device)
         out.append(latents.cpu())
     return out
 
@@ -205,10 +213,11 @@ def render_samples(
     name: str,
     step: int | None = None,
     before_decode: Callable[[], None] | None = None,
+    conditions: Sequence[dict[str, torch.Tensor] | None] | None = None,
 ) -> list[SampleResult]:
     """Generate and write every prompt. ``before_decode`` runs between denoising and decoding (e.g. to
     move an offloadable DiT out of the way of the VAE)."""
-    latents = generate_all_latents(model_fn, prompts, embeds, device)
+    latents = generate_all_latents(model_fn, prompts, embeds, device, conditions)
     if before_decode is not None:
         before_decode()
     return decode_and_write(latents, prompts, vae_path, device, Path(out_dir), name, step)

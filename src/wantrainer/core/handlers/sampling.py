@@ -21,6 +21,7 @@ import numpy as np
 from ...common.logger import get_logger
 from ...config.output import SamplingConfig
 from ...errors import UserError
+from ...sampling.conditioning import encode_sample_conditions
 from ...sampling.generate import ExpertSwitch, ModelFn
 from ...sampling.pipeline import PromptEmbeds, SampleResult, encode_sample_prompts, render_samples
 from ..experts import HIGH_NOISE, LOW_NOISE
@@ -51,6 +52,8 @@ class SamplingHandler(Handler):
         self.written: list[Path] = []
         self._last_step: int | None = None
         self._warned_single = False
+        self.model_type = "t2v"
+        self.conditions: list | None = None
 
     @classmethod
     def from_config(cls, cfg: SamplingConfig, model_cfg: Any, saving_cfg: Any, model_type: str = "t2v"
@@ -68,19 +71,22 @@ class SamplingHandler(Handler):
             logger.warning("[[sample_prompts]] are set but no trigger: set `sample_every_n_steps`, "
                            "`sample_every_n_epochs` or `sample_at_first` to generate them")
             return None
-        if model_type != "t2v":
-            raise UserError(f"samples during training are not supported for the {model_type} model yet: remove "
-                            "the sampling triggers (`sample_at_first`, `sample_every_n_steps`, `sample_every_n_epochs`)")
+        from ...sampling.conditioning import check_prompt_images
+
+        check_prompt_images(model_type, cfg.sample_prompts)
         missing = [key for key in ("t5", "t5_tokenizer", "vae") if getattr(model_cfg, key) is None]
         if missing:
             raise UserError(f"sampling needs {', '.join(f'`{k}`' for k in missing)}: set them, or remove the triggers")
-        return cls(cfg, model_cfg, Path(saving_cfg.output_dir) / "sample", saving_cfg.output_name)
+        handler = cls(cfg, model_cfg, Path(saving_cfg.output_dir) / "sample", saving_cfg.output_name)
+        handler.model_type = model_type
+        return handler
 
     # -- triggers --------------------------------------------------------------------------------
 
     def on_train_start(self, trainer: Any) -> None:
         if trainer.is_main_process:
             self.embeds = encode_sample_prompts(self.model_cfg, self.prompts, trainer.device)
+            self.conditions = encode_sample_conditions(self.model_cfg, self.model_type, self.prompts, trainer.device)
         if self.cfg.sample_at_first and trainer.state.step == 0:
             self.sample(trainer)
         elif self.cfg.sample_at_first:
@@ -104,8 +110,8 @@ class SamplingHandler(Handler):
         experts = trainer.experts
         model = experts.model
 
-        def forward(x, t, ctx):
-            return trainer.call_model(model, x, t, ctx)
+        def forward(x, t, ctx, **conditioning):
+            return trainer.call_model(model, x, t, ctx, conditioning)
 
         if not experts.is_dual:
             if self.model_cfg.target_model == "wan22" and not self._warned_single:
@@ -130,11 +136,15 @@ class SamplingHandler(Handler):
         if trainer.is_main_process:
             if self.embeds is None:
                 self.embeds = encode_sample_prompts(self.model_cfg, self.prompts, trainer.device)
+            if self.conditions is None:
+                self.conditions = encode_sample_conditions(self.model_cfg, self.model_type, self.prompts,
+                                                           trainer.device)
             logger.info("step %d: generating %d sample(s)", step, len(self.prompts))
             with inference_session(trainer):
                 results = render_samples(
                     self.model_fn(trainer), self.prompts, self.embeds, vae_path=self.model_cfg.vae,
                     device=trainer.device, out_dir=self.out_dir, name=self.output_name, step=step,
+                    conditions=self.conditions,
                 )  # fmt: skip
             for result in results:
                 trainer.metrics.log_image(f"sample/p{result.prompt_index:02d}", preview_image(result.frames), step)

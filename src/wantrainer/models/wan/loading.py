@@ -162,18 +162,6 @@ def check_variant(config: WanModelConfig, source: str) -> None:
     )
 
 
-def require_text_to_video(config: WanModelConfig, source: str, action: str) -> None:
-    """For the commands that feed the DiT text and latents only: refuse a model that needs image conditioning."""
-    if config.model_type == "t2v":
-        return
-    from .configs import MODEL_TYPES
-
-    raise UserError(
-        f"{source} is a {config.model_type} model ({MODEL_TYPES[config.model_type]}); {action} supports the "
-        "text-to-video models only so far (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 T2V A14B)"
-    )
-
-
 def check_stored_tensors(
     entries: dict[str, TensorEntry], expected: dict[str, torch.Tensor], source: str
 ) -> None:
