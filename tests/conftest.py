@@ -36,6 +36,15 @@ def train_workspace(tmp_path_factory, tiny_kit):
     return TrainWorkspace(tmp_path_factory.mktemp("train_workspace"), tiny_kit)
 
 
+@pytest.fixture(scope="session")
+def i2v_workspace(tmp_path_factory, tiny_kit):
+    """Synthetic clips / images (train) and clips (val) cached for the kit's Wan 2.1 I2V, FLF2V and Wan 2.2 I2V
+    DiTs, one cache folder per model type. Read-only."""
+    from i2v_support import I2VWorkspace
+
+    return I2VWorkspace(tmp_path_factory.mktemp("i2v_workspace"), tiny_kit)
+
+
 @pytest.fixture()
 def torch_one_thread():
     """Run the test with one intra-op thread (restored after). Small CPU models on a loaded 2-core machine run
