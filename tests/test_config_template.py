@@ -81,7 +81,7 @@ SHIPPED_CONFIGS = sorted((ROOT / "configs").rglob("*.toml"))
 def test_examples_are_shipped():
     names = {p.name for p in SHIPPED_CONFIGS}
     assert {"wan21_t2v_14b_lora.toml", "wan21_t2v_1.3b_lora.toml", "wan22_t2v_a14b_lora.toml",
-            "full_config_template.toml"} <= names
+            "wan21_i2v_14b_lora.toml", "wan22_i2v_a14b_lora.toml", "full_config_template.toml"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -101,3 +101,12 @@ def test_14b_example_fits_24gb_settings():
     cfg = load_config(ROOT / "configs" / "examples" / "wan21_t2v_14b_lora.toml")
     assert cfg.model.fp8_base and cfg.model.blocks_to_swap > 0 and cfg.model.gradient_checkpointing
     assert cfg.sampling.sample_prompts
+
+
+def test_i2v_examples_set_their_image_inputs():
+    wan21 = load_config(ROOT / "configs" / "examples" / "wan21_i2v_14b_lora.toml")
+    assert wan21.model.clip is not None and all(p.image is not None for p in wan21.sampling.sample_prompts)
+    wan22 = load_config(ROOT / "configs" / "examples" / "wan22_i2v_a14b_lora.toml")
+    assert wan22.model.clip is None and wan22.model.target_model == "wan22" and wan22.model.dit_high_noise
+    assert wan22.model.timestep_boundary is None  # the model type's default (900) applies
+    assert all(p.image is not None for p in wan22.sampling.sample_prompts)

@@ -40,10 +40,14 @@ NOT_KEYS = {
     "input_scale",
     "comfy_quant",  # DiT file tensors
     "frame_count",  # cache-file metadata
+    "model_type",  # cache-file metadata (the model type a cache serves)
+    "img_emb",
+    "k_img",
     "v_img",
     "norm_k_img",  # DiT file tensors of the Wan 2.1 I2V image branch
     "image_dim",
-    "pos_embed_seq_len",  # diffusers WanTransformer3DModel arguments
+    "pos_embed_seq_len",
+    "add_v_proj",  # diffusers WanTransformer3DModel names
     "noisy",
     "s",
     "t",  # names in formulas
