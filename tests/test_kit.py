@@ -27,6 +27,7 @@ KIT_FILES = {
     "dit_wan22_i2v_low_noise.safetensors",
     "dit_wan22_ti2v.safetensors",
     "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+    "wan2.2_vae.safetensors",
     "wan_2.1_vae.safetensors",
     "models_t5_umt5-xxl-enc-bf16.pth",
     "tokenizer",

@@ -10,6 +10,7 @@ Deterministic from ``seed``, built in seconds, a few MB:
   ``dit_wan22_ti2v.safetensors`` (48 latent channels in and out, the TI2V-5B layout);
 - ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``: a 3-block CLIP vision tower (width 64, 56 px,
   patch 14: 17 tokens) in the official Wan ``.pth`` layout (with a stub text tower, which loaders ignore);
+- ``wan2.2_vae.safetensors``: a Wan 2.2 VAE (48 channels, 16x spatial; base width 16) in the original layout, bf16;
 - ``wan_2.1_vae.safetensors``: a Wan 2.1 VAE of base width 16 in the original key layout, bf16;
 - ``models_t5_umt5-xxl-enc-bf16.pth``: a 2-layer UMT5 encoder (d_model 64) in the official Wan ``.pth`` layout;
 - ``tokenizer/spiece.model``: a sentencepiece unigram model trained offline on a built-in caption corpus.
@@ -74,6 +75,7 @@ class TinyModelKit:
     dit_wan22_i2v_low: Path
     dit_wan22_ti2v: Path
     clip: Path
+    vae22: Path
     vae: Path
     t5: Path
     tokenizer_dir: Path
@@ -156,6 +158,23 @@ def tiny_umt5_state_dict(seed: int, vocab_size: int) -> dict[str, torch.Tensor]:
     return hf_to_wan({k: v.clone() for k, v in model.state_dict().items()})
 
 
+def tiny_vae22_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """A Wan 2.2 VAE of base width 16 (decoder 24) in the original key layout (float32)."""
+    from diffusers import AutoencoderKLWan
+
+    from ..models.wan import vae22
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = vae22.diffusers_config({"encoder.conv_in.weight": torch.empty(16, 12, 1, 1, 1),
+                                         "decoder.conv_out.weight": torch.empty(12, 24, 1, 1, 1),
+                                         "post_quant_conv.weight": torch.empty(48, 48, 1, 1, 1)})  # fmt: skip
+        model = AutoencoderKLWan(**config)
+    _perturb_(model, generator)
+    return vae22.diffusers_to_original({k: v.clone() for k, v in model.state_dict().items()})
+
+
 def tiny_clip_state_dict(seed: int) -> dict[str, torch.Tensor]:
     """A CLIP vision tower of ``TINY_CLIP`` size in the official Wan ``.pth`` layout (float32)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -228,6 +247,7 @@ def make_tiny_model_kit(out_dir: str | Path, seed: int = 0) -> TinyModelKit:
         dit_wan22_i2v_low=root / "dit_wan22_i2v_low_noise.safetensors",
         dit_wan22_ti2v=root / "dit_wan22_ti2v.safetensors",
         clip=root / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+        vae22=root / "wan2.2_vae.safetensors",
         vae=root / "wan_2.1_vae.safetensors",
         t5=root / "models_t5_umt5-xxl-enc-bf16.pth",
         tokenizer_dir=root / "tokenizer",
@@ -247,5 +267,6 @@ def make_tiny_model_kit(out_dir: str | Path, seed: int = 0) -> TinyModelKit:
         save_file({COMFY_PREFIX + k: v for k, v in state.items()}, str(path), metadata={"format": "pt"})
     save_file(_bf16(tiny_vae_state_dict(seed + 300)), str(kit.vae))
     torch.save(_bf16(tiny_clip_state_dict(seed + 1000)), str(kit.clip))
+    save_file(_bf16(tiny_vae22_state_dict(seed + 1100)), str(kit.vae22))
     torch.save(_bf16(tiny_umt5_state_dict(seed + 400, vocab)), str(kit.t5))
     return kit

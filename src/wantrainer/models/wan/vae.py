@@ -1,4 +1,5 @@
-"""The Wan 2.1 VAE: original checkpoint layout -> diffusers ``AutoencoderKLWan``, with Wan's latent normalisation.
+"""The Wan 2.1 VAE (and the Wan 2.2 VAE of TI2V-5B, see ``vae22.py``): original checkpoint layout -> diffusers
+``AutoencoderKLWan``, with Wan's latent normalisation.
 
 Accepted files: ComfyUI's ``wan_2.1_vae.safetensors`` and the official ``Wan2.1_VAE.pth`` (original key layout,
 ``encoder.conv1.weight``, ``encoder.downsamples.N.residual.M``, ``decoder.upsamples.N``, ...), or a diffusers-layout
@@ -180,8 +181,13 @@ class WanAutoencoder(AutoencoderKLWan):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def vae_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """``base_dim``, ``decoder_base_dim`` and ``z_dim`` read from diffusers-layout weights."""
+def vae_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
+    """``base_dim``, ``decoder_base_dim`` and ``z_dim`` read from diffusers-layout weights (the whole Wan 2.2
+    configuration for a Wan 2.2 VAE)."""
+    from . import vae22
+
+    if vae22.is_wan22_diffusers(state):
+        return vae22.diffusers_config(state)
     try:
         base_dim = state["encoder.conv_in.weight"].shape[0]
         decoder_base_dim = state["decoder.conv_out.weight"].shape[1]
@@ -190,8 +196,7 @@ def vae_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, int]
         raise UserError(f"not a Wan VAE checkpoint: missing {exc}") from None
     if z_dim != LATENT_CHANNELS:
         raise UserError(
-            f"this VAE has {z_dim} latent channels; Wan 2.1 / Wan 2.2 A14B use the 16-channel Wan 2.1 VAE "
-            "(wan_2.1_vae.safetensors or Wan2.1_VAE.pth). The Wan 2.2 TI2V-5B VAE is not supported."
+            f"this VAE has {z_dim} latent channels and is neither the Wan 2.1 VAE (16) nor the Wan 2.2 VAE (48)"
         )
     return {"base_dim": base_dim, "decoder_base_dim": decoder_base_dim, "z_dim": z_dim}
 
@@ -204,7 +209,7 @@ def build_autoencoder(state: dict[str, torch.Tensor], path: str | Path = "<state
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise UserError(f"{path} is not a Wan 2.1 VAE checkpoint: {exc}") from None
+        raise UserError(f"{path} is not a Wan 2.1 / 2.2 VAE checkpoint: {exc}") from None
     return model.eval().requires_grad_(False)
 
 
@@ -227,8 +232,12 @@ class WanVAE:
         cache_cpu: bool = False,
         tiling: bool = False,
     ) -> WanVAE:
+        from . import vae22
+
         state = _strip_prefix(read_weights(path, "VAE"))
-        if is_original_layout(state):
+        if vae22.is_wan22_layout(state):
+            state = vae22.original_to_diffusers(state)
+        elif is_original_layout(state):
             state = original_to_diffusers(state)
         elif "encoder.conv_in.weight" not in state:
             raise UserError(f"{path} is not a Wan VAE checkpoint (no encoder.conv1 / encoder.conv_in weights)")
@@ -236,7 +245,9 @@ class WanVAE:
         model.cache_on_cpu = cache_cpu
         if tiling:
             model.enable_tiling()
-        logger.info("loaded Wan VAE %s (base width %d, %s)", Path(path).name, model.config.base_dim, dtype)
+        logger.info("loaded Wan %s VAE %s (base width %d, %d latent channels, %s)",
+                    "2.2" if model.config.is_residual else "2.1", Path(path).name, model.config.base_dim,
+                    model.config.z_dim, dtype)  # fmt: skip
         return cls(model, torch.device(device), dtype)
 
     def to(self, device: str | torch.device) -> WanVAE:
@@ -244,32 +255,42 @@ class WanVAE:
         self.device = torch.device(device)
         return self
 
+    @property
+    def latent_channels(self) -> int:
+        return self.model.config.z_dim
+
+    @property
+    def spatial_stride(self) -> int:
+        """Pixels per latent cell in height / width: 8 (Wan 2.1 VAE) or 16 (Wan 2.2 VAE)."""
+        return self.model.config.scale_factor_spatial
+
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, F, H, W]`` in [-1, 1] -> ``[B, 16, (F-1)//4+1, H/8, W/8]`` normalised, in the VAE dtype."""
-        _check_pixels(pixels)
+        """``[B, 3, F, H, W]`` in [-1, 1] -> ``[B, C, (F-1)//4+1, H/s, W/s]`` normalised, in the VAE dtype
+        (C, s = 16, 8 for the Wan 2.1 VAE, 48, 16 for the Wan 2.2 VAE)."""
+        _check_pixels(pixels, self.spatial_stride)
         mu = self.model.encode(pixels.to(self.device, self.dtype)).latent_dist.mean
         latents = (mu.float() - self.mean.to(mu.device)) * self.inv_std.to(mu.device)
         return latents.to(self.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents ``[B, 16, f, h, w]`` -> pixels ``[B, 3, 4(f-1)+1, 8h, 8w]`` in [-1, 1], float32."""
-        if latents.ndim != 5 or latents.shape[1] != LATENT_CHANNELS:
-            raise ValueError(f"latents must be [B, 16, F, H, W], got {tuple(latents.shape)}")
+        """Normalised latents ``[B, C, f, h, w]`` -> pixels ``[B, 3, 4(f-1)+1, s*h, s*w]`` in [-1, 1], float32."""
+        if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"latents must be [B, {self.latent_channels}, F, H, W], got {tuple(latents.shape)}")
         z = latents.to(self.device, torch.float32)
         z = z / self.inv_std.to(z.device) + self.mean.to(z.device)
         return self.model.decode(z.to(self.dtype)).sample.float()
 
 
-def _check_pixels(pixels: torch.Tensor) -> None:
+def _check_pixels(pixels: torch.Tensor, stride: int = SPATIAL_STRIDE) -> None:
     if pixels.ndim != 5 or pixels.shape[1] != 3:
         raise ValueError(f"pixels must be [B, 3, F, H, W], got {tuple(pixels.shape)}")
     frames, height, width = pixels.shape[2:]
     if (frames - 1) % TEMPORAL_STRIDE:
         raise ValueError(f"the Wan VAE needs 4k+1 frames, got {frames}")
-    if height % SPATIAL_STRIDE or width % SPATIAL_STRIDE:
-        raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+    if height % stride or width % stride:
+        raise ValueError(f"height and width must be multiples of {stride}, got {height}x{width}")
 
 
 def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
