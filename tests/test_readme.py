@@ -48,6 +48,7 @@ NOT_KEYS = {
     "image_dim",
     "pos_embed_seq_len",
     "add_v_proj",  # diffusers WanTransformer3DModel names
+    "expand_timesteps",  # diffusers Wan pipeline argument (TI2V-5B)
     "noisy",
     "s",
     "t",  # names in formulas

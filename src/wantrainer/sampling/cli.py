@@ -48,7 +48,6 @@ class LoadedExperts:
 
 def load_dit_for_sampling(model_cfg, path: Path, device: torch.device, resident: bool) -> nn.Module:
     """Load one DiT in the compute dtype; ``resident`` puts it on ``device`` now (else it stays on the CPU)."""
-    from ..models.wan.conditioning import require_supported
     from ..models.wan.loading import load_wan_dit
 
     if not Path(path).exists():  # a file, a shard index or a folder of shards
@@ -58,7 +57,6 @@ def load_dit_for_sampling(model_cfg, path: Path, device: torch.device, resident:
         path, device="cpu", dtype=dtype, fp8_base=model_cfg.fp8_base, fp8_scaled=model_cfg.fp8_scaled,
         attn_mode=model_cfg.attn_mode,
     )  # fmt: skip
-    require_supported(dit.config.model_type, "sampling")
     dit.eval().requires_grad_(False)
     if model_cfg.blocks_to_swap and device.type == "cuda":
         dit.enable_block_swap(model_cfg.blocks_to_swap, device)
@@ -158,17 +156,16 @@ def run(args: argparse.Namespace) -> int:
         _note_cpu_settings(cfg.model)
     out_dir = Path(args.output_dir).expanduser() if args.output_dir else cfg.saving.output_dir / "sample"
 
-    from ..models.wan.conditioning import require_supported, run_model_type
+    from ..models.wan.conditioning import run_model_type
     from .conditioning import encode_sample_conditions
 
     model_type = run_model_type(cfg.model)
-    require_supported(model_type, "sampling")
     embeds = encode_sample_prompts(cfg.model, prompts, device)
     conditions = encode_sample_conditions(cfg.model, model_type, prompts, device)
     experts = load_experts(cfg.model, loras, args.multiplier, device)
     with torch.no_grad():
         latents = generate_all_latents(experts_model_fn(experts, cfg.model, device), prompts, embeds, device,
-                                       conditions)
+                                       conditions, latent_space=(48, 16) if model_type == "ti2v" else (16, 8))
     del experts
     free_memory(device)
     results = decode_and_write(latents, prompts, cfg.model.vae, device, out_dir, output_name(cfg, loras), step=None)

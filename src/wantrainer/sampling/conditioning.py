@@ -43,11 +43,13 @@ def load_frame(path: Path, width: int, height: int) -> torch.Tensor:
 
 
 def check_prompt_images(model_type: str, prompts: Sequence) -> None:
-    """Every prompt of an I2V model has its ``image`` (FLF2V: ``last_image`` too); other models take none."""
+    """Every prompt of an I2V model has its ``image`` (FLF2V: ``last_image`` too); TI2V-5B takes an image or
+    none (image-to-video or text-to-video); T2V models take none."""
     needs = CONDITIONING[model_type]
     for index, prompt in enumerate(prompts):
         where = f"[[sample_prompts]] {index} ({prompt.text[:40]!r})"
-        if not needs and (prompt.image is not None or prompt.last_image is not None):
+        optional = model_type == "ti2v" and prompt.image is not None
+        if not needs and not optional and (prompt.image is not None or prompt.last_image is not None):
             raise UserError(f"{where} sets `image` / `last_image`, but the DiT is a {model_type} model, which "
                             "takes no image: remove them or use an image-to-video DiT")
         if needs and prompt.image is None:
@@ -59,6 +61,9 @@ def check_prompt_images(model_type: str, prompts: Sequence) -> None:
         for path in (prompt.image, prompt.last_image):
             if path is not None and not Path(path).is_file():
                 raise UserError(f"{where}: image not found: {path}")
+        if model_type == "ti2v" and (prompt.width % 32 or prompt.height % 32):
+            raise UserError(f"{where}: {prompt.width}x{prompt.height}: the TI2V-5B needs a width and height that are "
+                            "multiples of 32 (the Wan 2.2 VAE compresses 16x, the DiT patchifies by 2)")
 
 
 def condition_from_frames(model_type: str, vae, clip, first: torch.Tensor, last: torch.Tensor | None,
@@ -83,6 +88,8 @@ def encode_sample_conditions(model_cfg, model_type: str, prompts: Sequence, devi
     """Per prompt: its conditioning on the CPU, or None for a model that takes no image."""
     check_prompt_images(model_type, prompts)
     needs = CONDITIONING[model_type]
+    if model_type == "ti2v":
+        return _ti2v_first_frames(model_cfg, prompts, device)
     if not needs:
         return [None] * len(prompts)
     from ..models.wan.clip_vision import WanCLIPVision
@@ -107,6 +114,43 @@ def encode_sample_conditions(model_cfg, model_type: str, prompts: Sequence, devi
     finally:
         del vae, clip
         free_memory(device)
+
+
+def _ti2v_first_frames(model_cfg, prompts: Sequence, device: torch.device | str) -> list[dict | None]:
+    """TI2V-5B: the clean Wan 2.2 VAE latents [1, 48, 1, h, w] of each prompt's image (None: text-to-video)."""
+    if not any(p.image is not None for p in prompts):
+        return [None] * len(prompts)
+    from ..models.wan.vae import WanVAE
+    from .pipeline import free_memory
+
+    if model_cfg.vae is None:
+        raise UserError("`vae` is not set: the Wan 2.2 VAE encodes the [[sample_prompts]] images")
+    vae = WanVAE.load(model_cfg.vae, device=device, dtype=torch.float32)
+    try:
+        if vae.latent_channels != 48:
+            raise UserError(f"`vae` = {model_cfg.vae} has {vae.latent_channels} latent channels; the TI2V-5B uses "
+                            "the 48-channel Wan 2.2 VAE (wan2.2_vae.safetensors / Wan2.2_VAE.pth)")
+        out: list[dict | None] = []
+        for prompt in prompts:
+            if prompt.image is None:
+                out.append(None)
+                continue
+            frame = load_frame(prompt.image, prompt.width, prompt.height)
+            with torch.no_grad():
+                out.append({"first_frame": vae.encode(frame[None, :, None]).float().cpu()})
+        return out
+    finally:
+        del vae
+        free_memory(device)
+
+
+def split_first_frame(condition: dict[str, torch.Tensor] | None
+                      ) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor | None]:  # fmt: skip
+    """(model inputs, TI2V first-frame latents) of one prompt's conditioning: the first frame is for the loop."""
+    if not condition or "first_frame" not in condition:
+        return condition, None
+    rest = {k: v for k, v in condition.items() if k != "first_frame"}
+    return rest or None, condition["first_frame"]
 
 
 def bind(model_fn: ModelFn, condition: dict[str, torch.Tensor] | None, device: torch.device | str) -> ModelFn:

@@ -64,18 +64,15 @@ class GenerationSettings:
         return self.cfg_scale != 1.0
 
 
-def latent_shape(width: int, height: int, frames: int) -> tuple[int, int, int, int]:
-    """[C, F, H, W] of the Wan 2.1 VAE latents for a video of ``frames`` frames at ``width`` x ``height``."""
+def latent_shape(width: int, height: int, frames: int, channels: int = LATENT_CHANNELS,
+                 stride: int = VAE_SPATIAL_STRIDE) -> tuple[int, int, int, int]:  # fmt: skip
+    """[C, F, H, W] of the latents of ``frames`` frames at ``width`` x ``height``: the Wan 2.1 VAE (16 channels,
+    8x) by default, the Wan 2.2 VAE of TI2V-5B with ``channels=48, stride=16``."""
     if (frames - 1) % VAE_TEMPORAL_STRIDE != 0:
         raise ValueError(f"frames must be 4k+1, got {frames}")
-    if width % 16 or height % 16:
-        raise ValueError(f"width and height must be multiples of 16, got {width}x{height}")
-    return (
-        LATENT_CHANNELS,
-        (frames - 1) // VAE_TEMPORAL_STRIDE + 1,
-        height // VAE_SPATIAL_STRIDE,
-        width // VAE_SPATIAL_STRIDE,
-    )
+    if width % (2 * stride) or height % (2 * stride):
+        raise ValueError(f"width and height must be multiples of {2 * stride}, got {width}x{height}")
+    return (channels, (frames - 1) // VAE_TEMPORAL_STRIDE + 1, height // stride, width // stride)
 
 
 def initial_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
@@ -122,28 +119,45 @@ def generate_latents(
     settings: GenerationSettings,
     device: torch.device | str = "cpu",
     on_step: Callable[[int, float], None] | None = None,
+    *,
+    channels: int = LATENT_CHANNELS,
+    stride: int = VAE_SPATIAL_STRIDE,
+    first_frame: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Denoise from the seed's noise to clean latents [1, 16, F, H/8, W/8] (float32, on ``device``).
+    """Denoise from the seed's noise to clean latents [1, C, F, H/s, W/s] (float32, on ``device``).
 
     ``context`` / ``negative_context`` are one prompt's text embeddings [L, D]; with ``cfg_scale == 1`` the
     negative pass is skipped (``negative_context`` may then be None). ``on_step(index, timestep)`` is called
-    after each solver step.
+    after each solver step. ``first_frame`` (TI2V-5B image-to-video): the image's clean latents [1, C, 1, h, w],
+    which replace the first latent frame of every model input, whose tokens get timestep 0 (per-token
+    timesteps, as Wan 2.2's reference and diffusers' ``expand_timesteps`` do).
     """
     if settings.uses_cfg and negative_context is None:
         raise ValueError("cfg_scale != 1 needs a negative_context (the encoded negative prompt, may be empty)")
     device = torch.device(device)
-    shape = latent_shape(settings.width, settings.height, settings.frames)
+    shape = latent_shape(settings.width, settings.height, settings.frames, channels, stride)
     latents = initial_noise(shape, settings.seed).to(device)
+    keep = None  # 1 where the latents are denoised, 0 on the given first frame
+    if first_frame is not None:
+        first_frame = first_frame.to(device, torch.float32)
+        keep = torch.ones_like(latents)
+        keep[:, :, 0] = 0
     scheduler = make_scheduler(settings.solver, settings.flow_shift)
     scheduler.set_timesteps(settings.steps, device=device)
     context = context.to(device)
     negative = negative_context.to(device) if (settings.uses_cfg and negative_context is not None) else None
     for index, t in enumerate(scheduler.timesteps):
         timestep = t.to(device=device, dtype=torch.float32).expand(latents.shape[0])
-        prediction = guided_prediction(model_fn, latents, timestep, context, negative, settings.cfg_scale)
+        model_input = latents
+        if keep is not None:
+            model_input = (1 - keep) * first_frame + keep * latents
+            timestep = (keep[:1, 0, :, ::2, ::2] * timestep[0]).flatten(1).expand(latents.shape[0], -1)  # [B, L]
+        prediction = guided_prediction(model_fn, model_input, timestep, context, negative, settings.cfg_scale)
         latents = scheduler.step(prediction, t, latents, return_dict=False)[0].float()
         if on_step is not None:
             on_step(index, float(t))
+    if keep is not None:
+        latents = (1 - keep) * first_frame + keep * latents
     return latents
 
 
@@ -175,7 +189,7 @@ class ExpertSwitch:
 
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, context: list[torch.Tensor],
                  **conditioning: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        t = float(timestep.flatten()[0])
+        t = float(timestep.max())  # per-token timesteps (TI2V) hold 0 on the given frame
         name = self.expert_for(t)
         if name != self.active:
             if self.on_switch is not None:

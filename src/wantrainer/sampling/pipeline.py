@@ -153,10 +153,11 @@ def generate_all_latents(
     embeds: Sequence[PromptEmbeds],
     device: torch.device | str,
     conditions: Sequence[dict[str, torch.Tensor] | None] | None = None,
+    latent_space: tuple[int, int] = (16, 8),
 ) -> list[torch.Tensor]:
     """Denoise every prompt (with its image conditioning, if any); latents come back on the CPU so the VAE can
-    take the device afterwards."""
-    from .conditioning import bind
+    take the device afterwards. ``latent_space``: (channels, spatial stride) of the VAE, (48, 16) for TI2V-5B."""
+    from .conditioning import bind, split_first_frame
 
     out = []
     conditions = conditions if conditions is not None else [None] * len(prompts)
@@ -167,8 +168,10 @@ def generate_all_latents(
             index + 1, len(prompts), settings.width, settings.height, settings.frames, settings.steps,
             settings.solver, settings.cfg_scale, settings.seed,
         )
+        condition, first_frame = split_first_frame(condition)
         latents = generate_latents(bind(model_fn, condition, device), emb.context, emb.negative, settings,
-                                   device=device)
+                                   device=device, channels=latent_space[0], stride=latent_space[1],
+                                   first_frame=first_frame)
         out.append(latents.cpu())
     return out
 
@@ -190,6 +193,9 @@ def decode_and_write(
     results: list[SampleResult] = []
     try:
         for index, (lat, prompt) in enumerate(zip(latents, prompts)):
+            if lat.shape[1] != vae.latent_channels:
+                raise UserError(f"`vae` = {vae_path} has {vae.latent_channels} latent channels, the DiT {lat.shape[1]}: "
+                                "the Wan 2.1 VAE goes with the 16-channel models, the Wan 2.2 VAE with TI2V-5B")
             with torch.no_grad():
                 pixels = vae.decode(lat.to(device=device, dtype=torch.float32))
             frames = to_uint8_frames(pixels)

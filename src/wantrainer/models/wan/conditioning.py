@@ -95,9 +95,10 @@ def require_clip_path(model_cfg, model_type: str) -> Path | None:
 
 
 def require_supported(model_type: str, action: str) -> None:
-    """The TI2V-5B trains on the 48-channel Wan 2.2 VAE, which ``action`` cannot use yet: a ``UserError``."""
+    """``action`` (training, cache-latents) does not take the TI2V-5B yet: a ``UserError`` (``sample`` does)."""
     if model_type == "ti2v":
         raise UserError(
-            f"the DiT is the Wan 2.2 TI2V-5B (48 latent channels); {action} does not support it yet: it needs the "
-            "Wan 2.2 VAE. Supported: Wan 2.1 T2V / I2V / FLF2V, Wan 2.2 T2V / I2V A14B"
+            f"the DiT is the Wan 2.2 TI2V-5B (48 latent channels); {action} does not support it yet (its caches "
+            "and training on the Wan 2.2 VAE are not built; `wantrainer sample` renders it). Supported: Wan 2.1 "
+            "T2V / I2V / FLF2V, Wan 2.2 T2V / I2V A14B"
         )
