@@ -146,7 +146,7 @@ def test_logging_level_from_config_is_applied(complete_config):
     try:
         import argparse
 
-        load_config_for_command(argparse.Namespace(config=str(complete_config)))
+        load_config_for_command(argparse.Namespace(config=str(complete_config), overrides=None))
         assert logger.getEffectiveLevel() == logging.WARNING
         assert any(getattr(h, "_wantrainer", False) for h in logger.handlers)
     finally:

@@ -74,7 +74,7 @@ def test_resume_across_epoch_boundary_with_accumulation(train_workspace, tmp_pat
     _, reason = run(train_workspace, tmp_path / "r1", resume=str(mid), **common)
     assert_same_lora(final, tmp_path / "r1" / "out" / "lora.safetensors")
 
-    boundary = tmp_path / "straight" / "out" / "lora-epoch000001-state"
+    boundary = tmp_path / "straight" / "out" / "lora-000001-state"
     resumed, _ = run(train_workspace, tmp_path / "r2", resume=str(boundary), **common)
     assert resumed.state.step == 7
     assert_same_lora(final, tmp_path / "r2" / "out" / "lora.safetensors")
@@ -109,8 +109,8 @@ def test_retention_of_step_and_epoch_saves(train_workspace, tmp_path):
     names = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("lora"))
     # step saves: at step 7 (the last step save) the ones at most 2 steps older are kept: 5, 6, 7
     assert names == [
-        "lora-epoch000002-state", "lora-epoch000002.safetensors", "lora-epoch000003-state",
-        "lora-epoch000003.safetensors", "lora-step00000005-state", "lora-step00000005.safetensors",
+        "lora-000002-state", "lora-000002.safetensors", "lora-000003-state",
+        "lora-000003.safetensors", "lora-step00000005-state", "lora-step00000005.safetensors",
         "lora-step00000006-state", "lora-step00000006.safetensors",
         "lora-step00000007-state", "lora-step00000007.safetensors", "lora-step00000008-state", "lora.safetensors",
     ]

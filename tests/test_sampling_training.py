@@ -107,12 +107,12 @@ def test_sample_command_reproduces_the_training_samples(sampled_run, tmp_path):
     code = cli_main(["sample", "--config", str(cfg_path), "--lora", str(out / "lora.safetensors"),
                      "--output-dir", str(dest)])
     assert code == 0
-    assert sorted(p.name for p in dest.iterdir()) == ["lora_p00_s5.mp4", "lora_p01_s9.png"]
+    assert sorted(p.name for p in dest.iterdir()) == ["lora_m1_p00_s5.mp4", "lora_m1_p01_s9.png"]
     # merged LoRA (standalone) vs wrapped LoRA (training): the same frames up to rounding
-    with Image.open(dest / "lora_p01_s9.png") as a, Image.open(out / "sample" / "lora_step00000003_p01_s9.png") as b:
+    with Image.open(dest / "lora_m1_p01_s9.png") as a, Image.open(out / "sample" / "lora_step00000003_p01_s9.png") as b:
         diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
     assert diff.max() <= 1
-    video = read_video_frames(dest / "lora_p00_s5.mp4").astype(np.int16)
+    video = read_video_frames(dest / "lora_m1_p00_s5.mp4").astype(np.int16)
     trained = read_video_frames(out / "sample" / "lora_step00000003_p00_s5.mp4").astype(np.int16)
     assert np.abs(video - trained).mean() < 0.5
     # --multiplier 0 is the base model: the step-0 samples
@@ -120,7 +120,16 @@ def test_sample_command_reproduces_the_training_samples(sampled_run, tmp_path):
     assert cli_main(["sample", "--config", str(cfg_path), "--lora", str(out / "lora.safetensors"),
                      "--multiplier", "0", "--output-dir", str(base)]) == 0
     zero = read_video_frames(out / "sample" / "lora_step00000000_p00_s5.mp4").astype(np.int16)
-    assert np.abs(read_video_frames(base / "lora_p00_s5.mp4").astype(np.int16) - zero).mean() < 0.5
+    assert np.abs(read_video_frames(base / "lora_m0_p00_s5.mp4").astype(np.int16) - zero).mean() < 0.5
+    # --prompt replaces the [[sample_prompts]] texts, keeping the first table's size, frames, steps and seed
+    typed = tmp_path / "typed"
+    assert cli_main(["sample", "--config", str(cfg_path), "--lora", str(out / "lora.safetensors"),
+                     "--prompt", PROMPTS[0]["text"], "--prompt", "a green triangle", "--output-dir", str(typed)]) == 0
+    assert sorted(p.name for p in typed.iterdir()) == ["lora_m1_p00_s5.mp4", "lora_m1_p01_s5.mp4"]
+    same = read_video_frames(typed / "lora_m1_p00_s5.mp4").astype(np.int16)
+    other = read_video_frames(typed / "lora_m1_p01_s5.mp4").astype(np.int16)
+    assert same.shape == other.shape == video.shape and np.abs(same - video).max() == 0
+    assert np.abs(other - video).mean() > 1.0
 
 
 def test_sample_command_user_errors(train_workspace, tmp_path, capsys):

@@ -62,7 +62,7 @@ def test_max_train_epochs_sets_the_length(train_workspace, tmp_path):
     assert trainer.total_steps == 2  # 2 batches per epoch, 2 micro-batches per step
     trainer.train()
     assert trainer.state.epoch == 2
-    assert (tmp_path / "out" / "lora-epoch000001.safetensors").is_file()
+    assert (tmp_path / "out" / "lora-000001.safetensors").is_file()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")

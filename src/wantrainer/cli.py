@@ -40,7 +40,11 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=None, metavar="FILE",
                    help="LoRA file to apply; give two for Wan 2.2 (high-noise and low-noise expert). "
                         "Without --lora the base model is sampled")
-    p.add_argument("--multiplier", type=float, default=1.0, metavar="M", help="LoRA strength (default 1.0)")
+    p.add_argument("--multiplier", type=float, default=1.0, metavar="M",
+                   help="LoRA strength (default 1.0); it is part of the file names, so strengths do not overwrite")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="render this prompt instead of the config's [[sample_prompts]] (repeatable); size, frames, "
+                        "steps and seed come from the first [[sample_prompts]] table, else the defaults")
     p.add_argument("--output-dir", default=None, metavar="DIR",
                    help="where to write the samples (default {output_dir}/sample)")
     p.add_argument("--image", default=None, metavar="FILE",
@@ -87,7 +91,8 @@ COMMANDS: tuple[Command, ...] = (
             description="Trains the LoRA on the cached latents and captions (run cache-latents and cache-text "
                         "first) and writes {output_dir}/{output_name}.safetensors. Ctrl-C finishes the current step, "
                         "saves a state folder and exits 130 (SIGTERM: 143); the same command continues the run "
-                        "(auto_resume, on by default). One train per output_dir + output_name at a time."),
+                        "(auto_resume, on by default). One train per output_dir + output_name at a time; --resume FOLDER continues "
+                        "from a given state. Any top-level key can be set for this run: --max_train_steps 10."),
     Command("sample", "wantrainer.sampling.cli:run", "generate the [[sample_prompts]] videos", _sample_args,
             description="Renders the config's [[sample_prompts]] with the base DiT(s) and the given LoRA(s)."),
     Command("demo", "wantrainer.devkit.demo:run", "end-to-end demo on a tiny model and synthetic data",
@@ -135,18 +140,22 @@ def version_text() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wantrainer", description="LoRA trainer for Wan 2.1 / Wan 2.2 text-to-video models.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for cmd in COMMANDS:
         description = f"{cmd.help}\n\n{textwrap.fill(cmd.description, 100)}" if cmd.description else cmd.help
         p = sub.add_parser(cmd.name, help=cmd.help, description=description, aliases=list(cmd.aliases),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
         if cmd.needs_config:
             p.add_argument("--config", "-c", required=True, metavar="FILE",
                            help="the TOML config file (paths in it are relative to the file)")
         cmd.add_arguments(p)
+        if cmd.needs_config:
+            from .config.overrides import add_override_arguments
+
+            add_override_arguments(p)
         p.set_defaults(_handler=cmd.handler)
     return parser
 
@@ -170,7 +179,12 @@ def run_reporting_errors(work: Callable[[], str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        from .config.overrides import unknown_arguments_message
+
+        print(f"error: {unknown_arguments_message(parser, args, unknown)}", file=sys.stderr)
+        return 2
     if not getattr(args, "_handler", None):
         parser.print_help()
         return 2

@@ -103,8 +103,11 @@ def all_flat_keys() -> dict[str, str]:
     return {key: section for section, cls in FLAT_SECTIONS.items() for key in cls.model_fields}
 
 
-def load_config(path: str | Path) -> WanTrainerConfig:
-    """Read, validate and resolve a TOML config file. Raises ``ConfigError`` listing every problem."""
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> WanTrainerConfig:
+    """Read, validate and resolve a TOML config file. Raises ``ConfigError`` listing every problem.
+
+    ``overrides``: top-level keys from the command line ({key: text or [texts]}, see ``config.overrides``);
+    they replace the file's values before validation, so they are checked exactly as TOML values."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise ConfigError([f"{path} is a folder: give the path of a .toml config file"], source=str(path))
@@ -118,12 +121,30 @@ def load_config(path: str | Path) -> WanTrainerConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([_toml_error_message(exc, text)], source=str(path)) from None
-    return parse_config(data, config_dir=path.resolve().parent, source=str(path), config_path=path.resolve())
+    if not overrides:
+        return parse_config(data, config_dir=path.resolve().parent, source=str(path), config_path=path.resolve())
+    from .config.overrides import override_values
+
+    values = override_values(overrides)
+    try:
+        return parse_config({**data, **values}, config_dir=path.resolve().parent,
+                            source=f"{path} with the command line", config_path=path.resolve())
+    except ConfigError as exc:
+        raise ConfigError([_name_flag(p, values) for p in exc.problems], source=exc.source) from None
+
+
+def _name_flag(problem: str, values: dict[str, Any]) -> str:
+    """Add "(from --key)" to a problem about a key that the command line set."""
+    for key in values:
+        if re.search(rf"`{re.escape(key)}\b", problem):
+            return f"{problem} (from --{key})"
+    return problem
 
 
 def load_config_for_command(args: argparse.Namespace) -> WanTrainerConfig:
-    """Load ``args.config`` and apply its ``logging_level``: the first call of every command that takes a config."""
-    cfg = load_config(args.config)
+    """Load ``args.config`` with the command line's key overrides and apply its ``logging_level``: the first call
+    of every command that takes a config."""
+    cfg = load_config(args.config, overrides=args.overrides)
     setup_logging(cfg.logging.logging_level)
     return cfg
 
@@ -166,7 +187,12 @@ def parse_config(
         built[name] = _validate_section(cls, grouped[name], "", problems, failed)
 
     datasets_raw = data.get("datasets", {})
-    if not isinstance(datasets_raw, dict):
+    if isinstance(datasets_raw, list):
+        problems.append("[[datasets]] (musubi-tuner's layout) is not ours: write each training dataset as a "
+                        "[[datasets.train]] table (validation data: [[datasets.val]]), or convert the file with "
+                        "`wantrainer config import --from musubi`")
+        datasets_raw = {}
+    elif not isinstance(datasets_raw, dict):
         problems.append("`datasets` must be a table: use [datasets.general], [[datasets.train]], [[datasets.val]]")
         datasets_raw = {}
     datasets = _validate_section(DatasetsConfig, datasets_raw, "datasets.", problems, failed)
@@ -185,6 +211,9 @@ def parse_config(
 
 
 def _unknown_top_level_message(key: str, value: Any, key_to_section: dict[str, str]) -> str:
+    if key == "general" and isinstance(value, dict):
+        return ("unknown table [general]: the settings shared by every dataset go in [datasets.general] here "
+                "(musubi-tuner's [general]); rename the header")
     if isinstance(value, dict):
         inside = [k for k in value if k in key_to_section]
         if inside:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from ..common.logger import get_logger, setup_logging
+from ..common.logger import get_logger
 from ..errors import UserError
 from .common import CacheSummary
 
@@ -36,11 +36,10 @@ class TqdmProgress:
 def run_caching(args: argparse.Namespace, cache: Callable[..., CacheSummary], name: str) -> int:
     """Load ``args.config``, run ``cache(cfg, progress)`` and log the summary. Exit code 0 when every dataset has
     cached items (failed items are listed), 2 when a dataset is left with none (a ``cache && train`` script stops)."""
-    from ..config_parser import load_config
+    from ..config_parser import load_config_for_command
     from ..preflight import require_ready
 
-    cfg = load_config(args.config)
-    setup_logging(cfg.logging.logging_level)
+    cfg = load_config_for_command(args)
     require_ready(cfg, name)
     summary = cache(cfg, TqdmProgress())
     for line in summary.lines():

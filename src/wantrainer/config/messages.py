@@ -43,7 +43,12 @@ def nearest(word: str, candidates: typing.Iterable[str]) -> str | None:
 
 def unknown_key_message(key: str, valid: typing.Iterable[str], where: str = "") -> str:
     """``unknown key `where.key`; did you mean `where.close`?`` (``where`` is the table, "" at top level)."""
+    from .foreign import foreign_hint
+
     prefix = f"{where}." if where else ""
+    foreign = foreign_hint(key)
+    if foreign is not None:
+        return f"unknown key `{prefix}{key}`: {foreign}"
     close = nearest(key, valid)
     hint = f"; did you mean `{prefix}{close}`?" if close else "; see `wantrainer config template` for every key"
     return f"unknown key `{prefix}{key}`{hint}"

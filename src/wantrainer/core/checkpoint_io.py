@@ -33,7 +33,9 @@ logger = get_logger(__name__)
 
 MARKER = "COMPLETE.json"
 FORMAT = 1
-_STATE_RE = re.compile(r"^(?P<base>.+)-(?P<kind>step|epoch)(?P<num>\d+)-state$")
+# ``-step00000100-state`` / ``-000002-state`` (epochs, as kohya names them; ``-epoch000002`` from older runs)
+_STATE_RE = re.compile(r"^(?P<base>.+)-(?P<kind>step|epoch)?(?P<num>\d+)-state$")
+_KIND_PATTERNS = {"step": r"step(\d+)", "epoch": r"(?:epoch)?(\d+)"}
 
 
 @dataclass
@@ -48,12 +50,13 @@ class StatePayload:
 
 
 def save_name(output_name: str, *, step: int | None = None, epoch: int | None = None, suffix: str = "") -> str:
-    """``{output_name}{suffix}-step00000100`` / ``-epoch000002`` / plain final name (no extension)."""
+    """``{output_name}{suffix}-step00000100`` / ``-000002`` (epoch 2, kohya's and musubi-tuner's name) / the plain
+    final name (no extension)."""
     base = f"{output_name}{suffix}"
     if step is not None:
         return f"{base}-step{step:08d}"
     if epoch is not None:
-        return f"{base}-epoch{epoch:06d}"
+        return f"{base}-{epoch:06d}"
     return base
 
 
@@ -164,7 +167,7 @@ def read_state_folder(folder: Path, rank: int, world_size: int) -> StatePayload:
 def saved_steps(output_dir: Path, output_name: str, kind: str) -> dict[int, list[Path]]:
     """Every ``-step`` / ``-epoch`` save of ``output_name`` (LoRA files and state folders) by number."""
     pattern = re.compile(
-        rf"^{re.escape(output_name)}(?:_high_noise|_low_noise)?-{kind}(\d+)(?:\.safetensors|-state)$"
+        rf"^{re.escape(output_name)}(?:_high_noise|_low_noise)?-{_KIND_PATTERNS[kind]}(?:\.safetensors|-state)$"
     )
     found: dict[int, list[Path]] = {}
     if not output_dir.is_dir():

@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     SIGTERM) after saving a state, 2 a user error; the output folder is locked for the whole command."""
     from .handlers.progress import ProgressBarHandler
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, overrides=args.overrides)
     stop = StopRequest()
     stop.phase = "starting"
     with stop.installed():

@@ -1,8 +1,9 @@
-"""``wantrainer sample --config X [--lora F ...] [--multiplier M] [--output-dir D]``.
+"""``wantrainer sample --config X [--lora F ...] [--multiplier M] [--prompt TEXT ...] [--output-dir D]``.
 
-Generates the config's ``[[sample_prompts]]`` without training: encode the prompts (text encoder loaded,
-used, freed), load the DiT (wan22: both experts) with the LoRA(s), denoise, free the DiT, decode with the VAE
-and write ``{name}_p{index:02d}_s{seed}.mp4`` / ``.png``.
+Generates the config's ``[[sample_prompts]]`` (or the ``--prompt`` texts) without training: encode the prompts
+(text encoder loaded, used, freed), load the DiT (wan22: both experts) with the LoRA(s), denoise, free the DiT,
+decode with the VAE and write ``{name}_m{multiplier}_p{index:02d}_s{seed}.mp4`` / ``.png`` (``{name}`` is the
+LoRA's name; without a LoRA, ``output_name`` and no multiplier).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..common.logger import get_logger, setup_logging
+from ..common.logger import get_logger
 from ..errors import UserError
 from .generate import ExpertSwitch, ModelFn
 from .loras import assign_loras
@@ -141,14 +142,31 @@ def with_cli_images(prompts: list, image: str | None, last_image: str | None) ->
     return [p.model_copy(update=changes) for p in prompts] if changes else prompts
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..config_parser import load_config
+def prompts_to_render(cfg, texts: list[str] | None) -> list:
+    """The config's [[sample_prompts]], or one per ``--prompt`` text with the first table's other settings."""
+    from ..config import SamplePrompt
 
-    cfg = load_config(args.config)
-    setup_logging(cfg.logging.logging_level)
     prompts = list(cfg.sampling.sample_prompts)
+    if texts:
+        template = prompts[0] if prompts else SamplePrompt(text="")
+        return [template.model_copy(update={"text": text}) for text in texts]
     if not prompts:
-        raise UserError(f"{args.config}: no [[sample_prompts]] to generate; add at least one table with `text`")
+        raise UserError(f"{cfg.config_path}: no [[sample_prompts]] to generate; add at least one table with "
+                        '`text`, or give --prompt "..."')
+    return prompts
+
+
+def sample_name(cfg, loras: list[Path], multiplier: float) -> str:
+    """File-name stem of the samples: the LoRA's name and its multiplier (``my_lora_m0.75``), or the base name."""
+    name = output_name(cfg, loras)
+    return f"{name}_m{multiplier:g}" if loras else name
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config_parser import load_config_for_command
+
+    cfg = load_config_for_command(args)
+    prompts = prompts_to_render(cfg, args.prompt)
     prompts = with_cli_images(prompts, getattr(args, "image", None), getattr(args, "last_image", None))
     loras = [Path(p).expanduser() for p in (args.lora or [])]
     device = default_device()
@@ -168,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
                                        conditions, latent_space=(48, 16) if model_type == "ti2v" else (16, 8))
     del experts
     free_memory(device)
-    results = decode_and_write(latents, prompts, cfg.model.vae, device, out_dir, output_name(cfg, loras), step=None)
+    results = decode_and_write(latents, prompts, cfg.model.vae, device, out_dir, sample_name(cfg, loras, args.multiplier),
+                               step=None)
     logger.info("%d sample(s) written to %s", len(results), out_dir)
     return 0

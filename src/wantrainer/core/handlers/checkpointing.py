@@ -1,7 +1,7 @@
 """Saving LoRA files and state folders on the configured triggers, with retention.
 
 - ``save_every_n_steps`` -> ``{output_name}-step00000100.safetensors`` (+ ``-state/`` with ``save_state``);
-- ``save_every_n_epochs`` -> ``{output_name}-epoch000002.safetensors`` (+ ``-state/``);
+- ``save_every_n_epochs`` -> ``{output_name}-000002.safetensors`` (+ ``-state/``), named as kohya / musubi-tuner do;
 - end of training -> ``{output_name}.safetensors`` (+ a final ``-step…-state/`` with ``save_state``);
 - SIGINT / SIGTERM -> ``-step…`` LoRA and state, whatever ``save_state`` says, so the run can be resumed;
 - a run stopped by non-finite losses saves nothing: the last good files stay as they are.
