@@ -53,7 +53,7 @@ NOT_KEYS = {
     "s",
     "t",  # names in formulas
 }
-METADATA_PREFIXES = ("ss_", "modelspec.")
+METADATA_PREFIXES = ("ss_", "sshs_", "modelspec.")
 
 
 def _schema_keys() -> set[str]:

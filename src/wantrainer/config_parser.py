@@ -20,6 +20,7 @@ from .common.logger import setup_logging
 from .config import FLAT_SECTIONS, DatasetsConfig, Section
 from .config.datasets import DatasetEntry, LatentCacheConfig, TextEncoderCacheConfig
 from .config.messages import check_kinds, format_error, unknown_key_message
+from .config.metadata import MetadataConfig
 from .config.model import ModelConfig
 from .config.output import LoggingConfig, SamplingConfig, SavingConfig, ValidationConfig
 from .config.toml_writer import dump_toml
@@ -41,6 +42,7 @@ class WanTrainerConfig:
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     saving: SavingConfig = field(default_factory=SavingConfig)
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

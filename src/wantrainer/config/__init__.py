@@ -2,6 +2,7 @@
 
 from .base import Section
 from .datasets import DatasetEntry, DatasetsConfig, LatentCacheConfig, TextEncoderCacheConfig
+from .metadata import MetadataConfig
 from .model import ModelConfig
 from .output import LoggingConfig, SamplePrompt, SamplingConfig, SavingConfig, ValidationConfig
 from .training import LossConfig, NetworkConfig, OptimizerConfig, TimestepConfig, TrainingConfig
@@ -15,6 +16,7 @@ FLAT_SECTIONS: dict[str, type[Section]] = {
     "timesteps": TimestepConfig,
     "loss": LossConfig,
     "saving": SavingConfig,
+    "metadata": MetadataConfig,
     "logging": LoggingConfig,
     "validation": ValidationConfig,
     "sampling": SamplingConfig,
@@ -27,6 +29,7 @@ __all__ = [
     "LatentCacheConfig",
     "LoggingConfig",
     "LossConfig",
+    "MetadataConfig",
     "ModelConfig",
     "NetworkConfig",
     "OptimizerConfig",

@@ -235,7 +235,12 @@ def save_lora(
     dtype: str | torch.dtype = "bf16",
 ) -> None:
     """Write a kohya-layout LoRA atomically; weights in ``dtype``, ``.alpha`` always present and ``.alpha`` /
-    ``.dora_scale`` in fp32."""
+    ``.dora_scale`` in fp32.
+
+    ``sshs_model_hash`` / ``sshs_legacy_hash`` are added as kohya's sd-scripts compute them (see
+    ``networks.metadata.kohya_hashes``)."""
+    from .metadata import kohya_hashes
+
     dtype = SAVE_DTYPES[dtype] if isinstance(dtype, str) else dtype
     sd = to_kohya(state_dict, "kohya")
     tensors = {k: (v.float() if k.endswith(FP32_SUFFIXES) else v.to(dtype)).detach().cpu() for k, v in sd.items()}
@@ -244,6 +249,7 @@ def save_lora(
         if not isinstance(value, str):
             raise TypeError(f"LoRA metadata value for {key!r} must be a string, got {type(value).__name__}")
         meta[key] = value
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = kohya_hashes(tensors, meta)
     save_safetensors_atomic(tensors, path, metadata=meta)
 
 

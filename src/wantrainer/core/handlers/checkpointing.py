@@ -24,6 +24,7 @@ from typing import Any
 from ...common.logger import get_logger
 from ...errors import UserError
 from ...networks.formats import build_lora_metadata
+from ...networks.metadata import portable_config_toml, publish_metadata, without_training_facts
 from ...utils.atomic import DiskFullError, is_disk_full
 from .. import checkpoint_io as io
 from ..experts import DEFAULT, HIGH_NOISE, LOW_NOISE
@@ -44,6 +45,8 @@ class CheckpointHandler(Handler):
         self.network_cfg = cfg.network
         self.timestep_cfg = cfg.timesteps
         self.config_text = config_text
+        self.metadata_cfg = cfg.metadata
+        self.lora_config_text = config_text if cfg.metadata.metadata_full_paths else portable_config_toml(cfg)
         self.resolution = resolution
         self.output_dir = Path(self.saving.output_dir)
         self.written: list[Path] = []
@@ -157,8 +160,8 @@ class CheckpointHandler(Handler):
             extra["ss_expert"] = group
         if boundary is not None:
             extra["ss_timestep_boundary"] = f"{boundary * 1000:g}"
-        return build_lora_metadata(
-            config_toml=self.config_text,
+        meta = build_lora_metadata(
+            config_toml=self.lora_config_text,
             network={k: getattr(self.network_cfg, k) for k in _NETWORK_META_KEYS},
             steps=trainer.state.step,
             epochs=trainer.state.epoch,
@@ -167,8 +170,10 @@ class CheckpointHandler(Handler):
             title=title,
             resolution=self.resolution,
             timestep_range=(int(lo), int(hi)),
-            extra=extra,
+            extra={**extra, "ss_output_name": self.saving.output_name},
         )
+        meta.update(publish_metadata(self.metadata_cfg, title))
+        return without_training_facts(meta) if self.metadata_cfg.no_metadata else meta
 
     @staticmethod
     def _expert_steps(trainer: Any) -> str:
