@@ -59,9 +59,10 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, metavar="N", help="training steps (default: the demo's own)")
 
 
-def _template_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["template"], help="template: print the full config template")
-    p.add_argument("--output", default=None, metavar="FILE", help="write to this file instead of stdout")
+def _config_args(p: argparse.ArgumentParser) -> None:
+    from .config.commands import add_arguments
+
+    add_arguments(p)
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -73,8 +74,12 @@ COMMANDS: tuple[Command, ...] = (
                         "prints the values that differ from the defaults, one line per dataset and a verdict per "
                         "command. Exit 2 when the --for command (default train) would refuse to start. Loads no "
                         "model."),
-    Command("config", "wantrainer.config.template:run", "config tools (template)", _template_args, needs_config=False,
-            description="`wantrainer config template` prints every key with its type, default and documentation."),
+    Command("config", "wantrainer.config.commands:run", "config tools (template, import)", _config_args,
+            needs_config=False,
+            description="`wantrainer config template` prints every key with its type, default and documentation. "
+                        "`wantrainer config import FILE... --from musubi|takenoko -o new.toml` converts a "
+                        "musubi-tuner dataset TOML and training arguments (a --config_file TOML or a text file with "
+                        "the command line), or a Takenoko config, and lists every setting without an equivalent."),
     Command("doctor", "wantrainer.dataset.doctor:run", "inspect the datasets: items, captions, buckets, frames",
             description="Per dataset: items, missing captions, unreadable files, videos too short, caches present, "
                         "bucket and frame-count histograms (also written as {output_dir}/doctor_*.png). Exit 0 when "
