@@ -1,6 +1,6 @@
 @echo off
 rem wantrainer launcher.
-rem   run_trainer.bat                     pick a config under configs\ and an operation from a menu
+rem   run_trainer.bat                     pick a config (here or under configs\) and an operation from a menu
 rem   run_trainer.bat --config X.toml     train with X.toml (the default operation)
 rem   run_trainer.bat <command> [args]    any wantrainer command, e.g. run_trainer.bat validate --config X.toml
 rem Uses .venv (created by install.bat); set WANTRAINER_PYTHON to use another Python environment.
@@ -25,8 +25,5 @@ exit /b %ERRORLEVEL%
 exit /b %ERRORLEVEL%
 
 :menu
-pushd "%HERE%"
 "%PY%" -m wantrainer.cli menu
-set "RC=%ERRORLEVEL%"
-popd
-exit /b %RC%
+exit /b %ERRORLEVEL%

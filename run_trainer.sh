@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # wantrainer launcher.
-#   ./run_trainer.sh                     pick a config under configs/ and an operation from a menu
+#   ./run_trainer.sh                     pick a config (here or under configs/) and an operation from a menu
 #   ./run_trainer.sh --config X.toml     train with X.toml (the default operation)
 #   ./run_trainer.sh <command> [args]    any wantrainer command, e.g. ./run_trainer.sh validate --config X.toml
 # Uses .venv (created by ./install.sh); set WANTRAINER_PYTHON to use another Python environment.
@@ -12,7 +12,6 @@ if ! command -v "$PY" >/dev/null 2>&1; then
   exit 2
 fi
 if [ $# -eq 0 ]; then
-  cd "$HERE"
   exec "$PY" -m wantrainer.cli menu
 fi
 case "$1" in

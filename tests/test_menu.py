@@ -60,5 +60,23 @@ def test_only_installed_operations_are_offered():
 
 def test_no_configs_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match="no .toml config found"):
+    with pytest.raises(UserError, match="no .toml config in"):
         run_menu("")
+
+
+def test_configs_of_the_working_folder_first_and_no_template(project, capsys):
+    from wantrainer.config.template import render_template
+
+    (project / "here.toml").write_text("seed = 3\n", encoding="utf-8")
+    (project / "configs" / "examples").mkdir()
+    (project / "configs" / "examples" / "full_config_template.toml").write_text(render_template(), encoding="utf-8")
+    code, out = run_menu("q\n")
+    assert "1. here.toml" in out and "2. configs/a.toml" in out and "full_config_template" not in out
+
+
+def test_returns_to_the_list_after_an_operation(project, capsys):
+    code, out = run_menu("1\n1\n1\n1\nq\n")  # validate a.toml twice, then quit
+    assert code == 0
+    assert out.count("> wantrainer validate --config configs/a.toml") == 2
+    assert out.count("Config files:") == 3 and "(exit code 0)" in out
+    assert capsys.readouterr().out.count("config OK") == 2

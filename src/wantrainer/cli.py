@@ -53,6 +53,12 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
                    help="FLF2V: the last frame of every prompt (replaces their `last_image`)")
 
 
+def _estimate_args(p: argparse.ArgumentParser) -> None:
+    from .estimate.cli import add_arguments
+
+    add_arguments(p)
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default="demo_output", metavar="DIR",
                    help="working folder for the demo (default ./demo_output)")
@@ -84,6 +90,11 @@ COMMANDS: tuple[Command, ...] = (
             description="Per dataset: items, missing captions, unreadable files, videos too short, caches present, "
                         "bucket and frame-count histograms (also written as {output_dir}/doctor_*.png). Exit 0 when "
                         "training can proceed, 2 when not. Loads no model."),
+    Command("estimate", "wantrainer.estimate.cli:run", "predict the run's peak VRAM and RAM", _estimate_args,
+            description="Predicts peak GPU memory and system RAM before anything is loaded: DiT weights by stored "
+                        "dtype minus swapped blocks, LoRA and optimiser states, activations of the largest batch "
+                        "(with / without gradient checkpointing and CPU offload), the encoders of the caching "
+                        "commands. --vram GB prints the settings that make the run fit."),
     Command("cache-latents", "wantrainer.caching.cache_latents:run", "encode media to VAE latent caches",
             description="Encodes every image and video window of [[datasets.train]] and [[datasets.val]] with the "
                         "VAE (`vae`) into each dataset's cache_directory. Run before train, and again after "
@@ -111,8 +122,9 @@ COMMANDS: tuple[Command, ...] = (
                         "Only the --root folders (default: the current one) are read or written; any host but "
                         "loopback needs the access token printed in the URL. Needs `pip install 'wantrainer[ui]'`."),
     Command("menu", "wantrainer.menu:run", "pick a config and an operation interactively", needs_config=False,
-            description="Lists the .toml files under ./configs and the operations, reads two numbers from stdin "
-                        "and runs that command (what ./run_trainer.sh does without arguments)."),
+            description="Lists the .toml files of the working folder and under ./configs (not the generated "
+                        "template) and the operations, reads two numbers from stdin, runs that command and comes "
+                        "back to the list; q quits (what ./run_trainer.sh does without arguments)."),
 )
 
 _EPILOG = """\

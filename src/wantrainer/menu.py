@@ -1,7 +1,8 @@
-"""``wantrainer menu``: pick a config under ``configs/`` and an operation by number, then run it.
+"""``wantrainer menu``: pick a config and an operation by number, run it, and come back to the list.
 
-What ``run_trainer`` shows when started without arguments. Reads the choices from stdin, so it can be
-scripted (``printf '1\\n1\\n' | wantrainer menu``).
+What ``run_trainer`` shows when started without arguments. The configs are the ``*.toml`` files of the working
+folder and everything under ``configs/`` (the generated full template is not offered: it is a reference, not a
+run). Reads the choices from stdin, so it can be scripted (``printf '1\\n1\\nq\\n' | wantrainer menu``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ OPERATIONS: tuple[tuple[str, str], ...] = (
     ("doctor", "inspect the datasets: items, captions, buckets, frames"),
     ("cache-latents", "encode the media to VAE latent caches"),
     ("cache-text", "encode the captions to text caches"),
+    ("estimate", "predict the run's peak VRAM and RAM"),
     ("train", "train the LoRA"),
     ("sample", "generate the [[sample_prompts]] videos"),
 )
@@ -33,13 +35,31 @@ def available_operations() -> list[tuple[str, str]]:
     return [(name, text) for name, text in OPERATIONS if importlib.util.find_spec(modules[name]) is not None]
 
 
+TEMPLATE_MARK = "# wantrainer: full config template, generated from the schema"
+
+
+def is_generated_template(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline().startswith(TEMPLATE_MARK)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def find_configs(root: Path) -> list[Path]:
-    """Every ``*.toml`` under ``root``, sorted, as paths relative to the working folder when possible."""
+    """Every ``*.toml`` under ``root`` except the generated template, sorted, relative to the working folder
+    when possible."""
     if not root.is_dir():
         return []
-    found = sorted(p for p in root.rglob("*.toml") if p.is_file())
+    found = sorted(p for p in root.rglob("*.toml") if p.is_file() and not is_generated_template(p))
     cwd = Path.cwd()
     return [p.relative_to(cwd) if p.is_relative_to(cwd) else p for p in found]
+
+
+def configs_here() -> list[Path]:
+    """The configs of the working folder (not its subfolders), then those under ``configs/``."""
+    here = sorted(p for p in Path(".").glob("*.toml") if p.is_file() and not is_generated_template(p))
+    return [*here, *(p for p in find_configs(Path("configs")) if p not in here)]
 
 
 def choose(title: str, options: list[str], stdin: TextIO, stdout: TextIO) -> int | None:
@@ -61,23 +81,27 @@ def choose(title: str, options: list[str], stdin: TextIO, stdout: TextIO) -> int
 
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
-    root = Path("configs")
-    configs = find_configs(root)
-    if not configs:
-        raise UserError(f"no .toml config found under {root.resolve()}: write one (see configs/examples in the "
-                        "project, or `wantrainer config template`) or run `wantrainer <command> --config FILE`")
-    operations = available_operations()
-    picked_config = choose("Config files:", [str(p) for p in configs], stdin, stdout)
-    if picked_config is None:
-        return 0
-    picked_op = choose("Operations:", [f"{name:<14} {text}" for name, text in operations], stdin, stdout)
-    if picked_op is None:
-        return 0
-    command = [operations[picked_op][0], "--config", str(configs[picked_config])]
-    stdout.write(f"\n> wantrainer {' '.join(command)}\n")
-    stdout.flush()
+    """Loop: config, operation, run; back to the configs after each operation. Returns the last exit code."""
     from .cli import main
 
-    return main(command)
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    configs = configs_here()
+    if not configs:
+        raise UserError(f"no .toml config in {Path.cwd()} or its configs/ folder: write one (start from "
+                        "configs/examples in the project, or `wantrainer config import` / `wantrainer config "
+                        "template`) or run `wantrainer <command> --config FILE`")
+    operations = available_operations()
+    code = 0
+    while True:
+        picked_config = choose("Config files:", [str(p) for p in configs], stdin, stdout)
+        if picked_config is None:
+            return code
+        picked_op = choose("Operations:", [f"{name:<14} {text}" for name, text in operations], stdin, stdout)
+        if picked_op is None:
+            return code
+        command = [operations[picked_op][0], "--config", str(configs[picked_config])]
+        stdout.write(f"\n> wantrainer {' '.join(command)}\n")
+        stdout.flush()
+        code = main(command)
+        stdout.write(f"\n(exit code {code})\n")

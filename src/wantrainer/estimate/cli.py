@@ -1,0 +1,171 @@
+"""``wantrainer estimate --config X [--vram GB]``: peak VRAM and RAM of the run, before loading anything.
+
+Prints each term, the totals, and with ``--vram`` the settings that make the run fit, applied one after
+another in the order of their cost in speed (gradient checkpointing, fp8 weights, an 8-bit optimiser, block
+inputs on the CPU, block swap, then fewer tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from .terms import Estimate, GiB, Knobs, ModelShapes, caching_terms, estimate, model_shapes
+
+PRESETS = ("wan21_t2v_1.3b", "wan21_t2v_14b", "wan22_t2v_a14b")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vram", type=float, default=None, metavar="GB",
+                   help="GPU memory to fit in: print the settings that make the run fit")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="where the run computes (default cuda; cpu puts every term in RAM)")
+    p.add_argument("--model", choices=PRESETS, default=None,
+                   help="a released size instead of reading `dit` (for planning before the download)")
+    p.add_argument("--resolution", default=None, metavar="WxH",
+                   help="the largest bucket instead of the datasets' (e.g. 832x480)")
+    p.add_argument("--frames", type=int, default=None, metavar="N",
+                   help="frames of the longest window instead of the datasets' (1 for images)")
+
+
+def _shapes_from_config(cfg: Any, knobs: Knobs, preset: str | None) -> ModelShapes:
+    from ..models.wan.configs import WAN_CONFIGS
+    from ..models.wan.loading import checkpoint_files, infer_wan_config, read_tensor_index
+
+    if preset is not None:
+        return model_shapes(WAN_CONFIGS[preset], cfg.network, knobs, None, preset)
+    if cfg.model.dit is None or not Path(cfg.model.dit).exists():
+        raise UserError("`dit` is not set or not found: set it, or give --model "
+                        f"({', '.join(PRESETS)}) to estimate a released size")
+    files = checkpoint_files(cfg.model.dit)
+    entries = read_tensor_index(files)
+    config = infer_wan_config({k: v.shape for k, v in entries.items()}, str(cfg.model.dit))
+    from ..models.wan.configs import known_config_name
+
+    size = sum(f.stat().st_size for f in files)
+    return model_shapes(config, cfg.network, knobs, size, known_config_name(config) or Path(cfg.model.dit).name)
+
+
+def largest_batch_tokens(cfg: Any, resolution: str | None, frames: int | None) -> tuple[int, int, str]:
+    """(tokens, batch size, description) of the largest batch of [[datasets.train]] (or the given size)."""
+    from ..dataset.blueprint import resolve_datasets
+
+    candidates = []
+    specs = list(resolve_datasets(cfg.datasets, "train")) if (resolution is None or frames is None) else []
+    for spec in specs:
+        longest = max(spec.target_frames) if spec.frame_extraction != "full" else spec.max_frames
+        candidates.append((spec.resolution, longest if spec.is_video else 1, spec.batch_size, spec.name))
+    if resolution is not None or frames is not None or not candidates:
+        if resolution is None and not candidates:
+            raise UserError("no [[datasets.train]] to size the activations: add one or give --resolution and --frames")
+        base = max(candidates, key=lambda c: _tokens(*c[:3])) if candidates else ((832, 480), 1, 1, "")
+        size = _parse_resolution(resolution) if resolution else base[0]
+        candidates = [(size, frames if frames is not None else base[1], base[2], "command line")]
+    size, count, batch, name = max(candidates, key=lambda c: _tokens(*c[:3]))
+    return _tokens(size, count, batch), batch, f"{name}: {size[0]}x{size[1]}, {count} frame(s), batch {batch}"
+
+
+def _tokens(size: tuple[int, int], frames: int, batch: int) -> int:
+    latent_frames = (frames - 1) // 4 + 1
+    return batch * latent_frames * (size[1] // 16) * (size[0] // 16)
+
+
+def _parse_resolution(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--resolution {text}: write it as WIDTHxHEIGHT, e.g. 832x480") from None
+    return width, height
+
+
+def knobs_from_config(cfg: Any, device: str, tokens: int, batch: int, experts: int) -> Knobs:
+    m = cfg.model
+    return Knobs(
+        compute=m.mixed_precision if device == "cuda" else "no", fp8=m.fp8_base or m.fp8_scaled,
+        fp8_scaled=m.fp8_scaled, blocks_to_swap=m.blocks_to_swap, gradient_checkpointing=m.gradient_checkpointing,
+        cpu_offload=m.gradient_checkpointing_cpu_offload, optimizer=cfg.optimizer.optimizer_type,
+        experts=experts, offload_inactive=m.offload_inactive_dit, separate_loras=experts > 1
+        and cfg.network.dual_lora_mode == "separate", tokens=tokens, batch=batch, device=device)
+
+
+def fitting_steps(shapes: ModelShapes, knobs: Knobs, budget: int) -> list[tuple[str, Estimate]]:
+    """Settings changed one after another until the VRAM estimate fits ``budget`` bytes."""
+    steps: list[tuple[str, Estimate]] = []
+    changes = [
+        ("gradient_checkpointing = true", {"gradient_checkpointing": True}),
+        ("fp8_base = true, fp8_scaled = true", {"fp8": True, "fp8_scaled": True}),
+        ('optimizer_type = "adamw8bit"', {"optimizer": "adamw8bit"}),
+        ("gradient_checkpointing_cpu_offload = true", {"cpu_offload": True}),
+    ]
+    current = knobs
+    for text, change in changes:
+        if estimate(shapes, current).vram <= budget:
+            return steps
+        if all(getattr(current, k) == v for k, v in change.items()):
+            continue
+        if "optimizer" in change and current.optimizer.lower() not in ("adamw", "adam"):
+            continue
+        current = current.with_(**change)
+        steps.append((text, estimate(shapes, current)))
+    if estimate(shapes, current).vram <= budget:
+        return steps
+    for swap in range(max(current.blocks_to_swap, 1), shapes.layers):
+        trial = current.with_(blocks_to_swap=swap)
+        if estimate(shapes, trial).vram <= budget or swap == shapes.layers - 1:
+            current = trial
+            steps.append((f"blocks_to_swap = {swap}", estimate(shapes, current)))
+            break
+    if estimate(shapes, current).vram > budget:
+        low, high = 1, current.tokens
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if estimate(shapes, current.with_(tokens=mid)).vram <= budget else (low, mid - 1)
+        steps.append((f"fewer tokens per batch: at most {low} (lower resolution, frames or batch_size)",
+                      estimate(shapes, current.with_(tokens=low))))
+    return steps
+
+
+def _gb(value: int) -> str:
+    return f"{value / GiB:6.2f} GB"
+
+
+def report(est: Estimate, header: list[str]) -> list[str]:
+    gpu = est.knobs.device == "cuda"
+    lines = list(header)
+    lines.append(f"  {'term':<36} {'VRAM':>9} {'RAM':>9}")
+    for term in est.terms:
+        lines.append(f"  {term.name:<36} {_gb(term.vram) if gpu else '':>9} {_gb(term.ram):>9}  {term.note}")
+    lines.append(f"  {'peak':<36} {_gb(est.vram) if gpu else '':>9} {_gb(est.ram):>9}"
+                 f"  (RAM while loading the DiT: {_gb(est.load_ram).strip()})")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config_parser import load_config_for_command
+
+    cfg = load_config_for_command(args)
+    tokens, batch, batch_text = largest_batch_tokens(cfg, args.resolution, args.frames)
+    two = (args.model == "wan22_t2v_a14b") if args.model else (
+        cfg.model.target_model == "wan22" and cfg.model.dit_high_noise is not None)
+    knobs = knobs_from_config(cfg, args.device, tokens, batch, 2 if two else 1)
+    shapes = _shapes_from_config(cfg, knobs, args.model)
+    est = estimate(shapes, knobs)
+    header = [f"estimate for {cfg.config_path} on {args.device} ({shapes.name}, {shapes.layers} blocks, "
+              f"{'two experts, ' if two else ''}largest batch {batch_text}: {tokens} tokens)"]
+    print("\n".join(report(est, header)))
+    for term in caching_terms(cfg.model, cfg.datasets, args.device):
+        print(f"  {term.name:<36} {_gb(term.vram) if args.device == 'cuda' else '':>9} {_gb(term.ram):>9}"
+              f"  {term.note} (a separate command)")
+    print("These are estimates: activation and process terms are calibrated on CPU runs (docs/memory.md); "
+          "measure on your GPU to be sure.")
+    if args.vram is not None and args.device == "cuda":
+        budget = int(args.vram * GiB)
+        if est.vram <= budget:
+            print(f"fits in {args.vram:g} GB as configured")
+            return 0
+        print(f"does not fit in {args.vram:g} GB; change, in this order:")
+        for text, step in fitting_steps(shapes, knobs, budget):
+            print(f"  {text:<60} -> VRAM {_gb(step.vram).strip()}, RAM {_gb(step.ram).strip()}")
+    return 0
