@@ -160,15 +160,20 @@ def resolve_datasets(datasets: DatasetsConfig, split: Split) -> list[DatasetSpec
 
 
 def _entry_problems(name: str, entry: DatasetEntry, own_keys: set[str]) -> list[str]:
+    """A value the entry inherits from [datasets.general] is named there (so it is reported once)."""
     problems: list[str] = []
+
+    def where(key: str) -> str:
+        return f"{name}.{key}" if key in own_keys else f"datasets.general.{key}"
+
     try:
         parse_resolution(entry.resolution)
     except ValueError as exc:
-        problems.append(f"`{name}.resolution`: {exc}")
+        problems.append(f"`{where('resolution')}`: {exc}")
     if entry.bucket_no_upscale and not entry.enable_bucket:
         problems.append(f"`{name}`: `bucket_no_upscale` needs `enable_bucket = true`")
     if not entry.target_frames or any(f < 1 for f in entry.target_frames):
-        problems.append(f"`{name}.target_frames` must list frame counts >= 1, got {entry.target_frames}")
+        problems.append(f"`{where('target_frames')}` must list frame counts >= 1, got {entry.target_frames}")
     is_video = entry.video_directory is not None or entry.video_jsonl_file is not None
     if not is_video:
         wrong = [k for k in _VIDEO_ONLY_KEYS if k in own_keys]
@@ -213,4 +218,4 @@ def blueprint_problems(datasets: DatasetsConfig) -> list[str]:
                 )
             else:
                 cache_owner[key] = name
-    return problems
+    return list(dict.fromkeys(problems))

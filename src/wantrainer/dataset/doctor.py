@@ -1,8 +1,10 @@
 """``wantrainer doctor --config X``: what the datasets hold, what is wrong with them, and the buckets.
 
 Per dataset: items found, captions missing, unreadable files, videos too short for each target length,
-cache files present, and the bucket and frame-count histograms as text and as a PNG
-(``{output_dir}/doctor_{split}_{index}.png``). Exit 0 when training can proceed, 2 when not. No models.
+cache files present, videos whose frame rate is not 16 fps while ``source_fps`` is unset, and the bucket and
+frame-count histograms as text and as a PNG (``{output_dir}/doctor_{split}_{index}.png``), plus a contact sheet
+of a few items per bucket as the model sees them (``doctor_{split}_{index}_sheet.png``). Exit 0 when training
+can proceed, 2 when not. No models.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..errors import UserError
 from ..utils.atomic import atomic_path
 from .blueprint import DatasetSpec, resolve_datasets
 from .cache_format import read_latent_shape
+from .contact_sheet import fps_warning, item_frames, off_rate_videos, sheet_items, write_contact_sheet
 from .sources import DatasetScan, MediaItem, scan_dataset
 
 logger = get_logger(__name__)
@@ -35,6 +38,8 @@ class DatasetDiagnosis:
     latent_caches: int = 0
     text_caches: int = 0
     plot: Path | None = None
+    sheet: Path | None = None
+    fps_off: list[tuple[Path, float]] = field(default_factory=list)
 
 
 def diagnose(spec: DatasetSpec) -> DatasetDiagnosis:
@@ -54,6 +59,8 @@ def diagnose(spec: DatasetSpec) -> DatasetDiagnosis:
             short = [(path, count) for path, count in scan.frame_counts.items() if count < target]
             if short:
                 found.too_short[target] = short
+    if spec.is_video and spec.source_fps is None:
+        found.fps_off = off_rate_videos([item.path for item in scan.items])
     found.latent_caches = sum(_current_latents(item) for item in scan.items)
     found.text_caches = len({item.text_cache_path for item in scan.items if item.text_cache_path.is_file()})
     return found
@@ -95,6 +102,8 @@ def format_diagnosis(d: DatasetDiagnosis) -> str:
     if scan.missing_captions:
         lines.append(f"  captions missing (an empty caption is used; add <name>{spec.caption_extension}):")
         lines += [f"    {p}" for p in scan.missing_captions]
+    if d.fps_off:
+        lines.append(f"  WARNING: {fps_warning(spec.name, d.fps_off)}")
     for target, short in sorted(d.too_short.items()):
         lines.append(f"  too short for {target} frames ({len(short)} video(s)):")
         lines += [f"    {path.name}: {count} frames" for path, count in short]
@@ -151,10 +160,16 @@ def run(args: argparse.Namespace) -> int:
             if d.scan is not None:
                 d.plot = output_dir / f"doctor_{split}_{spec.index}.png"
                 write_plot(d, d.plot)
+            if d.scan is not None and d.scan.items:
+                d.sheet = output_dir / f"doctor_{split}_{spec.index}_sheet.png"
+                rows = item_frames(sheet_items(d.scan.items))
+                write_contact_sheet(f"{spec.name}: as the model sees them (after resize and crop)", rows, d.sheet)
             results[split].append(d)
             out.write(format_diagnosis(d) + "\n")
             if d.plot is not None:
                 out.write(f"  plot: {d.plot}\n")
+            if d.sheet is not None:
+                out.write(f"  contact sheet: {d.sheet}\n")
             out.write("\n")
     problems = _blockers(results["train"], results["val"])
     if problems:
