@@ -106,7 +106,9 @@ def test_resume_from_an_incomplete_state_is_a_user_error(train_workspace, tmp_pa
 def test_retention_of_step_and_epoch_saves(train_workspace, tmp_path):
     run(train_workspace, tmp_path, max_train_steps=8, save_every_n_steps=1, save_last_n_steps=2,
         save_every_n_epochs=1, save_last_n_epochs=2, save_state=True)
-    names = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("lora"))
+    names = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("lora") and p.suffix != ".png")
+    plots = sorted(p.name.removesuffix("_loss.png") for p in (tmp_path / "out").glob("*_loss.png"))
+    assert plots == sorted(n.removesuffix(".safetensors") for n in names if n.endswith(".safetensors"))
     # step saves: at step 7 (the last step save) the ones at most 2 steps older are kept: 5, 6, 7
     assert names == [
         "lora-000002-state", "lora-000002.safetensors", "lora-000003-state",
@@ -166,7 +168,8 @@ def test_a_full_disk_is_a_user_error_and_keeps_earlier_saves(train_workspace, tm
     with pytest.raises(UserError, match="no space left"):
         trainer.train()
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "lora"))) == ["lora-step00000001.safetensors"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "lora")) and p.suffix != ".png") == [
+        "lora-step00000001.safetensors"]
     assert lora_tensors(out / "lora-step00000001.safetensors")  # the earlier save is whole
 
 

@@ -25,6 +25,9 @@ class SavingConfig(Section):
     """Keep only the last N epoch saves."""
     save_state: bool = False
     """Also save the full training state (optimiser, scheduler, RNG, data position) with each save."""
+    save_loss_plot: bool = True
+    """Write {name}_loss.png beside each saved LoRA: the training loss (raw and smoothed) and the validation loss
+    per timestep."""
     resume: Path | None = None
     """Resume from this state folder (wins over auto_resume)."""
     auto_resume: bool = True

@@ -188,8 +188,13 @@ def build_handlers(
                                         world_size=accelerator.num_processes, model_type=model_type)
     sampling = SamplingHandler.from_config(cfg.sampling, cfg.model, cfg.saving, model_type)
     handlers.extend(h for h in (val, sampling) if h is not None)
-    handlers.append(CheckpointHandler(cfg, config_text, resolution))
-    return handlers
+    checkpoint = CheckpointHandler(cfg, config_text, resolution)
+    if not cfg.saving.save_loss_plot:
+        return [*handlers, checkpoint]
+    from .handlers.loss_plot import LossHistory, LossPlotWriter
+
+    history = LossHistory()
+    return [*handlers, history, checkpoint, LossPlotWriter(history, checkpoint)]
 
 
 def resume_point(saving_cfg: Any, *, main_process: bool = True) -> Path | None:
