@@ -20,13 +20,21 @@ from wantrainer.config import (
 from wantrainer.config_parser import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+# README.md and docs/*.md are checked as one text: a key, command or option written anywhere must exist.
+README = "\n\n".join(p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *DOCS])
+# Pages whose backticked snake_case words are `network_args` entries, tensor, tool and function names, not keys.
+NETWORK_ARGS_PAGES = {"adapters.md", "tools.md", "full_finetune.md", "ui.md"}
+KEY_TEXT = "\n\n".join(p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *DOCS]
+                        if p.name not in NETWORK_ARGS_PAGES)
 
 FENCE = re.compile(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```", re.S | re.M)
 TOML_BLOCKS = [m.group(2) for m in FENCE.finditer(README) if m.group(1) == "toml"]
 CODE_BLOCKS = [m.group(2) for m in FENCE.finditer(README)]
 PROSE = FENCE.sub("", README)
 INLINE_CODE = re.findall(r"`([^`\n]+)`", PROSE)
+KEY_INLINE_CODE = re.findall(r"`([^`\n]+)`", FENCE.sub("", KEY_TEXT))
+KEY_TOML_BLOCKS = [m.group(2) for m in FENCE.finditer(KEY_TEXT) if m.group(1) == "toml"]
 
 # Snake-case words in backticks that are not config keys nor values of a config key.
 NOT_KEYS = {
@@ -76,6 +84,15 @@ def test_readme_has_toml_blocks():
     assert len(TOML_BLOCKS) >= 5
 
 
+def test_readme_links_to_docs_resolve():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)", text))
+    assert linked == {f"docs/{p.name}" for p in DOCS}, "every docs/ page is linked from the README and exists"
+    for page in DOCS:
+        for target in re.findall(r"\]\(([\w.-]+\.md)", page.read_text(encoding="utf-8")):
+            assert (ROOT / "docs" / target).is_file(), f"{page.name} links to missing {target}"
+
+
 @pytest.mark.parametrize("index", range(len(TOML_BLOCKS)))
 def test_readme_toml_block_parses(index, tmp_path):
     block = TOML_BLOCKS[index]
@@ -116,16 +133,16 @@ def test_readme_command_options_exist():
 def test_readme_backticked_keys_are_schema_keys():
     keys, values = _schema_keys(), _schema_values()
     written = set()
-    for code in INLINE_CODE:
+    for code in KEY_INLINE_CODE:
         assignment = re.fullmatch(r"([a-z][a-z0-9_]*) = [^=].*", code)
         if assignment:
             written.add(assignment.group(1))
         elif re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9]+)+", code):
             written.add(code)
-    for block in TOML_BLOCKS:
+    for block in KEY_TOML_BLOCKS:
         written |= set(re.findall(r"^\s*([a-z][a-z0-9_]*)\s*=", block, re.M))
     unknown = sorted(k for k in written - keys - values - NOT_KEYS if not k.startswith(METADATA_PREFIXES))
     assert not unknown, f"README writes these as config keys but the schema has none of them: {unknown}"
-    shown = {code.split(" = ")[0] for code in INLINE_CODE}
+    shown = {code.split(" = ")[0] for code in KEY_INLINE_CODE}
     stale_allow = sorted(k for k in NOT_KEYS if k in keys or k not in shown)
     assert not stale_allow, f"allow-list entries that are keys or no longer in README: {stale_allow}"

@@ -114,7 +114,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("demo", "wantrainer.devkit.demo:run", "end-to-end demo on a tiny model and synthetic data",
             _demo_args, needs_config=False,
             description="Builds a tiny Wan model kit and a synthetic dataset, then caches, trains and samples on "
-                        "the CPU in about a minute. Downloads nothing."),
+                        "the CPU (a few minutes on 2 CPU cores; the README gives a measured time). Downloads "
+                        "nothing."),
     Command("ui", "wantrainer.ui.serve:run", "the local web UI: configs, runs, curves and samples",
             lambda p: _load_handler("wantrainer.ui.serve:add_arguments")(p), needs_config=False,
             description="Serves a page on http://127.0.0.1:7860/ (--host / --port): edit configs as forms made from "

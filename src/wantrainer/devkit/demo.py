@@ -1,4 +1,4 @@
-"""``wantrainer demo``: the whole pipeline on a tiny model and synthetic data, on the CPU, in about a minute.
+"""``wantrainer demo``: the whole pipeline on a tiny model and synthetic data, on the CPU, in a few minutes.
 
 1. writes the tiny model kit (DiT, VAE, UMT5, tokenizer in the release layouts) and synthetic media
    (coloured shapes, images and short clips, with captions) plus a held-out set;
@@ -155,6 +155,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"files in {result.output_dir}:")
     for path in result.files:
         print(f"  {path.relative_to(result.output_dir).as_posix()}{'/' if path.is_dir() else ''}")
-    print(f"\nlook at the curves:  tensorboard --logdir {result.log_dir}")
-    print(f"train it yourself:   wantrainer train --config {result.config}")
+    print()
+    for line in next_commands(result.config, result.log_dir):
+        print(line)
     return 0
+
+
+def next_commands(config: Path, log_dir: Path) -> list[str]:
+    """What the demo prints last: commands that work as printed, with or without an activated environment."""
+    from ..common.commands import activation_hint, console_command
+
+    lines = [f"look at the curves:  {console_command('tensorboard')} --logdir {log_dir}",
+             f"train it yourself:   {console_command('wantrainer')} train --config {config}"]
+    hint = activation_hint()
+    return lines + ([f"({hint})"] if hint else [])

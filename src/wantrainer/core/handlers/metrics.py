@@ -58,7 +58,10 @@ class MetricsLogger:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self._tb = SummaryWriter(log_dir=str(self.log_dir), purge_step=step or None,
                                      filename_suffix=f".{self.run_name}")
-            logger.info("TensorBoard logs in %s (tensorboard --logdir %s)", self.log_dir, self.log_dir)
+            from ...common.commands import console_command
+
+            logger.info("TensorBoard logs in %s (%s --logdir %s)", self.log_dir, console_command("tensorboard"),
+                        self.log_dir)
 
     @classmethod
     def from_config(cls, logging_cfg: Any, saving_cfg: Any, *, enabled: bool, config: dict[str, Any] | None = None):
