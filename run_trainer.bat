@@ -25,5 +25,5 @@ exit /b %ERRORLEVEL%
 exit /b %ERRORLEVEL%
 
 :menu
-"%PY%" -m wantrainer.cli menu
+"%PY%" -m wantrainer.cli menu --also "%HERE%configs"
 exit /b %ERRORLEVEL%

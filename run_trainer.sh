@@ -12,7 +12,7 @@ if ! command -v "$PY" >/dev/null 2>&1; then
   exit 2
 fi
 if [ $# -eq 0 ]; then
-  exec "$PY" -m wantrainer.cli menu
+  exec "$PY" -m wantrainer.cli menu --also "$HERE/configs"
 fi
 case "$1" in
   --config|-c|--config=*) exec "$PY" -m wantrainer.cli train "$@" ;;

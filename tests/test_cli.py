@@ -213,7 +213,7 @@ def test_run_trainer_wrapper_config_alone_means_train(tmp_path):
 
 
 def test_readme_error_example_is_real_output(tmp_path, capsys, monkeypatch):
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = "\n".join(p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     start = readme.index("error: 3 problems in my.toml:")
     shown = readme[start: readme.index("```", start)].strip()
     write(tmp_path / "my.toml", 'learning_rat = 1e-4\nmax_train_steps = "2000"\nmin_timestep = 900\nmax_timestep = 100\n')

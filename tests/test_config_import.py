@@ -201,7 +201,8 @@ def test_musubi_dataset_command_line_and_prompts(tmp_path, monkeypatch, capsys):
     assert data["target_model"] == "wan21" and data["attn_mode"] == "sdpa" and data["fp8_base"] is True
     assert data["dit"] == "../models/wan2.1_t2v_1.3B_bf16.safetensors"  # relative to the new config
     assert data["learning_rate"] == 2e-4 and data["network_dim"] == 32 and data["max_train_epochs"] == 16
-    assert data["network_args"] == ["loraplus_lr_ratio=4", "verbose=True"] and data["sample_at_first"] is True
+    assert data["network_args"] == ["verbose=True"] and data["loraplus_lr_ratio"] == 4  # LoRA+ is our key
+    assert data["sample_at_first"] is True
     assert data["metadata_tags"] == ["style", "ink"] and data["output_name"] == "name-of-lora"
     assert data["datasets"]["latent_cache"] == {"vae_cache_cpu": True}
     assert data["datasets"]["general"] == {"resolution": [960, 544], "caption_extension": ".txt", "batch_size": 1,

@@ -59,6 +59,11 @@ def _estimate_args(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def _menu_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--also", action="append", default=None, metavar="DIR",
+                   help="also list the configs under DIR (run_trainer.sh adds the project's configs/)")
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default="demo_output", metavar="DIR",
                    help="working folder for the demo (default ./demo_output)")
@@ -122,7 +127,8 @@ COMMANDS: tuple[Command, ...] = (
                         "the schema, start and stop the CLI commands, watch the loss curves, samples and saves. "
                         "Only the --root folders (default: the current one) are read or written; any host but "
                         "loopback needs the access token printed in the URL. Needs `pip install 'wantrainer[ui]'`."),
-    Command("menu", "wantrainer.menu:run", "pick a config and an operation interactively", needs_config=False,
+    Command("menu", "wantrainer.menu:run", "pick a config and an operation interactively", _menu_args,
+            needs_config=False,
             description="Lists the .toml files of the working folder and under ./configs (not the generated "
                         "template) and the operations, reads two numbers from stdin, runs that command and comes "
                         "back to the list; q quits (what ./run_trainer.sh does without arguments)."),

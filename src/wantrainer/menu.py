@@ -56,10 +56,14 @@ def find_configs(root: Path) -> list[Path]:
     return [p.relative_to(cwd) if p.is_relative_to(cwd) else p for p in found]
 
 
-def configs_here() -> list[Path]:
-    """The configs of the working folder (not its subfolders), then those under ``configs/``."""
-    here = sorted(p for p in Path(".").glob("*.toml") if p.is_file() and not is_generated_template(p))
-    return [*here, *(p for p in find_configs(Path("configs")) if p not in here)]
+def configs_here(also: list[Path] | None = None) -> list[Path]:
+    """The configs of the working folder (not its subfolders), then those under ``configs/``, then under each
+    ``also`` folder (the launcher adds the project's ``configs/``)."""
+    found = sorted(p for p in Path(".").glob("*.toml") if p.is_file() and not is_generated_template(p))
+    for root in [Path("configs"), *(also or [])]:
+        seen = {p.resolve() for p in found}
+        found += [p for p in find_configs(root) if p.resolve() not in seen]
+    return found
 
 
 def choose(title: str, options: list[str], stdin: TextIO, stdout: TextIO) -> int | None:
@@ -86,7 +90,8 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    configs = configs_here()
+    also = args.also if args is not None and args.also else []
+    configs = configs_here([Path(p) for p in also])
     if not configs:
         raise UserError(f"no .toml config in {Path.cwd()} or its configs/ folder: write one (start from "
                         "configs/examples in the project, or `wantrainer config import` / `wantrainer config "

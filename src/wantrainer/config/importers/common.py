@@ -67,7 +67,7 @@ def validate_result(result: ImportResult, output_dir: Path, source: str) -> None
         except ConfigError as exc:
             removed = False
             for problem in exc.problems:
-                found = re.match(r"`([a-z_0-9]+)`", problem)
+                found = re.match(r"`?([a-z_0-9]+)`?[: ]", problem)
                 key = found.group(1) if found else None
                 if key is not None and key in result.data:
                     result.drop(source, key, result.data.pop(key), f"refused by the schema: {problem}")

@@ -163,6 +163,12 @@ def convert_training(args: dict[str, Any], source: str, source_dir: Path, output
     for key, value in args.items():
         if key in _PATH_KEYS and isinstance(value, str):
             data[key] = relocate(value, source_dir, output_dir)
+        elif key == "network_args":
+            args_list = _typed(key, value)
+            lora_plus = [a for a in args_list if str(a).replace(" ", "").startswith("loraplus_lr_ratio=")]
+            for entry in lora_plus:  # musubi-tuner passes LoRA+ as a network argument; ours is a key
+                data["loraplus_lr_ratio"] = _typed("loraplus_lr_ratio", entry.split("=", 1)[1].strip())
+            data[key] = [a for a in args_list if a not in lora_plus]
         elif key in _SAME:
             data[key] = _typed(key, value)
         elif key in _ATTENTION and value not in (False, "false", "False"):
