@@ -22,10 +22,14 @@ def write(path: Path, text: str) -> Path:
 
 
 @pytest.fixture
-def complete_config(tmp_path: Path) -> Path:
-    """A config whose every referenced file and folder exists."""
-    for name in ("dit.safetensors", "high.safetensors", "vae.safetensors", "t5.pth", "lora.safetensors"):
+def complete_config(tmp_path: Path, tiny_kit) -> Path:
+    """A config whose every referenced file and folder exists (the DiTs are real: validate reads their type)."""
+    import shutil
+
+    for name in ("vae.safetensors", "t5.pth", "lora.safetensors"):
         write(tmp_path / "models" / name, "x")
+    shutil.copy(tiny_kit.dit_wan22_low, tmp_path / "models" / "dit.safetensors")
+    shutil.copy(tiny_kit.dit_wan22_high, tmp_path / "models" / "high.safetensors")
     (tmp_path / "models" / "tok").mkdir()
     import numpy as np
     from PIL import Image

@@ -96,7 +96,7 @@ def test_extract_config_round_trips(train_workspace, tmp_path, capsys):
     from wantrainer.cli import main as cli_main
     from wantrainer.core.wan_network_trainer import build_trainer
 
-    cfg = load(train_workspace.write(tmp_path / "run", max_train_steps=1, log_with="none",
+    cfg = load(train_workspace.write(tmp_path / "run", max_train_steps=1, log_with="none", metadata_full_paths=True,
                                      network_module="lycoris.kohya", network_args=["algo=lokr", "factor=4"]))
     assert build_trainer(cfg).train() == "completed"
     lora = tmp_path / "run" / "out" / "lora.safetensors"

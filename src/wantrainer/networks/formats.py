@@ -243,7 +243,8 @@ def save_lora(
 
     dtype = SAVE_DTYPES[dtype] if isinstance(dtype, str) else dtype
     sd = to_kohya(state_dict, "kohya")
-    tensors = {k: (v.float() if k.endswith(FP32_SUFFIXES) else v.to(dtype)).detach().cpu() for k, v in sd.items()}
+    tensors = {k: (v.float() if k.endswith(FP32_SUFFIXES) else v.to(dtype)).detach().cpu().contiguous()
+               for k, v in sd.items()}
     meta = {}
     for key, value in (metadata or {}).items():
         if not isinstance(value, str):

@@ -77,7 +77,12 @@ def run_model_type(model_cfg) -> str:
     """The model type a config trains / samples (read from `dit`, else `dit_high_noise`; "t2v" when neither is set)."""
     for path in (model_cfg.dit, model_cfg.dit_high_noise):
         if path is not None and Path(path).exists():
-            return dit_model_type(path)
+            try:
+                return dit_model_type(path)
+            except UserError:
+                raise
+            except Exception as exc:  # not a readable checkpoint: a user error naming the file, no traceback
+                raise UserError(f"`dit`: {path} is not a readable DiT checkpoint ({str(exc).splitlines()[0]})") from None
     return "t2v"
 
 
