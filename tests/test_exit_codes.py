@@ -116,3 +116,26 @@ def test_a_second_ctrl_c_outside_a_save_stops_now_and_signals_after_the_end_are_
         stop._handler(signal.SIGINT, None)
     stop.finish()
     stop._handler(signal.SIGINT, None)  # after the final save: ignored, nothing raised
+
+
+def test_a_signal_wrapped_by_a_library_still_exits_with_its_code(monkeypatch, capsys):
+    """pydantic (and others) re-raise an exception raised inside their callbacks as their own error."""
+    import wantrainer.cli as cli
+
+    def handler(args):
+        try:
+            raise Interrupted("SIGTERM", "SIGTERM before training started: nothing was trained or saved")
+        except Interrupted as exc:
+            raise RuntimeError("Error calling function `ser_path`") from exc
+
+    real = cli._load_handler
+    monkeypatch.setattr(cli, "_load_handler", lambda spec: handler if spec.endswith(":run") else real(spec))
+    assert cli.main(["doctor", "--config", "my.toml"]) == 143
+    assert "nothing was trained or saved" in capsys.readouterr().err
+
+    def crash(args):
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(cli, "_load_handler", lambda spec: crash if spec.endswith(":run") else real(spec))
+    with pytest.raises(RuntimeError, match="a real bug"):
+        cli.main(["doctor", "--config", "my.toml"])

@@ -219,8 +219,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
-        return int(getattr(exc, "exit_code", 130))
+        return _interrupted(exc)
+    except Exception as exc:
+        from .core.signals import interruption_in
+
+        cause = interruption_in(exc)
+        if cause is None:
+            raise
+        return _interrupted(cause)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
+    return int(getattr(exc, "exit_code", 130))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,6 +37,19 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = EXIT_CODES.get(signal_name, 130)
 
 
+def interruption_in(exc: BaseException) -> Interrupted | None:
+    """The ``Interrupted`` that caused ``exc``, if any: a library can wrap a signal raised inside its own code
+    (pydantic reports it as a serialization error), which must still end the run as the signal, not as a crash."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, Interrupted):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _ignore_signals() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError):  # not the main thread
