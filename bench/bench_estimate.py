@@ -18,11 +18,14 @@ from pathlib import Path
 
 import torch
 
+# The peak of this process's own memory (VmHWM). Not getrusage's ru_maxrss: Linux carries the parent's peak over
+# into the child through vfork + exec (subprocess uses vfork), so a child of a 1 GB pytest reports >= 1 GB.
 _MEASURE = """
-import resource, sys
+import sys
 from wantrainer.cli import main
 code = main(sys.argv[1:])
-print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print("MAXRSS_KB", hwm.split()[1])
 sys.exit(code)
 """
 

@@ -8,6 +8,7 @@ inputs on the CPU, block swap, then fewer tokens).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,22 @@ def knobs_from_config(cfg: Any, device: str, tokens: int, batch: int, experts: i
         and cfg.network.dual_lora_mode == "separate", tokens=tokens, batch=batch, device=device)
 
 
-def fitting_steps(shapes: ModelShapes, knobs: Knobs, budget: int) -> list[tuple[str, Estimate]]:
-    """Settings changed one after another until the VRAM estimate fits ``budget`` bytes."""
+def fitting_steps(shapes_for: Callable[[Knobs], ModelShapes], knobs: Knobs,
+                  budget: int) -> list[tuple[str, Estimate]]:
+    """Settings changed one after another until the VRAM estimate fits ``budget`` bytes.
+
+    ``shapes_for(knobs)`` counts the weights in the dtypes those knobs give them (fp8 halves the blocks)."""
+    counted: dict[tuple[Any, ...], ModelShapes] = {}
+
+    def shapes_of(k: Knobs) -> ModelShapes:
+        key = (k.fp8, k.fp8_scaled, k.compute)
+        if key not in counted:
+            counted[key] = shapes_for(k)
+        return counted[key]
+
+    def estimate_of(k: Knobs) -> Estimate:
+        return estimate(shapes_of(k), k)
+
     steps: list[tuple[str, Estimate]] = []
     changes = [
         ("gradient_checkpointing = true", {"gradient_checkpointing": True}),
@@ -100,30 +115,31 @@ def fitting_steps(shapes: ModelShapes, knobs: Knobs, budget: int) -> list[tuple[
         ("gradient_checkpointing_cpu_offload = true", {"cpu_offload": True}),
     ]
     current = knobs
+    layers = shapes_of(knobs).layers
     for text, change in changes:
-        if estimate(shapes, current).vram <= budget:
+        if estimate_of(current).vram <= budget:
             return steps
         if all(getattr(current, k) == v for k, v in change.items()):
             continue
         if "optimizer" in change and current.optimizer.lower() not in ("adamw", "adam"):
             continue
         current = current.with_(**change)
-        steps.append((text, estimate(shapes, current)))
-    if estimate(shapes, current).vram <= budget:
+        steps.append((text, estimate_of(current)))
+    if estimate_of(current).vram <= budget:
         return steps
-    for swap in range(max(current.blocks_to_swap, 1), shapes.layers):
+    for swap in range(max(current.blocks_to_swap, 1), layers):
         trial = current.with_(blocks_to_swap=swap)
-        if estimate(shapes, trial).vram <= budget or swap == shapes.layers - 1:
+        if estimate_of(trial).vram <= budget or swap == layers - 1:
             current = trial
-            steps.append((f"blocks_to_swap = {swap}", estimate(shapes, current)))
+            steps.append((f"blocks_to_swap = {swap}", estimate_of(current)))
             break
-    if estimate(shapes, current).vram > budget:
+    if estimate_of(current).vram > budget:
         low, high = 1, current.tokens
         while low < high:
             mid = (low + high + 1) // 2
-            low, high = (mid, high) if estimate(shapes, current.with_(tokens=mid)).vram <= budget else (low, mid - 1)
+            low, high = (mid, high) if estimate_of(current.with_(tokens=mid)).vram <= budget else (low, mid - 1)
         steps.append((f"fewer tokens per batch: at most {low} (lower resolution, frames or batch_size)",
-                      estimate(shapes, current.with_(tokens=low))))
+                      estimate_of(current.with_(tokens=low))))
     return steps
 
 
@@ -166,6 +182,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"fits in {args.vram:g} GB as configured")
             return 0
         print(f"does not fit in {args.vram:g} GB; change, in this order:")
-        for text, step in fitting_steps(shapes, knobs, budget):
+        for text, step in fitting_steps(lambda k: _shapes_from_config(cfg, k, args.model), knobs, budget):
             print(f"  {text:<60} -> VRAM {_gb(step.vram).strip()}, RAM {_gb(step.ram).strip()}")
     return 0

@@ -22,9 +22,8 @@ GiB = 1024**3
 ACT_PER_TOKEN_DIM = 62
 ACT_PER_TOKEN_FFN = 8
 ACT_PER_TEXT_TOKEN_DIM = 16
-PROCESS_BASE_BYTES = int(0.64 * GiB)
-"""Python, torch and the libraries `train` imports (peak RSS of a tiny CPU run minus its tensors; re-fitted
-when the image-to-video, enhancement and UI modules joined the import graph: it was 0.47 GB before)."""
+PROCESS_BASE_BYTES = int(0.38 * GiB)
+"""Python, torch and the libraries `train` imports: the peak RSS (``VmHWM``) of a tiny CPU run minus its tensors."""
 CUDA_CONTEXT_BYTES = int(0.6 * GiB)
 """CUDA context and allocator slack on the GPU: a typical figure, not measured here."""
 T5_PARAMS = 5_680_000_000
