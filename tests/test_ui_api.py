@@ -189,6 +189,29 @@ def test_doctor_from_the_page_writes_its_plots(client, workspace):
     assert {p["name"] for p in plots} >= {"doctor_train_0.png", "doctor_val_0.png"}
 
 
+def test_estimate_and_validate_run_beside_a_training_run(client, workspace):
+    root, demo = workspace
+    config = root / "beside.toml"  # its own output folder: what this run saves stays out of the other tests
+    config.write_text(demo.read_text().replace('output_name = "demo_lora"', 'output_name = "beside"'))
+    train = client.post("/api/runs", json={"config": str(config), "command": "train"})
+    assert train.status_code == 201
+    try:
+        estimate = client.post("/api/runs", json={"config": str(config), "command": "estimate"})
+        validate = client.post("/api/runs", json={"config": str(config), "command": "validate"})
+        assert estimate.status_code == 201 and validate.status_code == 201, (estimate.json(), validate.json())
+        done = _wait(client, estimate.json()["id"])
+        assert done["returncode"] == 0, done["lines"]
+        peak = next(line for line in done["lines"] if line.strip().startswith("peak"))
+        assert "GB" in peak and "DiT weights" in "\n".join(done["lines"])
+        assert _wait(client, validate.json()["id"])["returncode"] == 0
+        # a command that writes into the folder is still refused while the training runs
+        if client.get(f"/api/runs/{train.json()['id']}").json()["returncode"] is None:
+            assert client.post("/api/runs", json={"config": str(config), "command": "doctor"}).status_code == 409
+    finally:
+        client.post(f"/api/runs/{train.json()['id']}/stop")
+        _wait(client, train.json()["id"])
+
+
 def test_info_says_whether_estimate_exists(client, workspace):
     import subprocess
     import sys

@@ -28,6 +28,8 @@ from ..core.run_folder import lock_path
 from ..errors import UserError
 
 COMMANDS = ("validate", "doctor", "estimate", "cache-latents", "cache-text", "train")
+READ_ONLY = frozenset({"validate", "estimate"})
+"""Commands that write nothing: they run beside a training run of the same folder."""
 MAX_LINES = 5000
 PROGRESS_INTERVAL_S = "1"
 """How often the CLI writes its progress line when its output is not a terminal (seconds)."""
@@ -122,8 +124,10 @@ class RunManager:
         self._lock = threading.Lock()
 
     def _busy(self, output_dir: str, output_name: str, command: str) -> None:
+        if command in READ_ONLY:
+            return
         for run in self.runs.values():
-            if run.output_dir == output_dir and run.returncode is None:
+            if run.output_dir == output_dir and run.command not in READ_ONLY and run.returncode is None:
                 raise RunBusy(f"{output_dir} is in use by `{run.command}` (run {run.id}, pid {run.proc.pid}, started "
                               "from this page); stop it or wait for it to end")
         if command == "train":
