@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 # README.md and docs/*.md are checked as one text: a key, command or option written anywhere must exist.
 README = "\n\n".join(p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *DOCS])
-# Pages whose backticked snake_case words are `network_args` entries, tensor, tool and function names, not keys.
-NETWORK_ARGS_PAGES = {"adapters.md", "tools.md", "full_finetune.md", "ui.md"}
+# Pages whose backticked snake_case words are `network_args` entries, tensor, tool, hook and function names, not
+# keys.
+NETWORK_ARGS_PAGES = {"adapters.md", "tools.md", "full_finetune.md", "ui.md", "enhancements.md"}
 KEY_TEXT = "\n\n".join(p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *DOCS]
                         if p.name not in NETWORK_ARGS_PAGES)
 

@@ -90,9 +90,9 @@ class _Recorder(BaseEnhancement):
     def from_config(cls, cfg):
         return cls() if cfg.network.network_dim == 4 else None
 
-    def setup(self, model):
-        self.model = model
-        self.calls.append("setup")
+    def setup_hooks(self, run):
+        self.model = run.model
+        self.calls.append("setup_hooks")
 
     def trainable_params(self):
         return [self.param]
@@ -108,8 +108,8 @@ class _Recorder(BaseEnhancement):
     def on_step_end(self, state):
         self.calls.append(f"step{state.step}")
 
-    def teardown(self):
-        self.calls.append("teardown")
+    def remove_hooks(self):
+        self.calls.append("remove_hooks")
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def test_enhancement_protocol_hooks_and_params(train_workspace, tmp_path, record
     enh = next(e for e in trainer.enhancements if isinstance(e, recorder))
     trainer.train()
     calls = recorder.calls
-    assert calls[0] == "setup" and calls[-1] == "teardown"
+    assert calls[0] == "setup_hooks" and calls[-1] == "remove_hooks"
     assert calls.count("modify_inputs") == 6  # 3 steps x 2 micro-batches
     assert [c for c in calls if c.startswith("step")] == ["step1", "step2", "step3"]
     assert 0.0 < float(enh.param.detach()) <= 1.0  # trained by the same optimiser as the LoRA

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .common.logger import setup_logging
-from .config import FLAT_SECTIONS, DatasetsConfig, Section
+from .config import CORE_SECTIONS, FEATURE_SECTIONS, FLAT_SECTIONS, DatasetsConfig, Section
 from .config.datasets import DatasetEntry, LatentCacheConfig, TextEncoderCacheConfig
 from .config.messages import check_kinds, format_error, unknown_key_message
 from .config.metadata import MetadataConfig
@@ -47,12 +47,20 @@ class WanTrainerConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     datasets: DatasetsConfig = field(default_factory=DatasetsConfig)
+    features: dict[str, Section] = field(default_factory=lambda: {n: c() for n, c in FEATURE_SECTIONS.items()})
+    """Each enhancement's own section (``enhancements/<feature>/config.py``), also read as ``cfg.<feature>``."""
     config_path: Path | None = None
     """The TOML file this came from (None when built from a dict)."""
     config_dir: Path = field(default_factory=Path.cwd)
     """Relative paths in the file were resolved against this folder."""
     raw: dict[str, Any] = field(default_factory=dict)
     """The TOML document as written by the user."""
+
+    def __getattr__(self, name: str) -> Any:
+        features = self.__dict__.get("features", {})
+        if name in features:
+            return features[name]
+        raise AttributeError(f"{type(self).__name__!r} has no section {name!r}")
 
     def sections(self) -> dict[str, Section]:
         return {name: getattr(self, name) for name in FLAT_SECTIONS}
@@ -200,7 +208,9 @@ def parse_config(
     datasets = _validate_section(DatasetsConfig, datasets_raw, "datasets.", problems, failed)
 
     cfg = WanTrainerConfig(
-        **built, datasets=datasets, config_path=config_path, config_dir=config_dir, raw=data
+        **{k: v for k, v in built.items() if k in CORE_SECTIONS}, datasets=datasets,
+        features={k: v for k, v in built.items() if k not in CORE_SECTIONS}, config_path=config_path,
+        config_dir=config_dir, raw=data,
     )  # type: ignore[arg-type]
     _resolve_paths(cfg, config_dir)
     # Cross-field checks run on the valid keys; a check that names a key already reported is left out.
@@ -339,6 +349,10 @@ def cross_field_problems(cfg: WanTrainerConfig) -> list[str]:
     from .dataset.blueprint import blueprint_problems
 
     problems.extend(blueprint_problems(cfg.datasets))
+    for section in cfg.features.values():  # an enhancement's checks that read other sections
+        check = getattr(section, "config_problems", None)
+        if check is not None:
+            problems.extend(check(cfg))
     return problems
 
 

@@ -165,10 +165,10 @@ def read_state_folder(folder: Path, rank: int, world_size: int) -> StatePayload:
 
 
 def saved_steps(output_dir: Path, output_name: str, kind: str) -> dict[int, list[Path]]:
-    """Every ``-step`` / ``-epoch`` save of ``output_name`` (LoRA files, their loss plots and state folders) by
-    number."""
+    """Every ``-step`` / ``-epoch`` save of ``output_name`` (LoRA files, the enhancements' files beside them such
+    as ``-ema``, their loss plots and state folders) by number."""
     pattern = re.compile(
-        rf"^{re.escape(output_name)}(?:_high_noise|_low_noise)?-{_KIND_PATTERNS[kind]}(?:\.safetensors|-state|_loss\.png)$"
+        rf"^{re.escape(output_name)}(?:_high_noise|_low_noise)?-{_KIND_PATTERNS[kind]}(?:(?:-[a-z][a-z0-9_]*)?\.safetensors|-state|_loss\.png)$"
     )
     found: dict[int, list[Path]] = {}
     if not output_dir.is_dir():

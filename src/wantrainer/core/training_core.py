@@ -21,7 +21,7 @@ import torch
 
 from ..common.logger import get_logger
 from ..criteria.training_loss import flow_matching_pair
-from ..enhancements.base import StepContext
+from ..enhancements.base import StepContext, StepEnd, feature_metrics
 from ..errors import UserError
 from ..optimizers import resume_lr_scheduler
 from .distributed import average_gradients, broadcast_parameters, sum_across
@@ -30,6 +30,15 @@ from .signals import StopRequest
 from .state import RandomStream, TrainState, global_rng_state, seeded_generator, set_global_rng_state
 
 logger = get_logger(__name__)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """A tensor, or a list of tensors / None, moved to ``device`` in float32."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, torch.float32)
+    if isinstance(value, (list, tuple)):
+        return [_to_device(v, device) for v in value]
+    return value
 
 
 class NonFiniteLossError(UserError):
@@ -63,6 +72,8 @@ class StepResult:
     lrs: dict[str, float]
     timings: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    feature_metrics: dict[str, float] = field(default_factory=dict)
+    """The enhancements' ``get_<name>_metrics()`` (``<name>/<key>``): logged and shown on the progress bar."""
 
 
 class Trainer:
@@ -118,6 +129,7 @@ class Trainer:
         self._iter: Iterator[Any] | None = None
         self._epoch_len = len(loader)
         self._data_time = 0.0
+        self._hooks_removed = False
         if self._epoch_len == 0:
             raise UserError("the training data loader is empty: check [[datasets.train]] and the caches")
         for group in self.groups:
@@ -187,8 +199,7 @@ class Trainer:
                     "(raise max_train_steps / max_train_epochs to continue it)", self.resume_from, self.state.step,
                     self.total_steps,
                 )
-                for enh in self.enhancements:
-                    enh.teardown()
+                self.remove_hooks()
                 self.stop_reason = "completed"
                 return self.stop_reason
         self.stop_reason = "running"
@@ -203,8 +214,7 @@ class Trainer:
             raise
         finally:
             self._call("on_train_end")
-            for enh in self.enhancements:
-                enh.teardown()
+            self.remove_hooks()
             if self.stop_reason != "failed":
                 self.stop.finish()  # the last files are written: a late Ctrl-C changes nothing now
         return self.stop_reason
@@ -262,6 +272,14 @@ class Trainer:
         for handler in self.handlers:
             getattr(handler, hook)(self)
 
+    def remove_hooks(self) -> None:
+        """Every enhancement's ``remove_hooks`` (once): the model and networks are as before ``setup_hooks``."""
+        if self._hooks_removed:
+            return
+        self._hooks_removed = True
+        for enh in reversed(self.enhancements):
+            enh.remove_hooks()
+
     # ------------------------------------------------------------------ one optimiser step
     def train_step(self, micro_batches: list[dict[str, Any]]) -> StepResult:
         """Accumulate the micro-batches' gradients, then take one optimiser step (or skip a non-finite one)."""
@@ -297,8 +315,10 @@ class Trainer:
                 "stopped without saving, the last saved LoRA / state is kept. Lower learning_rate, set "
                 'max_grad_norm, or use mixed_precision = "bf16" instead of fp16'
             )
+        updated = tuple(g.name for g in groups) if bad == 0 else ()
         for enh in self.enhancements:
-            enh.on_step_end(self.state)
+            enh.on_step_end(StepEnd(self.state, expert, bad > 0, updated))
+        feature = {k: v for enh in self.enhancements for k, v in feature_metrics(enh).items()}
         timings["step"] = time.perf_counter() - step_start + self._data_time
         result = StepResult(
             step=self.state.step,
@@ -309,7 +329,8 @@ class Trainer:
             samples=int(sample_sum),
             lrs=self.current_lrs(),
             timings=timings,
-            metrics=metrics,
+            metrics={**metrics, **feature},
+            feature_metrics=feature,
         )
         self.last_step = result
         if self.experts.is_dual:
@@ -345,7 +366,12 @@ class Trainer:
         return loss.detach(), metrics
 
     def compute_loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-        """The training criterion plus every enhancement's term; all share one call shape."""
+        """The training criterion (its element loss weighted by the product of the enhancements' ``loss_weight``)
+        plus every enhancement's term; all share one call shape."""
+        for enh in self.enhancements:
+            weight = enh.loss_weight(ctx)
+            if weight is not None:
+                ctx.element_weight = weight if ctx.element_weight is None else ctx.element_weight * weight
         loss, metrics = self.loss_fn(ctx.pred, ctx.target, ctx.batch, ctx)
         metrics = {k: float(v) for k, v in dict(metrics or {}).items()}
         for enh in self.enhancements:
@@ -376,8 +402,10 @@ class Trainer:
             t=t,
             timesteps=t * 1000.0,
             model=self.model,
+            network=self.experts.network_for(expert),
             expert=expert,
             step=self.state.step,
+            forward=self.call_model,
         )
 
     def _optimizer_step(self, groups: list[TrainGroup]) -> float:
@@ -424,6 +452,8 @@ class Trainer:
             out["loss_weight"] = batch["loss_weight"].to(self.device, torch.float32)
         if "conditioning" in batch:
             out["conditioning"] = {k: v.to(self.device, torch.float32) for k, v in batch["conditioning"].items()}
+        if "item_extras" in batch:
+            out["item_extras"] = {k: _to_device(v, self.device) for k, v in batch["item_extras"].items()}
         return out
 
     def _sync_device(self) -> None:

@@ -1,8 +1,8 @@
 """``wantrainer train``: build everything from the config, then hand over to ``Trainer``.
 
-Order: accelerator and seed -> data loader -> DiT expert(s) on the device -> LoRA network(s) -> enhancements
--> optimiser(s) and schedule(s) -> loss -> handlers -> resume point. Every user mistake found here is a
-``UserError`` naming the key.
+Order: accelerator and seed -> enhancements (from the config) -> data loader -> DiT expert(s) on the device ->
+LoRA network(s) -> enhancements' hooks -> optimiser(s) and schedule(s) -> loss -> handlers -> resume point.
+Every user mistake found here is a ``UserError`` naming the key.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ def train_specs(cfg: WanTrainerConfig) -> list[Any]:
     return specs
 
 
-def build_loader(cfg: WanTrainerConfig, specs: list[Any], accelerator: Any, model_type: str = "t2v") -> Any:
+def build_loader(cfg: WanTrainerConfig, specs: list[Any], accelerator: Any, model_type: str = "t2v",
+                 item_caches: tuple[Any, ...] = ()) -> Any:
+    """The training loader; ``item_caches``: the enhancements' per-item cache files read into each batch."""
     from ..dataset.loader import build_dataloader
 
     t = cfg.training
@@ -69,6 +71,7 @@ def build_loader(cfg: WanTrainerConfig, specs: list[Any], accelerator: Any, mode
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         model_type=model_type,
+        item_caches=item_caches,
     )
 
 
@@ -218,6 +221,7 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     from accelerate.utils import set_seed
 
     from ..criteria.training_loss import TrainingLoss
+    from ..enhancements.base import RunContext
     from ..enhancements.registry import build_enhancements
     from ..preflight import require_ready
     from ..scheduling.timesteps import TimestepSampler
@@ -234,15 +238,18 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
 
     model_type = run_model_type(cfg.model)
     require_supported(model_type, "training")
-    loader = build_loader(cfg, specs, accelerator, model_type)
+    enhancements = build_enhancements(cfg)
+    loader = build_loader(cfg, specs, accelerator, model_type,
+                          tuple(cache for enh in enhancements for cache in enh.item_caches()))
     experts = build_experts(cfg, device)
     regimes = RegimeSampler(TimestepSampler.from_config(cfg.timesteps), experts.names, experts.boundary,
                             seq_len=typical_seq_len(specs[0]))
     total = total_steps_for(cfg.training, len(loader))
     networks = build_networks(cfg, experts, device)
-    enhancements = build_enhancements(cfg)
+    run = RunContext(model=experts.model, experts=experts, networks=networks, device=device, cfg=cfg,
+                     accelerator=accelerator, is_main_process=accelerator.is_main_process)
     for enh in enhancements:
-        enh.setup(experts.model)
+        enh.setup_hooks(run)
     extra = enhancement_param_groups(enhancements, cfg.optimizer.learning_rate)
     groups = build_groups(cfg, networks, regimes, extra, total, accelerator)
     config_text = cfg.to_toml()

@@ -4,8 +4,9 @@ Every term is a callable ``(pred, target, batch, ctx) -> (loss scalar, metrics d
 ``TrainingLoss`` exactly like a single term and never needs to know which terms are on; enhancements
 add their own terms with ``add_term``.
 
-The built-in term is the flow-matching loss: element loss (``loss_type``) averaged per sample, times
-the timestep weight (``weighting_scheme``), times the per-sample ``batch["loss_weight"]``
+The built-in term is the flow-matching loss: element loss (``loss_type``), times the per-element weight
+``ctx.element_weight`` when there is one (the product of the enhancements' ``loss_weight`` hooks), averaged per
+sample, times the timestep weight (``weighting_scheme``), times the per-sample ``batch["loss_weight"]``
 (``prior_loss_weight`` for ``is_reg`` data), averaged over the batch.
 """
 
@@ -47,6 +48,13 @@ def context_t(ctx: Any) -> torch.Tensor:
     return ctx.t
 
 
+def context_element_weight(ctx: Any) -> torch.Tensor | None:
+    """The per-element weight (broadcastable to the prediction) of a context, or None."""
+    if isinstance(ctx, Mapping):
+        return ctx.get("element_weight")
+    return getattr(ctx, "element_weight", None)
+
+
 def per_sample_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over every dim but the first: ``[B, ...] -> [B]``."""
     return x.reshape(x.shape[0], -1).mean(dim=1)
@@ -54,7 +62,7 @@ def per_sample_mean(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class FlowMatchingLoss:
-    """``mean_b( loss_weight_b * w(t_b) * mean(element_loss(pred_b, target_b)) )``."""
+    """``mean_b( loss_weight_b * w(t_b) * mean(element_weight_b * element_loss(pred_b, target_b)) )``."""
 
     element: ElementLoss
     weighting_scheme: str = "none"
@@ -64,7 +72,11 @@ class FlowMatchingLoss:
 
     def __call__(self, pred, target, batch, ctx) -> tuple[torch.Tensor, Metrics]:
         pred, target = pred.float(), target.float()
-        per_sample = per_sample_mean(self.element(pred, target))  # [B]
+        elements = self.element(pred, target)  # [B, C, F, H, W]
+        element_weight = context_element_weight(ctx)
+        if element_weight is not None:
+            elements = elements * element_weight.to(elements)
+        per_sample = per_sample_mean(elements)  # [B]
         t = context_t(ctx).to(per_sample.device)
         w_t = timestep_weight(
             self.weighting_scheme, t, logit_mean=self.logit_mean, logit_std=self.logit_std, mode_scale=self.mode_scale

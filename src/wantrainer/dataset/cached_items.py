@@ -10,8 +10,10 @@ too (``AmbiguousCacheError``). When nothing is usable the user is told which com
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError
 
@@ -43,6 +45,8 @@ class CachedItem:
     dataset_index: int
     loss_weight: float
     caption_dropout_rate: float
+    extra_paths: tuple[tuple[str, Path | None], ...] = ()
+    """(name, file) of every enhancement's per-item cache (``enhancements.base.ItemCache``); None: absent."""
 
 
 @dataclass
@@ -65,6 +69,8 @@ class CacheReport:
     wrong_type: list[tuple[str, str]] = field(default_factory=list)
     """(item key, the model type its cache was made for) of caches without the conditioning this run needs."""
     model_type: str = "t2v"
+    missing_extra: dict[str, list[str]] = field(default_factory=dict)
+    """Item keys without an enhancement's per-item cache file that the enhancement needs, by cache suffix."""
 
     def summary(self) -> str:
         parts = [f"{self.usable} of {self.media_items} item(s) usable"]
@@ -88,6 +94,9 @@ class CacheReport:
             parts.append(f"{len(self.wrong_type)} with a latent cache made for a {made_for} model, without the "
                          f"conditioning the {self.model_type} model trains on (e.g. {key}; re-run `wantrainer "
                          "cache-latents --config <your config>` with this `dit`: it re-encodes them)")
+        for suffix, keys in self.missing_extra.items():
+            parts.append(f"{len(keys)} without their {suffix} cache file (e.g. {keys[0]}; run the caching command "
+                         "the feature's docs name)")
         return f"{self.name}: " + ", ".join(parts)
 
 
@@ -125,11 +134,29 @@ def _text_usable(path: Path, known: dict[Path, bool], report: CacheReport) -> bo
     return known[path]
 
 
+def _extra_paths(latent: Path, text: Path, item_caches: Sequence[Any], key: str, report: CacheReport
+                 ) -> tuple[tuple[str, Path | None], ...] | None:  # fmt: skip
+    """The item's enhancement cache files; None (reported) when one that must exist is missing."""
+    found: list[tuple[str, Path | None]] = []
+    for cache in item_caches:
+        path = cache.path_for(latent, text)
+        if not path.is_file():
+            if cache.missing == "skip":
+                report.missing_extra.setdefault(cache.suffix, []).append(key)
+                return None
+            found.append((cache.name, None))
+        else:
+            found.append((cache.name, path))
+    return tuple(found)
+
+
 def discover_cached_items(
-    spec: DatasetSpec, prior_loss_weight: float = 1.0, dataset_index: int | None = None, model_type: str = "t2v"
+    spec: DatasetSpec, prior_loss_weight: float = 1.0, dataset_index: int | None = None, model_type: str = "t2v",
+    item_caches: Sequence[Any] = (),
 ) -> tuple[list[CachedItem], CacheReport]:
     """Scan ``spec``'s media and keep the items whose caches exist, hold the expected latent shape and the
-    conditioning ``model_type`` trains on (``dataset_index`` defaults to spec.index)."""
+    conditioning ``model_type`` trains on (``dataset_index`` defaults to spec.index); ``item_caches``: the
+    enhancements' per-item cache files (``enhancements.base.ItemCache``), read into every batch."""
     scan = scan_dataset(spec)
     report = CacheReport(spec.name, media_items=len(scan.items), no_items=no_items_reason(spec, scan),
                          model_type=model_type)
@@ -168,15 +195,18 @@ def discover_cached_items(
             continue
         if not _text_usable(item.text_cache_path, text_state, report):
             continue
+        extras = _extra_paths(item.latent_cache_path, item.text_cache_path, item_caches, item.key, report)
+        if extras is None:
+            continue
         items.append(CachedItem(item.key, item.latent_cache_path, item.text_cache_path, shape,
                                 spec.index if dataset_index is None else dataset_index,
-                                weight, spec.caption_dropout_rate if spec.split == "train" else 0.0))
+                                weight, spec.caption_dropout_rate if spec.split == "train" else 0.0, extras))
     report.usable = len(items)
     return items, report
 
 
-def discover_all(specs: list[DatasetSpec], prior_loss_weight: float = 1.0, model_type: str = "t2v"
-                 ) -> tuple[list[CachedItem], list[CacheReport]]:  # fmt: skip
+def discover_all(specs: list[DatasetSpec], prior_loss_weight: float = 1.0, model_type: str = "t2v",
+                 item_caches: Sequence[Any] = ()) -> tuple[list[CachedItem], list[CacheReport]]:  # fmt: skip
     """Usable items of every dataset (``dataset_index`` = position in ``specs``) for a ``model_type`` run; warns
     about the rest, ``UserError`` when nothing at all is usable."""
     if not specs:
@@ -184,7 +214,8 @@ def discover_all(specs: list[DatasetSpec], prior_loss_weight: float = 1.0, model
     items: list[CachedItem] = []
     reports: list[CacheReport] = []
     for position, spec in enumerate(specs):
-        found, report = discover_cached_items(spec, prior_loss_weight, dataset_index=position, model_type=model_type)
+        found, report = discover_cached_items(spec, prior_loss_weight, dataset_index=position, model_type=model_type,
+                                              item_caches=item_caches)
         items.extend(found)
         reports.append(report)
         if report.usable < report.media_items:
@@ -204,6 +235,8 @@ def _nothing_usable_message(reports: list[CacheReport]) -> str:
         lines.append("run `wantrainer cache-latents --config <your config>` to encode the media")
     if any(r.missing_text for r in reports):
         lines.append("run `wantrainer cache-text --config <your config>` to encode the captions")
+    if any(r.missing_extra for r in reports):
+        lines.append("the enabled features need more cache files per item: see the docs of the feature named above")
     if any(r.stale_text for r in reports):
         lines.append("run `wantrainer cache-text --config <your config>` with skip_existing = false to encode the "
                      "captions again")

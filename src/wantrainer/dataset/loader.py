@@ -65,9 +65,11 @@ class CachedBatchReader(Dataset):
     (``models.wan.conditioning.CONDITIONING``) also the cached image conditioning, as ``batch["conditioning"]``:
     ``y`` [B, 20, F, H, W] (mask + image latents) and ``clip_fea`` [B, tokens, D] / [B, frames, tokens, D]."""
 
-    def __init__(self, items: list[CachedItem], conditioning: tuple[str, ...] = ()):
+    def __init__(self, items: list[CachedItem], conditioning: tuple[str, ...] = (), item_caches: tuple[Any, ...] = ()):
         self.items = items
         self.conditioning = conditioning
+        self.item_caches = item_caches
+        """The enhancements' per-item caches (``enhancements.base.ItemCache``): ``batch["item_extras"]``."""
 
     def __len__(self) -> int:
         return len(self.items)
@@ -97,7 +99,35 @@ class CachedBatchReader(Dataset):
         if extras:
             names = {"image": "y", "clip": "clip_fea"}
             batch["conditioning"] = {names[kind]: torch.stack(values) for kind, values in extras.items()}
+        if self.item_caches:
+            batch["item_extras"] = self._item_extras([self.items[index] for index, _ in share.plan])
         return batch
+
+    def _item_extras(self, items: list[CachedItem]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for cache in self.item_caches:
+            values = [_read_item_tensor(dict(item.extra_paths).get(cache.name), cache.tensor) for item in items]
+            if cache.stack and all(v is not None for v in values):
+                out[cache.name] = torch.stack(values)
+            else:
+                out[cache.name] = values
+        return out
+
+
+def _read_item_tensor(path: Any, tensor: str | None) -> torch.Tensor | None:
+    """The float32 tensor ``tensor`` (or the only one) of an enhancement's per-item cache file."""
+    if path is None:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+        if tensor is None and len(keys) != 1:
+            raise UserError(f"{path} holds {len(keys)} tensors, one was expected; delete it and cache it again")
+        name = keys[0] if tensor is None else tensor
+        if name not in keys:
+            raise UserError(f"{path} has no tensor {name!r}; delete it and cache it again")
+        return handle.get_tensor(name).to(torch.float32)
 
 
 class _PlanSampler(Sampler):
@@ -135,6 +165,7 @@ class CachedDataLoader:
         split_uneven: bool = False,
         reports: list[CacheReport] | None = None,
         conditioning: tuple[str, ...] = (),
+        item_caches: tuple[Any, ...] = (),
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -150,7 +181,7 @@ class CachedDataLoader:
         self.epoch = 0
         self.position = 0
         """Index of the next batch of this rank in the current epoch."""
-        self._reader = CachedBatchReader(items, conditioning)
+        self._reader = CachedBatchReader(items, conditioning, tuple(item_caches))
         self._groups = self._group_items()
         self.global_batches, self._batches, self.left_out = self._count_batches()
         self._sampler = _PlanSampler()
@@ -285,13 +316,15 @@ def build_dataloader(
     world_size: int = 1,
     split_uneven: bool = False,
     model_type: str = "t2v",
+    item_caches: tuple[Any, ...] = (),
 ) -> CachedDataLoader:
     """Scan ``specs``, match their caches and return the loader. Raises ``UserError`` when nothing is usable.
 
     ``split_uneven`` keeps every item under DDP (see the module docstring); only for loops without collectives.
     ``model_type``: the DiT's; its image conditioning is checked in the caches and read with the latents.
+    ``item_caches``: the enabled enhancements' per-item cache files (``enhancements.base.ItemCache``).
     """
-    items, reports = discover_all(specs, prior_loss_weight, model_type)
+    items, reports = discover_all(specs, prior_loss_weight, model_type, item_caches)
     loader = CachedDataLoader(
         items,
         {i: s.batch_size for i, s in enumerate(specs)},
@@ -299,7 +332,7 @@ def build_dataloader(
         seed=seed, shuffle=shuffle, num_workers=num_workers,
         persistent_workers=persistent_workers and num_workers > 0,
         rank=rank, world_size=world_size, split_uneven=split_uneven, reports=reports,
-        conditioning=CONDITIONING[model_type],
+        conditioning=CONDITIONING[model_type], item_caches=tuple(item_caches),
     )
     if loader.global_batches == 0:
         sizes = ", ".join(str(s.batch_size) for s in specs)

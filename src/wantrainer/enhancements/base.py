@@ -1,22 +1,38 @@
 """The enhancement protocol: optional training features plug into the loop through these hooks only.
 
-An enhancement is built from the config by ``from_config`` (returning ``None`` when it is not enabled), is
-registered by name in ``enhancements.registry`` and lives in its own folder. The trainer calls the hooks of
-every active enhancement at fixed points and never names one:
+An enhancement lives in its own folder ``enhancements/<feature>/`` (see ``registry``), is built from the config
+by ``from_config`` (``None`` when the config leaves it off) and is called by the trainer at fixed points; the loop
+and the loss never name one. Every hook has a no-op default in ``BaseEnhancement``:
 
-1. ``setup(model)`` once, after the DiT and the LoRA network are built (add modules, register taps);
-2. ``trainable_params()`` once, to add its own parameters to the optimiser;
-3. ``modify_inputs(batch)`` on every micro-batch, before noise is added;
-4. ``loss(ctx)`` on every micro-batch, after the forward pass: an extra loss term and its metrics;
-5. ``on_step_end(state)`` after every optimiser step;
-6. ``teardown()`` when training ends (remove hooks, free memory).
+1. ``item_caches()`` when the data loader is built: extra per-item cache files read into every batch
+   (``batch["item_extras"][name]``), e.g. masks beside the latent cache or a second text cache;
+2. ``setup_hooks(run)`` once, after the DiT and the network(s) are built (keep references, register taps);
+3. ``trainable_params()`` once: its own parameters for the first network's optimiser;
+4. ``modify_inputs(batch)`` on every micro-batch, before noise is added;
+5. ``loss_weight(ctx)`` on every micro-batch, after the forward pass: a per-element weight broadcastable to the
+   prediction [B, C, F, H, W], multiplied into the criterion's element loss before its reduction (the weights
+   of several enhancements multiply); ``None`` for no weight;
+6. ``loss(ctx)`` on every micro-batch: an extra loss term and its metrics. ``ctx.predict(...)`` runs one more
+   forward pass, ``ctx.network_disabled()`` switches the trained network off around it (the base model's
+   prediction, e.g. for preservation losses);
+7. ``on_step_end(step)`` after every optimiser step (``StepEnd``: which networks changed);
+8. ``get_<name>_metrics()`` (optional) after every step: scalars logged as ``<name>/<key>`` in TensorBoard and
+   shown on the progress bar;
+9. ``extra_saves(save)`` at every LoRA save: more files beside it (``{lora name}{suffix}.safetensors``), written
+   atomically by the checkpoint handler under the run's naming, retention and lock rules;
+10. ``evaluation_variants(purpose)``: extra weight sets validation / sampling also run with (e.g. the EMA);
+11. ``state_dict()`` / ``load_state_dict()``: its part of the resume state;
+12. ``remove_hooks()`` when training ends: afterwards the model and the networks are exactly as before
+    ``setup_hooks``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -25,12 +41,96 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..core.state import TrainState
 
 
+@dataclass(frozen=True)
+class ItemCache:
+    """A per-item tensor file an enhancement adds beside an item's latent or text cache.
+
+    The file of an item is ``{cache file stem}{suffix}.safetensors`` beside the ``beside`` cache (e.g. beside
+    ``img_0064x0064_wan.safetensors`` with ``suffix = "_wtmask"``: ``img_0064x0064_wan_wtmask.safetensors``).
+    Suffixes must not be one musubi-tuner writes (``_wan``, ``_wan_te``). ``tensor``: the tensor's name in the
+    file (``None``: the file's only tensor). The batch holds ``batch["item_extras"][name]``: a [B, ...] tensor
+    when ``stack`` (equal shapes), else a list of B tensors; with ``missing = "none"`` an item without the file
+    gives ``None`` in a list (``stack`` is ignored then), with ``"skip"`` the item is left out of training and
+    reported like a missing text cache.
+    """
+
+    name: str
+    suffix: str
+    beside: Literal["latent", "text"] = "latent"
+    tensor: str | None = None
+    missing: Literal["skip", "none"] = "skip"
+    stack: bool = True
+
+    def path_for(self, latent_path: Path, text_path: Path) -> Path:
+        base = Path(latent_path if self.beside == "latent" else text_path)
+        return base.with_name(f"{base.stem}{self.suffix}.safetensors")
+
+
+@dataclass
+class RunContext:
+    """What ``setup_hooks`` gets: the built run. ``networks``: name -> network ("default", or "high_noise" /
+    "low_noise" for separate Wan 2.2 LoRAs); ``experts.network_for(name)`` gives an expert's network."""
+
+    model: torch.nn.Module
+    experts: Any
+    networks: dict[str, Any]
+    device: torch.device
+    cfg: WanTrainerConfig
+    accelerator: Any = None
+    is_main_process: bool = True
+
+
+@dataclass
+class StepEnd:
+    """What ``on_step_end`` gets after an optimiser step."""
+
+    state: TrainState
+    expert: str
+    skipped: bool
+    """The step had a non-finite loss: no network changed."""
+    updated: tuple[str, ...]
+    """The networks the optimiser updated (empty when skipped)."""
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+
+@dataclass
+class ExtraSave:
+    """One file an enhancement adds beside a LoRA save: ``{lora name}{suffix}.safetensors``, written with
+    ``networks.formats.save_lora`` (kohya keys, the save precision) and the LoRA's metadata updated by
+    ``metadata``. ``suffix``: ``-`` then lower-case letters, digits or ``_`` (``-ema``)."""
+
+    suffix: str
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    """The LoRA save an ``extra_saves`` call belongs to: network ``network`` saved as ``{name}.safetensors``."""
+
+    network: str
+    name: str
+    step: int
+
+
+@dataclass
+class EvaluationVariant:
+    """A weight set validation / sampling also run with: ``label`` names its metrics / files (``ema``);
+    ``applied()`` swaps the weights in for the duration of the ``with`` block and restores them exactly."""
+
+    label: str
+    applied: Callable[[], contextlib.AbstractContextManager[None]]
+
+
 @dataclass
 class StepContext:
     """What one micro-batch's forward pass produced; passed to every loss term.
 
     Shapes: ``latents`` / ``noise`` / ``noisy`` / ``target`` / ``pred`` are [B, C, F, H, W]; ``t`` is [B] in
-    (0, 1) and ``timesteps`` = 1000 * t is what the model saw.
+    (0, 1) and ``timesteps`` = 1000 * t is what the model saw. ``network`` is the active expert's trained network.
     """
 
     batch: dict[str, Any]
@@ -42,10 +142,40 @@ class StepContext:
     timesteps: torch.Tensor
     pred: torch.Tensor | None = None
     model: torch.nn.Module | None = None
+    network: Any = None
     expert: str = "default"
     step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
     """Free space for enhancements to pass tensors from ``modify_inputs`` / forward taps to ``loss``."""
+    element_weight: torch.Tensor | None = None
+    """The product of the enhancements' ``loss_weight`` hooks (set by the trainer before the criterion runs)."""
+    forward: Callable[..., torch.Tensor] | None = None
+    """The trainer's forward pass ``(model, x, timestep, context, conditioning) -> pred`` (autocast, fp32 out)."""
+
+    def predict(self, x: torch.Tensor | None = None, *, timesteps: torch.Tensor | None = None,
+                text_embeds: list[torch.Tensor] | None = None,
+                conditioning: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """One more forward pass of the active expert (with the network as it is now; wrap it in
+        ``network_disabled()`` and ``torch.no_grad()`` for the base model's prediction). Unset arguments are
+        this micro-batch's: ``noisy``, ``timesteps``, ``batch["text_embeds"]``, ``batch["conditioning"]``."""
+        assert self.forward is not None and self.model is not None, "StepContext built without a forward pass"
+        return self.forward(
+            self.model,
+            self.noisy if x is None else x,
+            self.timesteps if timesteps is None else timesteps,
+            self.batch["text_embeds"] if text_embeds is None else text_embeds,
+            self.batch.get("conditioning") if conditioning is None else conditioning,
+        )
+
+    @contextlib.contextmanager
+    def network_disabled(self) -> Iterator[None]:
+        """The trained network switched off (the base model) inside the block; see ``network_disabled``."""
+        with network_disabled(self.network):
+            yield
+
+    def item_extra(self, name: str) -> Any:
+        """``batch["item_extras"][name]`` (an ``ItemCache`` of some enhancement), ``None`` when absent."""
+        return self.batch.get("item_extras", {}).get(name)
 
     def __getitem__(self, key: str) -> Any:
         """Mapping-style access (``ctx["t"]``) for criteria written against a dict."""
@@ -66,6 +196,20 @@ class StepContext:
         return key in self.extras or hasattr(self, key)
 
 
+@contextlib.contextmanager
+def network_disabled(network: Any) -> Iterator[None]:
+    """The network's contribution off inside the block (the model computes its base prediction exactly), restored
+    after. Networks that cannot be switched off (a full fine-tune is the model itself) raise ``UserError``."""
+    disable = getattr(network, "network_disabled", None)
+    if disable is None:
+        from ..errors import UserError
+
+        raise UserError(f"this feature needs the base model's prediction, which a {type(network).__name__} cannot "
+                        "give (it has no adapter to switch off); train a LoRA-family network_module")
+    with disable():
+        yield
+
+
 @runtime_checkable
 class Enhancement(Protocol):
     name: str
@@ -73,17 +217,29 @@ class Enhancement(Protocol):
     @classmethod
     def from_config(cls, cfg: WanTrainerConfig) -> Enhancement | None: ...
 
-    def setup(self, model: torch.nn.Module) -> None: ...
+    def item_caches(self) -> list[ItemCache]: ...
 
-    def teardown(self) -> None: ...
+    def setup_hooks(self, run: RunContext) -> None: ...
+
+    def remove_hooks(self) -> None: ...
 
     def trainable_params(self) -> Iterable[torch.nn.Parameter] | list[dict[str, Any]]: ...
 
     def modify_inputs(self, batch: dict[str, Any]) -> dict[str, Any]: ...
 
+    def loss_weight(self, ctx: StepContext) -> torch.Tensor | None: ...
+
     def loss(self, ctx: StepContext) -> tuple[torch.Tensor | None, dict[str, float]]: ...
 
-    def on_step_end(self, state: TrainState) -> None: ...
+    def on_step_end(self, step: StepEnd) -> None: ...
+
+    def extra_saves(self, save: SaveRequest) -> list[ExtraSave]: ...
+
+    def evaluation_variants(self, purpose: Literal["validation", "sampling"]) -> list[EvaluationVariant]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class BaseEnhancement:
@@ -95,10 +251,13 @@ class BaseEnhancement:
     def from_config(cls, cfg: WanTrainerConfig) -> BaseEnhancement | None:
         return None
 
-    def setup(self, model: torch.nn.Module) -> None:
+    def item_caches(self) -> list[ItemCache]:
+        return []
+
+    def setup_hooks(self, run: RunContext) -> None:
         return None
 
-    def teardown(self) -> None:
+    def remove_hooks(self) -> None:
         return None
 
     def trainable_params(self) -> list[torch.nn.Parameter]:
@@ -107,14 +266,31 @@ class BaseEnhancement:
     def modify_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return batch
 
+    def loss_weight(self, ctx: StepContext) -> torch.Tensor | None:
+        return None
+
     def loss(self, ctx: StepContext) -> tuple[torch.Tensor | None, dict[str, float]]:
         return None, {}
 
-    def on_step_end(self, state: TrainState) -> None:
+    def on_step_end(self, step: StepEnd) -> None:
         return None
+
+    def extra_saves(self, save: SaveRequest) -> list[ExtraSave]:
+        return []
+
+    def evaluation_variants(self, purpose: Literal["validation", "sampling"]) -> list[EvaluationVariant]:
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+
+def feature_metrics(enhancement: Any) -> dict[str, float]:
+    """``get_<name>_metrics()`` of an enhancement (when it has one), keyed ``<name>/<key>``."""
+    getter = getattr(enhancement, f"get_{enhancement.name}_metrics", None)
+    if getter is None:
+        return {}
+    return {f"{enhancement.name}/{k}": float(v) for k, v in dict(getter() or {}).items()}

@@ -12,8 +12,10 @@ With ``use_rslora`` the scale is ``alpha / sqrt(rank)``; the saved ``.alpha`` is
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -196,6 +198,17 @@ class LoRANetwork(nn.Module):
         self.multiplier = float(multiplier)
         for module in self.lora_modules:
             module.multiplier = self.multiplier
+
+    @contextlib.contextmanager
+    def network_disabled(self) -> Iterator[None]:
+        """The adapter off inside the block (multiplier 0: every wrapped Linear runs only its original forward, so
+        the DiT computes exactly its base prediction); the multiplier is restored after."""
+        saved = self.multiplier
+        self.set_multiplier(0.0)
+        try:
+            yield
+        finally:
+            self.set_multiplier(saved)
 
     @torch.no_grad()
     def merge_to(self, dit: nn.Module) -> None:

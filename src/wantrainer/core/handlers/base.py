@@ -52,3 +52,8 @@ class Handler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+
+def evaluation_variants(trainer: Trainer, purpose: str) -> list[Any]:
+    """The enhancements' extra weight sets (``EvaluationVariant``) validation / sampling also run with."""
+    return [v for enh in getattr(trainer, "enhancements", []) for v in enh.evaluation_variants(purpose)]

@@ -8,6 +8,8 @@
 
 With two networks (Wan 2.2, ``dual_lora_mode = "separate"``) every LoRA name gets the expert suffix:
 ``{output_name}_high_noise-step00000100.safetensors``, ``{output_name}_low_noise.safetensors``.
+Enhancements add files beside each LoRA save (``extra_saves``): ``{LoRA name}{suffix}.safetensors``, e.g.
+``{output_name}-step00000100-ema.safetensors``, removed with it by the retention rules.
 ``save_last_n_steps`` deletes step saves more than N steps older than the newest (as musubi-tuner: with
 ``save_every_n_steps = 100``, ``save_last_n_steps = 300`` at step 500 keeps 200..500); ``save_last_n_epochs``
 keeps the last N epoch saves.
@@ -16,6 +18,7 @@ keeps the last N epoch saves.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +26,8 @@ from typing import Any
 
 from ...common.logger import get_logger
 from ...errors import UserError
-from ...networks.formats import build_lora_metadata
+from ...enhancements.base import SaveRequest
+from ...networks.formats import build_lora_metadata, save_lora
 from ...networks.metadata import portable_config_toml, publish_metadata, without_training_facts
 from ...utils.atomic import DiskFullError, is_disk_full
 from .. import checkpoint_io as io
@@ -31,6 +35,8 @@ from ..experts import DEFAULT, HIGH_NOISE, LOW_NOISE
 from .base import Handler
 
 logger = get_logger(__name__)
+
+_EXTRA_SUFFIX = re.compile(r"-[a-z][a-z0-9_]*")
 
 _NETWORK_META_KEYS = ("network_module", "network_dim", "network_alpha", "use_rslora", "network_dropout", "rank_dropout",
                       "module_dropout", "network_args", "loraplus_lr_ratio", "dual_lora_mode")
@@ -112,14 +118,28 @@ class CheckpointHandler(Handler):
                 suffix = "" if len(trainer.groups) == 1 else f"_{group.name}"
                 name = io.save_name(self.saving.output_name, step=step, epoch=epoch, suffix=suffix)
                 path = self.output_dir / f"{name}.safetensors"
+                metadata = self.metadata(trainer, group.name, name)
                 with self._disk_errors(path):
-                    group.network.save_weights(path, self.metadata(trainer, group.name, name),
-                                               self.network_cfg.save_precision)
+                    group.network.save_weights(path, metadata, self.network_cfg.save_precision)
                 self.written.append(path)
                 logger.info("saved %s", path)
+                self._save_extras(trainer, SaveRequest(group.name, name, trainer.state.step), metadata)
         if with_state:
             self.save_state(trainer, io.save_name(self.saving.output_name, step=step, epoch=epoch))
         trainer.accelerator.wait_for_everyone()
+
+    def _save_extras(self, trainer: Any, request: SaveRequest, metadata: dict[str, str]) -> None:
+        """The enhancements' files beside one LoRA save (``{name}{suffix}.safetensors``, e.g. the EMA)."""
+        for enh in trainer.enhancements:
+            for extra in enh.extra_saves(request):
+                if not _EXTRA_SUFFIX.fullmatch(extra.suffix):
+                    raise ValueError(f"{enh.name}: extra save suffix {extra.suffix!r} must match {_EXTRA_SUFFIX.pattern}")
+                path = self.output_dir / f"{request.name}{extra.suffix}.safetensors"
+                meta = {**metadata, **extra.metadata}
+                with self._disk_errors(path):
+                    save_lora(path, extra.state_dict, meta, self.network_cfg.save_precision)
+                self.written.append(path)
+                logger.info("saved %s", path)
 
     def save_state(self, trainer: Any, name: str) -> Path:
         """Write ``{name}-state/`` atomically (every process adds its own random state and data position)."""

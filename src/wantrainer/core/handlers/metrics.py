@@ -2,7 +2,8 @@
 
 Per step: ``loss/current``, ``loss/average`` (moving average of the last ``window`` steps), ``lr/group<i>``
 (``lr/<network>/group<i>`` with two networks), ``grad_norm``, ``samples_per_sec``, ``timing/data``,
-``timing/forward``, ``timing/backward``, ``timing/optimizer``, plus the loss terms' own metrics and, with two
+``timing/forward``, ``timing/backward``, ``timing/optimizer``, plus the loss terms' own metrics, the
+enhancements' ``get_<name>_metrics()`` as ``<name>/<key>`` (also on the progress bar) and, with two
 Wan 2.2 experts, ``expert/high_noise`` (1 when the step trained the high-noise expert, else 0). Only the main
 process writes.
 """
@@ -142,6 +143,8 @@ class MetricsHandler(Handler):
         postfix["lr"] = f"{first_lr:.2e}"
         if trainer.experts.is_dual:
             postfix["expert"] = result.expert
+        for key, value in result.feature_metrics.items():
+            postfix[key] = f"{value:.4g}"
         if result.skipped:
             postfix["skipped"] = postfix.get("skipped", 0) + 1
 

@@ -8,11 +8,14 @@ then loads the VAE for decoding only and frees it again. Files go to ``{output_d
 ``{output_name}_step{step:08d}_p{index:02d}_s{seed}.mp4`` (png for one frame).
 
 TensorBoard gets one image per prompt under ``sample/p{index:02d}``: the png itself, or for a video its first,
-middle and last frame side by side.
+middle and last frame side by side. An enhancement's evaluation variants (``evaluation_variants("sampling")``:
+the EMA weights, a slider's strengths) are sampled too, as ``{output_name}-{label}_step…`` and
+``sample_{label}/p{index:02d}``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from ...sampling.conditioning import encode_sample_conditions
 from ...sampling.generate import ExpertSwitch, ModelFn
 from ...sampling.pipeline import PromptEmbeds, SampleResult, encode_sample_prompts, render_samples
 from ..experts import HIGH_NOISE, LOW_NOISE
-from .base import Handler
+from .base import Handler, evaluation_variants
 from .inference import inference_session
 
 logger = get_logger(__name__)
@@ -140,14 +143,19 @@ class SamplingHandler(Handler):
                 self.conditions = encode_sample_conditions(self.model_cfg, self.model_type, self.prompts,
                                                            trainer.device)
             logger.info("step %d: generating %d sample(s)", step, len(self.prompts))
-            with inference_session(trainer):
-                results = render_samples(
-                    self.model_fn(trainer), self.prompts, self.embeds, vae_path=self.model_cfg.vae,
-                    device=trainer.device, out_dir=self.out_dir, name=self.output_name, step=step,
-                    conditions=self.conditions,
-                )  # fmt: skip
-            for result in results:
-                trainer.metrics.log_image(f"sample/p{result.prompt_index:02d}", preview_image(result.frames), step)
+            variants = [("", contextlib.nullcontext)]
+            variants += [(f"-{v.label}", v.applied) for v in evaluation_variants(trainer, "sampling")]
+            for suffix, applied in variants:  # the trained weights, then each enhancement's (EMA, slider strengths)
+                with inference_session(trainer), applied():
+                    rendered = render_samples(
+                        self.model_fn(trainer), self.prompts, self.embeds, vae_path=self.model_cfg.vae,
+                        device=trainer.device, out_dir=self.out_dir, name=f"{self.output_name}{suffix}", step=step,
+                        conditions=self.conditions,
+                    )  # fmt: skip
+                for result in rendered:
+                    trainer.metrics.log_image(f"sample{suffix.replace('-', '_')}/p{result.prompt_index:02d}",
+                                              preview_image(result.frames), step)
+                results.extend(rendered)
             self.written.extend(r.path for r in results)
         trainer.wait_for_everyone()
         return results

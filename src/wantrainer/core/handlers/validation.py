@@ -27,7 +27,7 @@ from ...config.output import ValidationConfig
 from ...criteria.training_loss import LossContext, TrainingLoss, flow_matching_pair
 from ...errors import UserError
 from ..distributed import sum_across
-from .base import Handler
+from .base import Handler, evaluation_variants
 from .inference import inference_session
 
 logger = get_logger(__name__)
@@ -200,9 +200,17 @@ class ValidationHandler(Handler):
         if self._last_step == step and self.last:
             return self.last  # step and epoch triggers on the same step: evaluate once
         metrics = self.evaluate(trainer)
+        for variant in evaluation_variants(trainer, "validation"):  # e.g. the EMA weights: val_ema/loss, ...
+            with variant.applied():
+                metrics.update({k.replace("val/", f"val_{variant.label}/", 1): v
+                                for k, v in self.evaluate(trainer).items()})
         self.last, self._last_step = metrics, step
         trainer.metrics.log(metrics, step=step)
         trainer.progress_postfix["val"] = f"{metrics['val/loss']:.4f}"
         detail = ", ".join(f"t{t}={metrics[f'val/loss_t{t}']:.4f}" for t in self.timesteps)
         logger.info("step %d: validation loss %.5f (%s)", step, metrics["val/loss"], detail)
+        for key in metrics:
+            if key.endswith("/loss") and key != "val/loss":
+                logger.info("step %d: validation loss %.5f with the %s weights", step, metrics[key],
+                            key[len("val_"):-len("/loss")])
         return metrics
