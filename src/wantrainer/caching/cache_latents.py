@@ -8,6 +8,9 @@ latents with NaN / Inf are reported and not written.
 
 For an image-to-video DiT (`dit` is read for its model type) each cache also holds the conditioning that model
 trains on (``caching.conditioning``); a cache made for a model type with other conditioning is stale.
+
+Datasets with ``mask_directory`` also get their loss masks cached at latent resolution (``caching.cache_masks``),
+first, since that needs no model; an item whose mask fails under ``mask_missing = "skip"`` is not encoded.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ..dataset.cache_format import AmbiguousCacheError, cache_model_type, read_l
 from ..dataset.sources import MediaItem
 from ..dataset.windows import source_key, window_pixels
 from ..models.wan.conditioning import cache_compatible, require_clip_path, require_supported, run_model_type
+from .cache_masks import cache_masks
 from .common import (
     LATENT_FILE,
     CacheSummary,
@@ -136,7 +140,8 @@ def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
     model_type = run_model_type(cfg.model)
     require_supported(model_type, "cache-latents")
     clip_path = require_clip_path(cfg.model, model_type)
-    for item in job.items:
+    masks = cache_masks(job, settings.skip_existing, settings.keep_cache, settings.num_workers)
+    for item in (i for i in job.items if i.latent_cache_path not in masks.dropped):
         state = _existing_state(item, model_type)
         if state == "stale":
             stale.add(item.latent_cache_path)

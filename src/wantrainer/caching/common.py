@@ -75,13 +75,23 @@ class CacheSummary:
     seconds: float = 0.0
     unusable: list[str] = field(default_factory=list)
     """Datasets left without a single cached item (the command then exits 2)."""
+    has_masks: bool = False
+    """Some dataset has a ``mask_directory`` (latent runs cache masks too)."""
+    masks_cached: int = 0
+    masks_skipped: int = 0
+    unmasked: list[tuple[Path, str]] = field(default_factory=list)
+    """(media or mask file, reason) of items trained unmasked (``mask_missing = "unmasked"``)."""
 
     def lines(self) -> list[str]:
         rate = f", {self.cached / self.seconds:.2f} items/s" if self.cached and self.seconds > 0 else ""
         stale = f" ({self.stale} re-encoded (stale))" if self.stale else ""
         out = [f"{self.kind} caches: {self.cached} cached{stale}, {self.skipped} skipped (existing), "
                f"{len(self.failed)} failed in {self.seconds:.1f}s{rate}"]
+        if self.has_masks:
+            out.append(f"mask caches: {self.masks_cached} cached, {self.masks_skipped} skipped (existing)")
         out += [f"  failed: {path}: {reason}" for path, reason in self.failed]
+        out += [f"  unmasked: {path}: {reason} (mask_missing = \"unmasked\": trained on the whole frame)"
+                for path, reason in self.unmasked]
         if self.removed:
             out.append(f"  removed {len(self.removed)} orphan cache file(s) of media that is gone or changed")
         if self.orphans_kept:
@@ -112,6 +122,8 @@ class CacheRun:
     started: float
     datasets: list[tuple[str, str | None, list[Path]]] = field(default_factory=list)
     """(dataset name, why it gave no item or None, the cache files of its items) for the final check."""
+    mask_rules: dict[Path, str] = field(default_factory=dict)
+    """Cache folder -> ``mask_missing`` of the datasets with masks."""
 
 
 def start_run(kind: str, datasets: DatasetsConfig, device: str, device_key: str,
@@ -125,6 +137,11 @@ def start_run(kind: str, datasets: DatasetsConfig, device: str, device_key: str,
     for spec in dataset_specs(datasets):
         scan = scan_dataset(spec)
         run.summary.failed += [(s.path, s.reason) for s in scan.skipped]
+        if spec.mask_directory is not None:
+            run.summary.has_masks = kind == "latent"
+            run.mask_rules[spec.cache_directory] = spec.mask_missing
+            if kind == "latent":
+                run.summary.unmasked += [(s.path, s.reason) for s in scan.unmasked]
         run.protected.setdefault(spec.cache_directory, set()).update(media_stem(s.path) for s in scan.skipped)
         run.expected.setdefault(spec.cache_directory, set()).update(cache_path(i).name for i in scan.items)
         run.items += scan.items

@@ -54,6 +54,10 @@ class DatasetEntry(Section):
     """Probability of training an item with an empty caption (applied at train time)."""
     is_reg: bool = False
     """Regularisation data: its loss is weighted by prior_loss_weight."""
+    mask_directory: Path | None = None
+    """Folder of loss masks, one per item with the item's stem (grayscale, white = learn, black = ignore; the item's own pixel size). Videos: a mask video of the same frame count, or one mask image for all frames. Cached at latent resolution by cache-latents; used by [masked_training]."""
+    mask_missing: Literal["skip", "unmasked"] = "skip"
+    """With mask_directory: an item whose mask is missing, unreadable or of another size is "skip"ped (not trained) or trained "unmasked" (the whole frame counts)."""
 
 
 class LatentCacheConfig(Section):

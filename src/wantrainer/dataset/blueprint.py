@@ -51,6 +51,10 @@ class DatasetSpec:
     source_fps: float | None
     caption_dropout_rate: float
     is_reg: bool
+    mask_directory: Path | None = None
+    """Folder of per-item loss masks (``dataset.masks``), or None."""
+    mask_missing: str = "skip"
+    """What an item without a usable mask does: "skip" (not trained) or "unmasked"."""
 
     @property
     def name(self) -> str:
@@ -149,6 +153,8 @@ def _spec(entry: DatasetEntry, split: Split, index: int) -> DatasetSpec:
         source_fps=entry.source_fps,
         caption_dropout_rate=entry.caption_dropout_rate,
         is_reg=entry.is_reg,
+        mask_directory=entry.mask_directory,
+        mask_missing=entry.mask_missing,
     )
 
 
@@ -174,6 +180,13 @@ def _entry_problems(name: str, entry: DatasetEntry, own_keys: set[str]) -> list[
         problems.append(f"`{name}`: `bucket_no_upscale` needs `enable_bucket = true`")
     if not entry.target_frames or any(f < 1 for f in entry.target_frames):
         problems.append(f"`{where('target_frames')}` must list frame counts >= 1, got {entry.target_frames}")
+    if "mask_missing" in own_keys and entry.mask_directory is None:
+        problems.append(f"`{name}.mask_missing` only applies with `mask_directory` (this dataset has no masks)")
+    media_folder = entry.image_directory or entry.video_directory
+    if entry.mask_directory is not None and media_folder is not None and \
+            Path(entry.mask_directory).expanduser().resolve() == Path(media_folder).expanduser().resolve():
+        problems.append(f"`{where('mask_directory')}` is the media folder: the masks would be read as media; put "
+                        "them in a folder of their own")
     is_video = entry.video_directory is not None or entry.video_jsonl_file is not None
     if not is_video:
         wrong = [k for k in _VIDEO_ONLY_KEYS if k in own_keys]

@@ -23,6 +23,16 @@ video, see ``models.wan.conditioning``) and, for Wan 2.1 I2V / FLF2V, ``clip_{dt
 [2, 257, 1280]). Ours add the metadata ``model_type`` (``t2v``, ``i2v``, ``flf2v``, ``i2v_a14b``); a musubi
 cache without it is typed by its tensors (``cache_model_type``).
 
+Loss masks (ours only; musubi-tuner has no mask cache): ``{key}_{W:04d}x{H:04d}_wan_mask.safetensors`` beside the
+item's latent cache (the latent name with ``_wan`` -> ``_wan_mask``), holding ``mask_{F}x{H}x{W}_float16`` of shape
+[F, H, W] (the latent frames and cells, values in [0, 1], see ``dataset.masks``) and metadata ``architecture``,
+``width``, ``height``, ``format_version``, ``mask_source`` (the mask file's name), ``mask_sha256`` (of its bytes, to
+find an edited mask) and, when the item trains unmasked by the ``mask_missing`` rule, ``mask_unmasked`` (why). The
+name cannot collide with musubi-tuner's: its caches end in ``_{architecture}.safetensors`` or
+``_{architecture}_te.safetensors`` with a fixed list of architecture codes (none is ``mask``), and none of its globs
+(``*_wan.safetensors``, ``*_wan_te.safetensors``) matches ``*_wan_mask.safetensors``; nor with ours (``LATENT_NAME``
+and the text name need the ``_wan.safetensors`` / ``_wan_te.safetensors`` ending).
+
 musubi keeps the tensors already in a cache file when it writes one, so re-caching in another dtype over a file
 leaves two ``latents_{F}x{H}x{W}_*`` (or two ``varlen_t5_*``) tensors in it. Such a file is ambiguous
 (``AmbiguousCacheError``): readers treat it like a stale cache, and the caching commands encode it again (our
@@ -47,10 +57,17 @@ TEXT_PREFIX = "varlen_t5_"
 VAE_STRIDE = (4, 8, 8)
 """Frames, height and width of the source per latent cell (the first frame gets a latent frame of its own)."""
 
+MASK_SUFFIX = f"_{ARCHITECTURE}_mask.safetensors"
+MASK_PREFIX = "mask_"
 LATENT_NAME = re.compile(
     r"^(?P<key>(?P<stem>.+?)(?:_\d{5}-\d{3})?)_(?P<width>\d{4,})x(?P<height>\d{4,})" + re.escape(LATENT_SUFFIX) + "$"
 )
 """A latent cache file name: ``key`` is the item key (stem plus video window), ``stem`` the media stem."""
+MASK_NAME = re.compile(
+    r"^(?P<key>(?P<stem>.+?)(?:_\d{5}-\d{3})?)_(?P<width>\d{4,})x(?P<height>\d{4,})" + re.escape(MASK_SUFFIX) + "$"
+)
+"""A mask cache file name (groups as in ``LATENT_NAME``)."""
+_MASK_KEY = re.compile(r"^mask_(\d+)x(\d+)x(\d+)_[a-z0-9_]+$")
 _LATENT_KEY = re.compile(r"^latents_(\d+)x(\d+)x(\d+)_[a-z0-9_]+$")
 _IMAGE_KEY = re.compile(r"^latents_image_(\d+)x(\d+)x(\d+)_[a-z0-9_]+$")
 CLIP_PREFIX = "clip_"
@@ -215,3 +232,39 @@ def load_text_cache(path: str | Path) -> torch.Tensor:
     """Return the caption embeddings [L, D] (``AmbiguousCacheError`` when the file holds several)."""
     with safe_open(str(path), framework="pt") as f:
         return f.get_tensor(_single_key(path, [k for k in f.keys() if k.startswith(TEXT_PREFIX)], f"{TEXT_PREFIX}*"))
+
+
+def mask_cache_name(stem: str, width: int, height: int, start: int | None = None, frames: int | None = None) -> str:
+    """File name of an item's mask cache: its latent cache name with ``_wan_mask`` for ``_wan``."""
+    return latent_cache_name(stem, width, height, start, frames).removesuffix(LATENT_SUFFIX) + MASK_SUFFIX
+
+
+def save_mask_cache(path: str | Path, mask: torch.Tensor, width: int, height: int, source: str, sha256: str,
+                    unmasked: str | None = None) -> None:
+    """Write one item's latent-resolution mask [F, H, W] (float16, atomically); ``unmasked``: why the item trains
+    without its mask (then ``mask`` is all ones)."""
+    if mask.ndim != 3:
+        raise ValueError(f"a mask cache holds [F, H, W], got {tuple(mask.shape)}")
+    f, h, w = mask.shape
+    metadata = {"architecture": ARCHITECTURE, "width": str(width), "height": str(height),
+                "format_version": FORMAT_VERSION, "mask_source": source, "mask_sha256": sha256}
+    if unmasked is not None:
+        metadata["mask_unmasked"] = unmasked
+    tensor = mask.to(torch.float16).cpu().contiguous()
+    save_safetensors_atomic({f"{MASK_PREFIX}{f}x{h}x{w}_float16": tensor}, path, metadata=metadata)
+
+
+def read_mask_header(path: str | Path) -> tuple[tuple[int, int, int], dict[str, str]]:
+    """((F, H, W), metadata) of a mask cache from its header; ``ValueError`` / ``OSError`` / ``SafetensorError``."""
+    with safe_open(str(path), framework="pt") as f:
+        name = _single_key(path, [k for k in f.keys() if _MASK_KEY.match(k)], "mask_FxHxW_dtype")
+        metadata = dict(f.metadata() or {})
+    match = _MASK_KEY.match(name)
+    return (int(match.group(1)), int(match.group(2)), int(match.group(3))), metadata
+
+
+def load_mask_cache(path: str | Path) -> torch.Tensor:
+    """The cached mask [F, H, W] as float32."""
+    with safe_open(str(path), framework="pt") as f:
+        key = _single_key(path, [k for k in f.keys() if _MASK_KEY.match(k)], "mask_FxHxW_dtype")
+        return f.get_tensor(key).to(torch.float32)

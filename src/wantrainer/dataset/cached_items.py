@@ -28,6 +28,7 @@ from .cache_format import (
     check_text_cache,
     read_latent_shape,
 )
+from .masks import mask_cache_state
 from .sources import MediaItem, no_items_reason, scan_dataset
 
 logger = get_logger(__name__)
@@ -47,6 +48,8 @@ class CachedItem:
     caption_dropout_rate: float
     extra_paths: tuple[tuple[str, Path | None], ...] = ()
     """(name, file) of every enhancement's per-item cache (``enhancements.base.ItemCache``); None: absent."""
+    mask_path: Path | None = None
+    """Its latent-resolution loss mask cache (datasets with ``mask_directory``), else None."""
 
 
 @dataclass
@@ -71,6 +74,12 @@ class CacheReport:
     model_type: str = "t2v"
     missing_extra: dict[str, list[str]] = field(default_factory=dict)
     """Item keys without an enhancement's per-item cache file that the enhancement needs, by cache suffix."""
+    missing_masks: list[str] = field(default_factory=list)
+    """Items of a dataset with masks whose mask cache is missing (not cached yet, or its mask failed under "skip")."""
+    stale_masks: list[str] = field(default_factory=list)
+    """Items whose mask cache was made from another mask file or at another shape."""
+    unmasked: int = 0
+    """Items trained unmasked by ``mask_missing = "unmasked"``."""
 
     def summary(self) -> str:
         parts = [f"{self.usable} of {self.media_items} item(s) usable"]
@@ -89,6 +98,14 @@ class CacheReport:
                          "or delete them)")
         if self.unreadable:
             parts.append(f"{len(self.unreadable)} with an unreadable cache file")
+        if self.missing_masks or self.stale_masks:
+            example = (self.missing_masks or self.stale_masks)[0]
+            parts.append(f"{len(self.missing_masks)} without mask cache and {len(self.stale_masks)} with a mask cache "
+                         f"of an edited mask or another shape (e.g. {example}; run `wantrainer cache-latents`, which "
+                         "caches the masks; an item whose mask cannot be read stays out under mask_missing = "
+                         "\"skip\", `wantrainer doctor` lists them)")
+        if self.unmasked:
+            parts.append(f"{self.unmasked} trained unmasked (mask missing or bad, mask_missing = \"unmasked\")")
         if self.wrong_type:
             key, made_for = self.wrong_type[0]
             parts.append(f"{len(self.wrong_type)} with a latent cache made for a {made_for} model, without the "
@@ -134,11 +151,15 @@ def _text_usable(path: Path, known: dict[Path, bool], report: CacheReport) -> bo
     return known[path]
 
 
-def _extra_paths(latent: Path, text: Path, item_caches: Sequence[Any], key: str, report: CacheReport
-                 ) -> tuple[tuple[str, Path | None], ...] | None:  # fmt: skip
-    """The item's enhancement cache files; None (reported) when one that must exist is missing."""
+def _extra_paths(spec: DatasetSpec, latent: Path, text: Path, item_caches: Sequence[Any], key: str,
+                 report: CacheReport) -> tuple[tuple[str, Path | None], ...] | None:  # fmt: skip
+    """The item's enhancement cache files; None (reported) when one that must exist is missing. A cache whose
+    ``datasets`` rule leaves ``spec`` out gives None without looking at the disk (a leftover file is not read)."""
     found: list[tuple[str, Path | None]] = []
     for cache in item_caches:
+        if not cache.applies_to(spec):
+            found.append((cache.name, None))
+            continue
         path = cache.path_for(latent, text)
         if not path.is_file():
             if cache.missing == "skip":
@@ -159,7 +180,8 @@ def discover_cached_items(
     enhancements' per-item cache files (``enhancements.base.ItemCache``), read into every batch."""
     scan = scan_dataset(spec)
     report = CacheReport(spec.name, media_items=len(scan.items), no_items=no_items_reason(spec, scan),
-                         model_type=model_type)
+                         model_type=model_type, unmasked=sum(1 for i in scan.items if i.mask_problem is not None))
+    mask_hashes: dict[Path, str] = {}
     keys_by_stem = _cached_keys_by_stem(spec.cache_directory)
     weight = prior_loss_weight if spec.is_reg else 1.0
     items: list[CachedItem] = []
@@ -195,12 +217,18 @@ def discover_cached_items(
             continue
         if not _text_usable(item.text_cache_path, text_state, report):
             continue
-        extras = _extra_paths(item.latent_cache_path, item.text_cache_path, item_caches, item.key, report)
+        if item.mask_cache_path is not None:
+            state = mask_cache_state(item, mask_hashes)
+            if state != "current":
+                (report.missing_masks if state == "missing" else report.stale_masks).append(item.key)
+                continue
+        extras = _extra_paths(spec, item.latent_cache_path, item.text_cache_path, item_caches, item.key, report)
         if extras is None:
             continue
         items.append(CachedItem(item.key, item.latent_cache_path, item.text_cache_path, shape,
                                 spec.index if dataset_index is None else dataset_index,
-                                weight, spec.caption_dropout_rate if spec.split == "train" else 0.0, extras))
+                                weight, spec.caption_dropout_rate if spec.split == "train" else 0.0, extras,
+                                item.mask_cache_path))
     report.usable = len(items)
     return items, report
 
@@ -228,10 +256,11 @@ def discover_all(specs: list[DatasetSpec], prior_loss_weight: float = 1.0, model
 
 
 def _nothing_usable_message(reports: list[CacheReport]) -> str:
-    lines = ["no training item has both a latent cache and a text cache:"]
+    lines = ["no training item has both a latent cache and a text cache (and a mask cache where it has masks):"]
     lines += [f"  {r.summary()}" for r in reports]
     lines += [f"  {r.no_items}" for r in reports if r.no_items]
-    if any(r.missing_latents or r.stale_latents or r.unreadable or r.wrong_type for r in reports):
+    if any(r.missing_latents or r.stale_latents or r.unreadable or r.wrong_type or r.missing_masks or r.stale_masks
+           for r in reports):
         lines.append("run `wantrainer cache-latents --config <your config>` to encode the media")
     if any(r.missing_text for r in reports):
         lines.append("run `wantrainer cache-text --config <your config>` to encode the captions")

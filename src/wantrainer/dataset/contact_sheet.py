@@ -3,7 +3,10 @@
 The contact sheet takes a few items of each bucket and decodes them with the caching code itself
 (``windows.window_pixels``: the same resize, crop and frame selection as ``cache-latents``), so what it shows is
 what gets encoded: the image, or the first, middle and last frame of each video window, with the bucket, the
-window and the first words of the caption.
+window and the first words of the caption. For a dataset with masks, a second sheet shows the same frames with
+the mask as the loss sees it laid over them (``masked_item_frames``: the latent-resolution weights of
+``dataset.masks``, one value per 8 x 8 cell and latent frame, drawn at pixel size; what is not learnt is darkened
+and tinted red).
 """
 
 from __future__ import annotations
@@ -53,10 +56,46 @@ def item_frames(items: list[MediaItem]) -> list[tuple[MediaItem, list[np.ndarray
                 found[item.key] = str(pixels)
                 continue
             frames = to_uint8_frames(pixels)
-            count = frames.shape[0]
-            picks = [0] if count == 1 else [0, count // 2, count - 1]
-            found[item.key] = [frames[i] for i in picks]
+            found[item.key] = [frames[i] for i in frame_picks(frames.shape[0])]
     return [(item, found.get(item.key, "not decoded")) for item in items]
+
+
+def frame_picks(count: int) -> list[int]:
+    """The frames a sheet shows of a window of ``count`` frames: the first, middle and last (an image: its one)."""
+    return [0] if count == 1 else [0, count // 2, count - 1]
+
+
+def overlay_mask(frame: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``frame`` uint8 [H, W, 3] with ``weights`` [H, W] in [0, 1] over it: 1 unchanged, 0 dark red."""
+    w = weights[..., None].astype(np.float32)
+    out = frame.astype(np.float32) * (w + (1.0 - w) * 0.3) + (1.0 - w) * np.array([120.0, 0.0, 0.0])
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def masked_item_frames(items: list[MediaItem]) -> list[tuple[MediaItem, list[np.ndarray] | str]]:
+    """``item_frames`` with each item's latent-resolution mask over its frames (pixel frame ``p`` shows latent
+    frame 0 for ``p = 0``, else ``(p + 3) // 4``), or the text saying why it has none."""
+    from .masks import latent_masks
+
+    by_source: dict[tuple[Path, float | None], list[MediaItem]] = defaultdict(list)
+    for item in items:
+        if item.mask_path is not None:
+            by_source[source_key(item)].append(item)
+    masks = {item.key: result for group in by_source.values() for item, result in latent_masks(group)}
+    rows: list[tuple[MediaItem, list[np.ndarray] | str]] = []
+    for item, frames in item_frames(items):
+        mask = masks.get(item.key)
+        if item.mask_path is None:
+            rows.append((item, f"trained unmasked: {item.mask_problem}"))
+        elif isinstance(frames, str) or isinstance(mask, Exception) or mask is None:
+            rows.append((item, frames if isinstance(frames, str) else str(mask)))
+        else:
+            cells = mask.numpy()
+            scale = frames[0].shape[0] // cells.shape[1]
+            picks = frame_picks(item.frames or 1)
+            rows.append((item, [overlay_mask(frame, cells[0 if p == 0 else (p + 3) // 4].repeat(scale, 0)
+                                             .repeat(scale, 1)) for frame, p in zip(frames, picks)]))
+    return rows
 
 
 def _label(item: MediaItem) -> str:

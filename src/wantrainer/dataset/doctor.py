@@ -3,8 +3,10 @@
 Per dataset: items found, captions missing, unreadable files, videos too short for each target length,
 cache files present, videos whose frame rate is not 16 fps while ``source_fps`` is unset, and the bucket and
 frame-count histograms as text and as a PNG (``{output_dir}/doctor_{split}_{index}.png``), plus a contact sheet
-of a few items per bucket as the model sees them (``doctor_{split}_{index}_sheet.png``). Exit 0 when training
-can proceed, 2 when not. No models.
+of a few items per bucket as the model sees them (``doctor_{split}_{index}_sheet.png``). A dataset with
+``mask_directory`` also gets its masks checked (missing, unreadable, of another size or frame count: each listed
+with the ``mask_missing`` rule that applies) and a sheet of the masks over the frames as the loss sees them
+(``doctor_{split}_{index}_masks.png``). Exit 0 when training can proceed, 2 when not. No models.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from ..errors import UserError
 from ..utils.atomic import atomic_path
 from .blueprint import DatasetSpec, resolve_datasets
 from .cache_format import read_latent_shape
-from .contact_sheet import fps_warning, item_frames, off_rate_videos, sheet_items, write_contact_sheet
+from .contact_sheet import (
+    fps_warning,
+    item_frames,
+    masked_item_frames,
+    off_rate_videos,
+    sheet_items,
+    write_contact_sheet,
+)
+from .masks import mask_cache_state, rule_text
 from .sources import DatasetScan, MediaItem, scan_dataset
 
 logger = get_logger(__name__)
@@ -39,6 +49,8 @@ class DatasetDiagnosis:
     text_caches: int = 0
     plot: Path | None = None
     sheet: Path | None = None
+    mask_sheet: Path | None = None
+    mask_caches: int = 0
     fps_off: list[tuple[Path, float]] = field(default_factory=list)
 
 
@@ -63,6 +75,9 @@ def diagnose(spec: DatasetSpec) -> DatasetDiagnosis:
         found.fps_off = off_rate_videos([item.path for item in scan.items])
     found.latent_caches = sum(_current_latents(item) for item in scan.items)
     found.text_caches = len({item.text_cache_path for item in scan.items if item.text_cache_path.is_file()})
+    if spec.mask_directory is not None:
+        hashes: dict[Path, str] = {}
+        found.mask_caches = sum(mask_cache_state(item, hashes) == "current" for item in scan.items)
     return found
 
 
@@ -74,6 +89,21 @@ def _current_latents(item: MediaItem) -> bool:
         return read_latent_shape(item.latent_cache_path) == item.latent_shape
     except Exception:  # unreadable: not usable
         return False
+
+
+def _mask_lines(d: DatasetDiagnosis) -> list[str]:
+    spec, scan = d.spec, d.scan
+    if spec.mask_directory is None or scan is None:
+        return []
+    masked = sum(1 for item in scan.items if item.mask_path is not None)
+    skipped = sum(1 for s in scan.skipped if "mask_missing" in s.reason)
+    lines = [f"  masks ({spec.mask_directory}, mask_missing = \"{spec.mask_missing}\"): {masked} of "
+             f"{len(scan.items)} item(s) masked, {len(scan.unmasked)} file(s) trained unmasked, {skipped} skipped "
+             f"for their mask; mask caches present: {d.mask_caches} of {len(scan.items)}"]
+    if scan.unmasked:
+        lines.append(f"  masks missing or bad ({rule_text('unmasked')}):")
+        lines += [f"    {s.path}: {s.reason}" for s in scan.unmasked]
+    return lines
 
 
 def _histogram(counter: Counter, label) -> list[str]:
@@ -102,6 +132,7 @@ def format_diagnosis(d: DatasetDiagnosis) -> str:
     if scan.missing_captions:
         lines.append(f"  captions missing (an empty caption is used; add <name>{spec.caption_extension}):")
         lines += [f"    {p}" for p in scan.missing_captions]
+    lines += _mask_lines(d)
     if d.fps_off:
         lines.append(f"  WARNING: {fps_warning(spec.name, d.fps_off)}")
     for target, short in sorted(d.too_short.items()):
@@ -164,12 +195,18 @@ def run(args: argparse.Namespace) -> int:
                 d.sheet = output_dir / f"doctor_{split}_{spec.index}_sheet.png"
                 rows = item_frames(sheet_items(d.scan.items))
                 write_contact_sheet(f"{spec.name}: as the model sees them (after resize and crop)", rows, d.sheet)
+                if spec.mask_directory is not None:
+                    d.mask_sheet = output_dir / f"doctor_{split}_{spec.index}_masks.png"
+                    write_contact_sheet(f"{spec.name}: loss masks at latent resolution (dark red: not learnt)",
+                                        masked_item_frames(sheet_items(d.scan.items)), d.mask_sheet)
             results[split].append(d)
             out.write(format_diagnosis(d) + "\n")
             if d.plot is not None:
                 out.write(f"  plot: {d.plot}\n")
             if d.sheet is not None:
                 out.write(f"  contact sheet: {d.sheet}\n")
+            if d.mask_sheet is not None:
+                out.write(f"  mask sheet: {d.mask_sheet}\n")
             out.write("\n")
     problems = _blockers(results["train"], results["val"])
     if problems:

@@ -59,6 +59,12 @@ class MediaItem:
     source_frame_count: int | None = None
     """Videos: frames in the source file (before ``source_fps`` resampling)."""
     caption_missing: bool = False
+    mask_path: Path | None = None
+    """The item's loss mask file (``dataset.masks``); None without masks or when its mask has a problem."""
+    mask_cache_path: Path | None = None
+    """Where its latent-resolution mask is cached (every item of a dataset with ``mask_directory``)."""
+    mask_problem: str | None = None
+    """Why the mask is not used (missing, unreadable, mis-sized) when the item trains unmasked."""
 
     @property
     def is_video(self) -> bool:
@@ -100,6 +106,8 @@ class DatasetScan:
     """Videos only: usable frame count of each readable video (after ``source_fps`` resampling)."""
     sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)
     """Source (width, height) of each readable file."""
+    unmasked: list[SkippedFile] = field(default_factory=list)
+    """Media whose mask is missing, unreadable or mis-sized, trained unmasked (``mask_missing = "unmasked"``)."""
 
 
 @dataclass(frozen=True)
@@ -215,6 +223,8 @@ def scan_dataset(spec: DatasetSpec, *, decode_images: bool = False) -> DatasetSc
             continue
         try:
             items = _items_for(source, spec, selector, scan, decode_images)
+            if spec.mask_directory is not None:
+                items = _with_masks(items, spec, scan, decode_images)
         except MediaError as exc:
             scan.skipped.append(SkippedFile(source.path, str(exc)))
             continue
@@ -224,6 +234,18 @@ def scan_dataset(spec: DatasetSpec, *, decode_images: bool = False) -> DatasetSc
             scan.missing_captions.append(source.path)
     _log_summary(spec, scan)
     return scan
+
+
+def _with_masks(items: list[MediaItem], spec: DatasetSpec, scan: DatasetScan, decode: bool) -> list[MediaItem]:
+    from .masks import attach_masks  # masks builds on this module
+
+    if not items:
+        return items
+    path = items[0].path
+    items = attach_masks(items, spec, scan.sizes[path], items[0].source_frame_count, decode)
+    if items[0].mask_problem is not None:
+        scan.unmasked.append(SkippedFile(path, items[0].mask_problem))
+    return items
 
 
 def no_items_reason(spec: DatasetSpec, scan: DatasetScan) -> str | None:
@@ -258,5 +280,8 @@ def _log_summary(spec: DatasetSpec, scan: DatasetScan) -> None:
                        spec.name, len(scan.missing_captions), first, fix)
     for skipped in scan.skipped:
         logger.warning("%s: skipped %s: %s", spec.name, skipped.path, skipped.reason)
+    for unmasked in scan.unmasked:
+        logger.warning("%s: %s: %s (mask_missing = \"unmasked\": trained on the whole frame)", spec.name,
+                       unmasked.path, unmasked.reason)
     logger.info("%s: %d item(s), %d skipped, %d without caption", spec.name, len(scan.items),
                 len(scan.skipped), len(scan.missing_captions))

@@ -60,6 +60,12 @@ class ItemCache:
     tensor: str | None = None
     missing: Literal["skip", "none"] = "skip"
     stack: bool = True
+    datasets: Callable[[Any], bool] | None = None
+    """Which datasets (``dataset.blueprint.DatasetSpec``) have this file; the items of the others get ``None``
+    whatever is on disk, and are never skipped for it. ``None``: every dataset."""
+
+    def applies_to(self, spec: Any) -> bool:
+        return self.datasets is None or bool(self.datasets(spec))
 
     def path_for(self, latent_path: Path, text_path: Path) -> Path:
         base = Path(latent_path if self.beside == "latent" else text_path)
