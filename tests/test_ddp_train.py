@@ -87,3 +87,19 @@ def test_two_process_resume_is_bit_identical(train_workspace, tmp_path):
     a = lora_tensors(tmp_path / "a" / "out" / "lora.safetensors")
     b = lora_tensors(tmp_path / "b" / "out" / "lora.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_process_ema_matches_one_process(train_workspace, tmp_path):
+    """The EMA follows the weights, which are the same on every process: 2 processes x 1 = 1 process x 2."""
+    ema = dict(enable_ema=True, ema_decay=0.6, log_with="none")
+    assert build_trainer(load(distinct_config(train_workspace, tmp_path / "single", batch_size=2, **ema))).train() \
+        == "completed"
+    torchrun_train(distinct_config(train_workspace, tmp_path / "ddp", batch_size=1, **ema))
+    a = lora_tensors(tmp_path / "single" / "out" / "lora-ema.safetensors")
+    b = lora_tensors(tmp_path / "ddp" / "out" / "lora-ema.safetensors")
+    final = lora_tensors(tmp_path / "single" / "out" / "lora.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)
+    assert any(not torch.allclose(a[k], final[k]) for k in a if "lora_up" in k)

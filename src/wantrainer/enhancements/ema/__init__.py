@@ -1,0 +1,1 @@
+"""EMA of the trained weights: ``ema_helper.EmaHelper`` (registered as ``ema``), section ``config.EmaConfig``."""
