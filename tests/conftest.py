@@ -55,3 +55,11 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def ti2v_workspace(tmp_path_factory, tiny_kit):
+    """Synthetic clips / images (train) and clips (val) cached by the kit's Wan 2.2 VAE for its TI2V-5B DiT."""
+    from ti2v_support import TI2VWorkspace
+
+    return TI2VWorkspace(tmp_path_factory.mktemp("ti2v_workspace"), tiny_kit)

@@ -86,7 +86,7 @@ def test_cache_names_keys_values_skip_and_orphans(tiny_kit, media):
         item = items[name]
         width, height = Image.open(item.path).size if frames is None else (80, 48)
         assert meta == {"architecture": "wan", "width": str(width), "height": str(height), "format_version": "1.0.1",
-                        "model_type": "t2v", **({"frame_count": frames} if frames else {})}
+                        "model_type": "t2v", "vae_type": "wan2.1", **({"frame_count": frames} if frames else {})}
         torch.testing.assert_close(tensor, vae.encode(item.load_pixels()[None])[0], rtol=0, atol=1e-5)
 
     # text: literal key, [L, 64] with L = the caption's token count, caption recorded, values = the encoder

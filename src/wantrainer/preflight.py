@@ -13,6 +13,7 @@ command runs its own before it loads anything (one function, so ``validate`` say
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
@@ -44,6 +45,11 @@ def training_checks(cfg: Any) -> list[str]:
     _collect(problems, lambda: check_optimizer_config(cfg.optimizer))
     if cfg.model.dit is not None or cfg.model.dit_high_noise is not None:
         _collect(problems, lambda: plan_experts(cfg.model, cfg.timesteps))
+    if cfg.model.ti2v_image_ratio is not None and cfg.model.dit is not None and Path(cfg.model.dit).exists():
+        from .criteria.objectives import objective_for
+        from .models.wan.conditioning import run_model_type
+
+        _collect(problems, lambda: objective_for(run_model_type(cfg.model), cfg.model.ti2v_image_ratio, 0))
     return problems
 
 
@@ -51,11 +57,16 @@ def dataset_item_problems(cfg: Any, splits: tuple[str, ...]) -> list[str]:
     """Datasets of ``splits`` whose media give no item (scans the media: probes, no decoding of videos)."""
     from .dataset.blueprint import resolve_datasets
     from .dataset.sources import no_items_reason, scan_dataset
+    from .models.wan.conditioning import run_model_type
 
     problems: list[str] = []
+    try:
+        model_type = run_model_type(cfg.model)  # the VAE of TI2V-5B changes the buckets
+    except UserError:
+        model_type = "t2v"  # the unreadable `dit` is reported by the model checks
     for split in splits:
         try:
-            specs = resolve_datasets(cfg.datasets, split)
+            specs = resolve_datasets(cfg.datasets, split, model_type)
         except UserError as exc:
             problems.append(str(exc))
             continue

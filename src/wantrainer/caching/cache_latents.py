@@ -7,7 +7,10 @@ resolution) is stale and encoded again. A file that cannot be read is listed in 
 latents with NaN / Inf are reported and not written.
 
 For an image-to-video DiT (`dit` is read for its model type) each cache also holds the conditioning that model
-trains on (``caching.conditioning``); a cache made for a model type with other conditioning is stale.
+trains on (``caching.conditioning``); a cache made for a model type with other conditioning is stale. The model type
+also picks the VAE (``models.wan.latent_space``): the TI2V-5B caches the Wan 2.2 VAE's 48-channel latents at 16x
+(buckets in multiples of 32 px), every other model the Wan 2.1 VAE's; `vae` must be that VAE, and a cache made by
+the other VAE is stale (re-encoded). Each cache records ``model_type`` and ``vae_type``.
 
 Datasets with ``mask_directory`` also get their loss masks cached at latent resolution (``caching.cache_masks``),
 first, since that needs no model; an item whose mask fails under ``mask_missing = "skip"`` is not encoded.
@@ -23,10 +26,18 @@ import torch
 
 from ..common.logger import get_logger
 from ..config.datasets import LatentCacheConfig
-from ..dataset.cache_format import AmbiguousCacheError, cache_model_type, read_latent_shape, save_latent_cache
+from ..dataset.cache_format import (
+    AmbiguousCacheError,
+    cache_model_type,
+    cache_vae_type,
+    read_latent_shape,
+    save_latent_cache,
+)
 from ..dataset.sources import MediaItem
 from ..dataset.windows import source_key, window_pixels
-from ..models.wan.conditioning import cache_compatible, require_clip_path, require_supported, run_model_type
+from ..errors import UserError
+from ..models.wan.conditioning import cache_compatible, require_clip_path, run_model_type
+from ..models.wan.latent_space import latent_space
 from .cache_masks import cache_masks
 from .common import (
     LATENT_FILE,
@@ -45,11 +56,17 @@ from .common import (
 logger = get_logger(__name__)
 
 
-def load_vae(vae_path: Path, settings: LatentCacheConfig, device: torch.device):
+def load_vae(vae_path: Path, settings: LatentCacheConfig, device: torch.device, model_type: str = "t2v"):
+    """The VAE of ``model_type``'s latent space; a ``UserError`` naming `vae` when the file is the other one."""
     from ..models.wan.vae import WanVAE
 
-    return WanVAE.load(vae_path, device=device, dtype=compute_dtype(settings.vae_dtype, device),
-                       cache_cpu=settings.vae_cache_cpu, tiling=settings.vae_tiling)
+    vae = WanVAE.load(vae_path, device=device, dtype=compute_dtype(settings.vae_dtype, device),
+                      cache_cpu=settings.vae_cache_cpu, tiling=settings.vae_tiling)
+    space = latent_space(model_type)
+    if vae.latent_channels != space.channels:
+        raise UserError(f"`vae` = {vae_path} has {vae.latent_channels} latent channels, but the {model_type} DiT "
+                        f"(`dit`) trains on the latents of {space.label}: set `vae` to that file")
+    return vae
 
 
 def _sources(items: list[MediaItem]) -> list[list[MediaItem]]:
@@ -103,7 +120,8 @@ def _existing_state(item: MediaItem, model_type: str) -> str:
         return "missing"
     try:
         shape = read_latent_shape(item.latent_cache_path)
-        compatible = cache_compatible(cache_model_type(item.latent_cache_path), model_type)
+        compatible = (cache_compatible(cache_model_type(item.latent_cache_path), model_type)
+                      and cache_vae_type(item.latent_cache_path) == latent_space(model_type).vae_type)
     except AmbiguousCacheError:  # two latents tensors (re-cached in another dtype over the file)
         return "stale"
     except Exception:  # truncated or foreign file: encode it again
@@ -121,7 +139,7 @@ def _write(items: list[MediaItem], latents: torch.Tensor, extras: list[dict] | N
             logger.warning("%s: latents contain NaN / Inf; not written", item.key)
             continue
         save_latent_cache(item.latent_cache_path, item_latents, *item.cache_size, item.frames,
-                          model_type=model_type, **extra)
+                          model_type=model_type, vae_type=latent_space(model_type).vae_type, **extra)
         summary.cached += 1
         if item.latent_cache_path in stale:
             summary.stale += 1
@@ -132,13 +150,12 @@ def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
     """Encode the latents of every train / val dataset of ``cfg`` (a ``WanTrainerConfig``)."""
     settings = cfg.datasets.latent_cache
     progress = progress or NoProgress()
+    model_type = run_model_type(cfg.model)
     job = start_run("latent", cfg.datasets, settings.device, "datasets.latent_cache.device",
-                    lambda item: item.latent_cache_path)
+                    lambda item: item.latent_cache_path, model_type)
     summary = job.summary
     todo: list[MediaItem] = []
     stale: set[Path] = set()
-    model_type = run_model_type(cfg.model)
-    require_supported(model_type, "cache-latents")
     clip_path = require_clip_path(cfg.model, model_type)
     masks = cache_masks(job, settings.skip_existing, settings.keep_cache, settings.num_workers)
     for item in (i for i in job.items if i.latent_cache_path not in masks.dropped):
@@ -151,7 +168,8 @@ def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
             todo.append(item)
 
     def load():
-        vae = load_vae(require_file(cfg.model.vae, "vae", "Wan 2.1 VAE file"), settings, job.device)
+        what = "Wan 2.2 VAE file" if model_type == "ti2v" else "Wan 2.1 VAE file"
+        vae = load_vae(require_file(cfg.model.vae, "vae", what), settings, job.device, model_type)
         from .conditioning import ImageConditioner
 
         dtype = compute_dtype(settings.vae_dtype, job.device)

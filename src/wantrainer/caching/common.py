@@ -100,9 +100,9 @@ class CacheSummary:
         return out
 
 
-def dataset_specs(datasets: DatasetsConfig) -> list[DatasetSpec]:
-    """Every train and val dataset (both are cached)."""
-    specs = resolve_datasets(datasets, "train") + resolve_datasets(datasets, "val")
+def dataset_specs(datasets: DatasetsConfig, model_type: str = "t2v") -> list[DatasetSpec]:
+    """Every train and val dataset (both are cached), resolved for a ``model_type`` DiT."""
+    specs = resolve_datasets(datasets, "train", model_type) + resolve_datasets(datasets, "val", model_type)
     if not specs:
         raise UserError("no datasets configured: add a [[datasets.train]] table with a media folder")
     return specs
@@ -127,14 +127,15 @@ class CacheRun:
 
 
 def start_run(kind: str, datasets: DatasetsConfig, device: str, device_key: str,
-              cache_path: Callable[[MediaItem], Path]) -> CacheRun:
+              cache_path: Callable[[MediaItem], Path], model_type: str = "t2v") -> CacheRun:
     """Check the device (even when everything turns out to be cached), then scan every train / val dataset.
 
-    Skipped media goes to ``summary.failed``; ``cache_path`` names an item's cache file of this kind.
+    Skipped media goes to ``summary.failed``; ``cache_path`` names an item's cache file of this kind; ``model_type``
+    decides the buckets and latent grid (TI2V-5B: the Wan 2.2 VAE's).
     """
     started = time.perf_counter()
     run = CacheRun(CacheSummary(kind), resolve_device(device, device_key), [], {}, {}, started)
-    for spec in dataset_specs(datasets):
+    for spec in dataset_specs(datasets, model_type):
         scan = scan_dataset(spec)
         run.summary.failed += [(s.path, s.reason) for s in scan.skipped]
         if spec.mask_directory is not None:

@@ -29,17 +29,17 @@ class DatasetEntry(Section):
     caption_extension: str = ".txt"
     """Caption file extension: <stem><caption_extension>."""
     resolution: Resolution = Field(default_factory=lambda: [832, 480])
-    """Target size (width x height, multiples of 16): 960, "960x544", [960, 544], "480p" (832x480) or "720p" (1280x720)."""
+    """Target size (width x height, multiples of 16; of 32 for the TI2V-5B, whose buckets also step by 32): 960, "960x544", [960, 544], "480p" (832x480) or "720p" (1280x720; 1280x704 for the TI2V-5B)."""
     enable_bucket: bool = False
     """Group items into aspect-ratio buckets of about the target area instead of one fixed size."""
     bucket_no_upscale: bool = False
-    """With enable_bucket: never upscale a smaller source; it keeps its own size (floored to 16)."""
+    """With enable_bucket: never upscale a smaller source; it keeps its own size (floored to 16; to 32 for the TI2V-5B)."""
     batch_size: int = Field(1, ge=1)
     """Items per batch and process (a batch never mixes buckets; global batch = batch_size x processes)."""
     num_repeats: int = Field(1, ge=1)
     """Each item appears this many times per epoch."""
     target_frames: list[int] = Field(default_factory=lambda: [1])
-    """Video: window lengths to extract (each rounded down to 4n+1)."""
+    """Video: window lengths to extract (each rounded down to 4n+1: the Wan VAEs pack 4 frames per latent frame after the first)."""
     frame_extraction: FrameExtraction = "head"
     """Video: head, middle, chunk, slide, uniform or full."""
     frame_stride: int = Field(1, ge=1)
@@ -49,7 +49,7 @@ class DatasetEntry(Section):
     max_frames: int = Field(129, ge=1)
     """Video, full mode: longest window (rounded down to 4n+1)."""
     source_fps: float | None = Field(None, gt=0)
-    """Video: frame rate of the source; frames are resampled to Wan's 16 fps. Unset keeps every frame."""
+    """Video: frame rate of the source; frames are resampled to the model's rate (Wan's 16 fps; 24 fps for the TI2V-5B). Unset keeps every frame."""
     caption_dropout_rate: float = Field(0.0, ge=0, le=1)
     """Probability of training an item with an empty caption (applied at train time)."""
     is_reg: bool = False

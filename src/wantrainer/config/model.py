@@ -14,13 +14,13 @@ AttnMode = Literal["sdpa", "flash_attn", "sage_attn", "xformers", "split_attn"]
 
 class ModelConfig(Section):
     target_model: Literal["wan21", "wan22"] = "wan21"
-    """Which Wan family the DiT belongs to: "wan21" (Wan 2.1 T2V) or "wan22" (Wan 2.2 T2V A14B, two experts)."""
+    """Which Wan family the DiT belongs to: "wan21" (Wan 2.1) or "wan22" (Wan 2.2: the A14B experts, or the TI2V-5B, one model)."""
     dit: Path | None = None
     """DiT checkpoint (.safetensors, or the first shard / index json). For wan22: the low-noise expert."""
     dit_high_noise: Path | None = None
     """wan22 only: the high-noise expert checkpoint, used for timesteps at or above `timestep_boundary`."""
     vae: Path | None = None
-    """Wan 2.1 VAE weights (wan_2.1_vae.safetensors or Wan2.1_VAE.pth)."""
+    """Wan 2.1 VAE weights (wan_2.1_vae.safetensors or Wan2.1_VAE.pth); for the TI2V-5B the Wan 2.2 VAE (wan2.2_vae.safetensors or Wan2.2_VAE.pth)."""
     clip: Path | None = None
     """Wan 2.1 I2V / FLF2V only: the CLIP vision encoder (models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth, ComfyUI's clip_vision_h.safetensors or a diffusers image_encoder folder); cache-latents writes its features."""
     t5: Path | None = None
@@ -45,3 +45,5 @@ class ModelConfig(Section):
     """wan22: timestep where the experts switch, as 875 or 0.875 (default: 875 for T2V A14B, 900 for I2V A14B, as the reference)."""
     offload_inactive_dit: bool = True
     """wan22: keep the expert that is not in use on the CPU."""
+    ti2v_image_ratio: float | None = Field(None, ge=0, le=1)
+    """TI2V-5B only: share of the video items trained as image-to-video (first latent frame clean at timestep 0, left out of the loss); the rest train as text-to-video, images always do. Unset: 0.5."""

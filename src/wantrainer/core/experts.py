@@ -50,13 +50,20 @@ def plan_experts(model_cfg: Any, timestep_cfg: Any) -> ExpertPlan:
     """Decide which expert files to load from ``target_model``, the files given and the timestep range."""
     lo = (timestep_cfg.min_timestep or 0) / 1000.0
     hi = (timestep_cfg.max_timestep if timestep_cfg.max_timestep is not None else 1000) / 1000.0
-    if model_cfg.target_model != "wan22":
+    from ..models.wan.conditioning import run_model_type
+
+    model_type = run_model_type(model_cfg) if model_cfg.target_model == "wan22" else None
+    if model_type == "ti2v":  # the Wan 2.2 TI2V-5B is one model: no experts, no boundary
+        wrong = [k for k in ("dit_high_noise", "timestep_boundary") if getattr(model_cfg, k) is not None]
+        if wrong:
+            raise UserError(f"{' and '.join(f'`{k}`' for k in wrong)}: the TI2V-5B (`dit`) is a single model "
+                            "without high / low noise experts; remove them")
+    if model_cfg.target_model != "wan22" or model_type == "ti2v":
         if model_cfg.dit is None:
             raise UserError("`dit` is not set: give the path of the Wan DiT checkpoint (.safetensors)")
         return ExpertPlan([(DEFAULT, model_cfg.dit)], None, (lo, hi))
-    from ..models.wan.conditioning import run_model_type
 
-    boundary = normalise_boundary(model_cfg.timestep_boundary, run_model_type(model_cfg))
+    boundary = normalise_boundary(model_cfg.timestep_boundary, model_type)
     if not 0 < boundary < 1:
         raise UserError(f"`timestep_boundary` = {model_cfg.timestep_boundary}: use a value in (0, 1000)")
     needs_high, needs_low = hi > boundary, lo < boundary
@@ -185,7 +192,6 @@ def load_experts(
     A single expert without block swap loads straight onto ``device``; otherwise everything loads on the CPU
     and the caller places the model.
     """
-    from ..models.wan.conditioning import require_supported
     from ..models.wan.loading import load_wan_dit
 
     direct = len(plan.files) == 1 and not model_cfg.blocks_to_swap
@@ -195,7 +201,7 @@ def load_experts(
     def load(path: Path, target: torch.device | str = "cpu") -> torch.nn.Module:
         if not Path(path).exists():
             raise UserError(f"DiT checkpoint not found: {path}")
-        dit = load_wan_dit(
+        return load_wan_dit(
             path,
             device=target,
             dtype=dtype,
@@ -203,8 +209,6 @@ def load_experts(
             fp8_scaled=model_cfg.fp8_scaled,
             attn_mode=model_cfg.attn_mode,
         )
-        require_supported(dit.config.model_type, "training")
-        return dit
 
     names = [name for name, _ in plan.files]
     first_name, first_path = plan.files[0]

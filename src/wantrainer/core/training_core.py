@@ -3,7 +3,9 @@
 The loop knows flow matching, gradient accumulation, the optimiser step and when to call the handlers
 (checkpointing, metrics, validation, sampling) and enhancements; it never names an optional feature.
 
-Flow matching: x_t = (1 - t) * x0 + t * noise, target = noise - x0, the model sees timestep 1000 * t.
+Flow matching: x_t = (1 - t) * x0 + t * noise, target = noise - x0, the model sees timestep 1000 * t; the model
+type's objective (``criteria.objectives``) may then give frames clean and at timestep 0 and mask them out of the
+loss (TI2V-5B image-to-video items).
 Noise, timesteps and the expert of each step come from the trainer's own seeded generators, so anything else
 that draws random numbers (validation, sampling, data loading) never shifts the training trajectory.
 """
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from ..common.logger import get_logger
+from ..criteria.objectives import FlowMatchingObjective
 from ..criteria.training_loss import flow_matching_pair
 from ..enhancements.base import StepContext, StepEnd, feature_metrics
 from ..errors import UserError
@@ -99,8 +102,11 @@ class Trainer:
         cfg: Any = None,
         resume_from: Path | None = None,
         stop: StopRequest | None = None,
+        objective: Any = None,
     ):
         self.accelerator = accelerator
+        self.objective = objective or FlowMatchingObjective()
+        """The model type's inputs and loss mask (``criteria.objectives``)."""
         self.experts = experts
         self.regimes = regimes
         self.groups = list(groups)
@@ -393,14 +399,16 @@ class Trainer:
         t = t.to(self.device, torch.float32)
         noise = noise.to(self.device, latents.dtype)
         noisy, target = flow_matching_pair(latents, noise, t)
+        inputs = self.objective.model_inputs(latents, noisy, t * 1000.0, batch, self.state.epoch, patch)
         return StepContext(
             batch=batch,
             latents=latents,
             noise=noise,
-            noisy=noisy,
+            noisy=inputs.noisy,
             target=target,
             t=t,
-            timesteps=t * 1000.0,
+            timesteps=inputs.timesteps,
+            loss_mask=inputs.loss_mask,
             model=self.model,
             network=self.experts.network_for(expert),
             expert=expert,

@@ -45,11 +45,11 @@ def total_steps_for(training_cfg: Any, batches_per_epoch: int) -> int:
     return training_cfg.max_train_epochs * math.ceil(batches_per_epoch / training_cfg.gradient_accumulation_steps)
 
 
-def train_specs(cfg: WanTrainerConfig) -> list[Any]:
-    """The resolved [[datasets.train]] entries; none is a user error."""
+def train_specs(cfg: WanTrainerConfig, model_type: str = "t2v") -> list[Any]:
+    """The resolved [[datasets.train]] entries for a ``model_type`` DiT; none is a user error."""
     from ..dataset.blueprint import resolve_datasets
 
-    specs = resolve_datasets(cfg.datasets, "train")
+    specs = resolve_datasets(cfg.datasets, "train", model_type)
     if not specs:
         raise UserError("no training data: add a [[datasets.train]] table (see `wantrainer config template`)")
     return specs
@@ -76,9 +76,10 @@ def build_loader(cfg: WanTrainerConfig, specs: list[Any], accelerator: Any, mode
 
 
 def typical_seq_len(spec: Any) -> int:
-    """Tokens per latent frame at a dataset's resolution (8x VAE, 1x2x2 patches)."""
+    """Tokens per latent frame at a dataset's resolution (8x VAE, 16x for the TI2V-5B; 1x2x2 patches)."""
     width, height = spec.resolution
-    return (width // 16) * (height // 16)
+    step = 2 * spec.latent_stride
+    return (width // step) * (height // step)
 
 
 def build_experts(cfg: WanTrainerConfig, device: torch.device) -> Experts:
@@ -186,9 +187,10 @@ def build_handlers(
     from .handlers.validation import ValidationHandler
 
     handlers: list[Any] = [MetricsHandler()]
-    val = ValidationHandler.from_config(cfg.validation, resolve_datasets(cfg.datasets, "val"), cfg.loss,
+    val = ValidationHandler.from_config(cfg.validation, resolve_datasets(cfg.datasets, "val", model_type), cfg.loss,
                                         cfg.timesteps, rank=accelerator.process_index,
-                                        world_size=accelerator.num_processes, model_type=model_type)
+                                        world_size=accelerator.num_processes, model_type=model_type,
+                                        ti2v_image_ratio=cfg.model.ti2v_image_ratio)
     sampling = SamplingHandler.from_config(cfg.sampling, cfg.model, cfg.saving, model_type)
     handlers.extend(h for h in (val, sampling) if h is not None)
     checkpoint = CheckpointHandler(cfg, config_text, resolution)
@@ -220,6 +222,7 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     """Everything ``Trainer`` needs, built from the config."""
     from accelerate.utils import set_seed
 
+    from ..criteria.objectives import objective_for
     from ..criteria.training_loss import TrainingLoss
     from ..enhancements.base import RunContext
     from ..enhancements.registry import build_enhancements
@@ -233,11 +236,11 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     metrics = MetricsLogger.from_config(cfg.logging, cfg.saving, enabled=accelerator.is_main_process)
     set_seed(cfg.training.seed)
     device = accelerator.device
-    specs = train_specs(cfg)
-    from ..models.wan.conditioning import require_supported, run_model_type
+    from ..models.wan.conditioning import run_model_type
 
     model_type = run_model_type(cfg.model)
-    require_supported(model_type, "training")
+    objective = objective_for(model_type, cfg.model.ti2v_image_ratio, cfg.training.seed)
+    specs = train_specs(cfg, model_type)
     enhancements = build_enhancements(cfg)
     loader = build_loader(cfg, specs, accelerator, model_type,
                           tuple(cache for enh in enhancements for cache in enh.item_caches()))
@@ -276,6 +279,7 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
         cfg=cfg,
         resume_from=resume_from,
         stop=stop,
+        objective=objective,
     )
 
 

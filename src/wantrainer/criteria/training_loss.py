@@ -6,7 +6,8 @@ add their own terms with ``add_term``.
 
 The built-in term is the flow-matching loss: element loss (``loss_type``), times the per-element weight
 ``ctx.element_weight`` when there is one (the product of the enhancements' ``loss_weight`` hooks), averaged per
-sample, times the timestep weight (``weighting_scheme``), times the per-sample ``batch["loss_weight"]``
+sample (over the elements the context's ``loss_mask`` keeps, when it has one: the TI2V-5B leaves its given first
+frame out), times the timestep weight (``weighting_scheme``), times the per-sample ``batch["loss_weight"]``
 (``prior_loss_weight`` for ``is_reg`` data), averaged over the batch.
 """
 
@@ -39,6 +40,24 @@ class LossContext:
 
     t: torch.Tensor
     extras: dict[str, Any] = field(default_factory=dict)
+    loss_mask: torch.Tensor | None = None
+    """[B, 1, F, 1, 1] (broadcast to the latents): 1 where the loss counts; None counts every element."""
+
+
+def context_mask(ctx: Any) -> torch.Tensor | None:
+    """``loss_mask`` of a context (None when it has none)."""
+    if isinstance(ctx, Mapping):
+        return ctx.get("loss_mask")
+    return getattr(ctx, "loss_mask", None)
+
+
+def masked_per_sample_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, ...] -> [B]``: the mean over the elements where ``mask`` (broadcast to ``x``) is 1. Masked elements are
+    multiplied by 0, so they send exactly no gradient."""
+    if mask is None:
+        return per_sample_mean(x)
+    weights = mask.to(x).expand_as(x)
+    return (x * weights).reshape(x.shape[0], -1).sum(dim=1) / weights.reshape(x.shape[0], -1).sum(dim=1).clamp_min(1.0)
 
 
 def context_t(ctx: Any) -> torch.Tensor:
@@ -76,7 +95,7 @@ class FlowMatchingLoss:
         element_weight = context_element_weight(ctx)
         if element_weight is not None:
             elements = elements * element_weight.to(elements)
-        per_sample = per_sample_mean(elements)  # [B]
+        per_sample = masked_per_sample_mean(elements, context_mask(ctx))  # [B]
         t = context_t(ctx).to(per_sample.device)
         w_t = timestep_weight(
             self.weighting_scheme, t, logit_mean=self.logit_mean, logit_std=self.logit_std, mode_scale=self.mode_scale

@@ -3,6 +3,10 @@
 ``resolve_datasets`` turns the validated ``DatasetsConfig`` into one frozen ``DatasetSpec`` per dataset:
 resolution parsed to (W, H), target frame counts rounded down to 4n+1, the cache folder defaulted to the
 media folder. ``blueprint_problems`` reports the cross-entry problems for the config parser.
+
+The model type decides the latent grid (``models.wan.latent_space``): for TI2V-5B (Wan 2.2 VAE, 16x) every
+resolution side must be a multiple of 32 and buckets step by 32, "720p" is Wan 2.2's 1280x704, and ``source_fps``
+resamples clips to its 24 fps (16 fps for the other models).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 from ..config.datasets import DatasetEntry, DatasetsConfig
+from ..errors import UserError
+from ..models.wan.latent_space import latent_space
 
 Split = Literal["train", "val"]
 
@@ -55,6 +61,11 @@ class DatasetSpec:
     """Folder of per-item loss masks (``dataset.masks``), or None."""
     mask_missing: str = "skip"
     """What an item without a usable mask does: "skip" (not trained) or "unmasked"."""
+    model_fps: float = 16.0
+    """Frame rate ``source_fps`` resamples to: the model's (16; 24 for the TI2V-5B)."""
+    latent_stride: int = 8
+    """Pixels per latent cell in width / height: 8 (Wan 2.1 VAE) or 16 (Wan 2.2 VAE of TI2V-5B); buckets step by
+    twice this (the DiT patchifies by 2)."""
 
     @property
     def name(self) -> str:
@@ -126,7 +137,23 @@ def default_cache_directory(entry: DatasetEntry) -> Path | None:
     return Path(jsonl).parent if jsonl is not None else None
 
 
-def _spec(entry: DatasetEntry, split: Split, index: int) -> DatasetSpec:
+def _resolution_for(entry: DatasetEntry, name: str, model_type: str) -> tuple[int, int]:
+    """The entry's (width, height); for the Wan 2.2 VAE each side a multiple of 32 ("720p" is 1280x704)."""
+    space = latent_space(model_type)
+    if space.pixel_step == RESOLUTION_STEP:
+        return parse_resolution(entry.resolution)
+    if isinstance(entry.resolution, str) and entry.resolution.strip().lower() == "720p":
+        return 1280, 704  # Wan 2.2 TI2V-5B's 720P size
+    width, height = parse_resolution(entry.resolution)
+    step = space.pixel_step
+    if width % step or height % step:
+        near = f"{max(step, width // step * step)}x{max(step, height // step * step)}"
+        raise UserError(f"`{name}.resolution` = {width}x{height}: the {model_type} model needs each side a multiple "
+                        f"of {step} ({space.spatial_stride}x VAE, patch 2); use e.g. {near}")
+    return width, height
+
+
+def _spec(entry: DatasetEntry, split: Split, index: int, model_type: str = "t2v") -> DatasetSpec:
     cache_directory = default_cache_directory(entry)
     if cache_directory is None:
         raise ValueError(f"datasets.{split}[{index}] has no media source")
@@ -140,7 +167,7 @@ def _spec(entry: DatasetEntry, split: Split, index: int) -> DatasetSpec:
         video_jsonl_file=entry.video_jsonl_file,
         cache_directory=cache_directory,
         caption_extension=entry.caption_extension,
-        resolution=parse_resolution(entry.resolution),
+        resolution=_resolution_for(entry, f"datasets.{split}[{index}]", model_type),
         enable_bucket=entry.enable_bucket,
         bucket_no_upscale=entry.bucket_no_upscale,
         batch_size=entry.batch_size,
@@ -155,14 +182,18 @@ def _spec(entry: DatasetEntry, split: Split, index: int) -> DatasetSpec:
         is_reg=entry.is_reg,
         mask_directory=entry.mask_directory,
         mask_missing=entry.mask_missing,
+        latent_stride=latent_space(model_type).spatial_stride,
+        model_fps=float(latent_space(model_type).fps),
     )
 
 
-def resolve_datasets(datasets: DatasetsConfig, split: Split) -> list[DatasetSpec]:
-    """Every dataset of ``split`` ("train" or "val") with [datasets.general] merged in."""
+def resolve_datasets(datasets: DatasetsConfig, split: Split, model_type: str = "t2v") -> list[DatasetSpec]:
+    """Every dataset of ``split`` ("train" or "val") with [datasets.general] merged in, for a ``model_type`` DiT
+    (its VAE decides the latent grid; a resolution it cannot take is a ``UserError``)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-    return [_spec(merged_entry(datasets.general, raw), split, i) for i, raw in enumerate(getattr(datasets, split))]
+    return [_spec(merged_entry(datasets.general, raw), split, i, model_type)
+            for i, raw in enumerate(getattr(datasets, split))]  # fmt: skip
 
 
 def _entry_problems(name: str, entry: DatasetEntry, own_keys: set[str]) -> list[str]:

@@ -1,6 +1,6 @@
 """Aspect-ratio buckets and the resize + centre crop that puts a frame into its bucket.
 
-Buckets keep about the target area: widths step by 16 from half the square side up to the side, each
+Buckets keep about the target area: widths step by 16 (32 for the TI2V-5B's Wan 2.2 VAE) from half the square side up to the side, each
 paired with the height that keeps the area (floored to 16), in both orientations. A source goes to the
 bucket whose aspect ratio is nearest to its own.
 """
@@ -37,12 +37,13 @@ def bucket_resolutions(resolution: tuple[int, int], step: int = STEP) -> list[tu
 class BucketSelector:
     """Maps a source size (width, height) to its bucket (width, height)."""
 
-    def __init__(self, resolution: tuple[int, int], enable_bucket: bool, no_upscale: bool = False):
+    def __init__(self, resolution: tuple[int, int], enable_bucket: bool, no_upscale: bool = False, step: int = STEP):
         self.resolution = resolution
+        self.step = step
         self.area = resolution[0] * resolution[1]
         self.enable_bucket = enable_bucket
         self.no_upscale = no_upscale and enable_bucket
-        self.buckets = bucket_resolutions(resolution) if enable_bucket else [resolution]
+        self.buckets = bucket_resolutions(resolution, step) if enable_bucket else [resolution]
         self._ratios = np.array([w / h for w, h in self.buckets], dtype=np.float64)
 
     def select(self, size: tuple[int, int]) -> tuple[int, int]:
@@ -52,7 +53,7 @@ class BucketSelector:
         if not self.enable_bucket:
             return self.resolution
         if self.no_upscale and width * height < self.area:
-            return max(STEP, floor_to_step(width)), max(STEP, floor_to_step(height))
+            return max(self.step, floor_to_step(width, self.step)), max(self.step, floor_to_step(height, self.step))
         index = int(np.abs(self._ratios - width / height).argmin())
         return self.buckets[index]
 

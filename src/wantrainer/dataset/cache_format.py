@@ -20,8 +20,15 @@ zeros with a warning; here NaN caches are not written (the caching commands repo
 Image-to-video caches (musubi's ``save_latent_cache_wan`` with ``--i2v`` / ``--clip``) also hold
 ``latents_image_{F}x{H}x{W}_{dtype}`` [20, F, H, W] (4 mask channels + 16 latent channels of the conditioning
 video, see ``models.wan.conditioning``) and, for Wan 2.1 I2V / FLF2V, ``clip_{dtype}`` [257, 1280] (FLF2V
-[2, 257, 1280]). Ours add the metadata ``model_type`` (``t2v``, ``i2v``, ``flf2v``, ``i2v_a14b``); a musubi
-cache without it is typed by its tensors (``cache_model_type``).
+[2, 257, 1280]). Ours add the metadata ``model_type`` (``t2v``, ``i2v``, ``flf2v``, ``i2v_a14b``, ``ti2v``); a
+musubi cache without it is typed by its tensors (``cache_model_type``).
+
+TI2V-5B caches hold the Wan 2.2 VAE's latents: [48, F, H/16, W/16] under the same names and keys, nothing else
+(the image-to-video conditioning is the clean first latent frame, which the causal VAE encodes alone, so the
+video latents already hold it). Every cache records the VAE that made it (metadata ``vae_type``: ``wan2.1`` /
+``wan2.2``; without it the channel count tells, ``cache_vae_type``); a cache of the other VAE is a user error
+naming the command that re-encodes it. musubi-tuner (checked at 30c658c) does not train the TI2V-5B and has no
+Wan 2.2 VAE, so these caches follow its naming and layout but are ours alone.
 
 Loss masks (ours only; musubi-tuner has no mask cache): ``{key}_{W:04d}x{H:04d}_wan_mask.safetensors`` beside the
 item's latent cache (the latent name with ``_wan`` -> ``_wan_mask``), holding ``mask_{F}x{H}x{W}_float16`` of shape
@@ -108,10 +115,12 @@ def latent_cache_name(stem: str, width: int, height: int, start: int | None = No
     return f"{stem}{window}_{width:04d}x{height:04d}{LATENT_SUFFIX}"
 
 
-def latent_shape(width: int, height: int, frames: int | None = None) -> tuple[int, int, int]:
-    """(F, H, W) of the latents of ``frames`` frames (None: an image) at ``width`` x ``height`` pixels."""
+def latent_shape(width: int, height: int, frames: int | None = None, stride: int = VAE_STRIDE[1]
+                 ) -> tuple[int, int, int]:  # fmt: skip
+    """(F, H, W) of the latents of ``frames`` frames (None: an image) at ``width`` x ``height`` pixels, for a VAE
+    of spatial ``stride`` (8: Wan 2.1 VAE, 16: Wan 2.2 VAE)."""
     count = 1 if frames is None else (frames - 1) // VAE_STRIDE[0] + 1
-    return count, height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+    return count, height // stride, width // stride
 
 
 def read_latent_shape(path: str | Path) -> tuple[int, int, int]:
@@ -151,9 +160,11 @@ def text_tensor_key(embeds: torch.Tensor) -> str:
 def save_latent_cache(
     path: str | Path, latents: torch.Tensor, width: int, height: int, frame_count: int | None = None,
     image_latents: torch.Tensor | None = None, clip: torch.Tensor | None = None, model_type: str | None = None,
+    vae_type: str | None = None,
 ) -> None:
     """Write one item's latents [C, F, H, W] atomically; I2V caches add ``image_latents`` [20, F, H, W] (mask +
-    conditioning latents), Wan 2.1 I2V / FLF2V also ``clip`` [257, D] / [2, 257, D]; ``model_type`` is recorded."""
+    conditioning latents), Wan 2.1 I2V / FLF2V also ``clip`` [257, D] / [2, 257, D]; ``model_type`` and
+    ``vae_type`` ("wan2.1" / "wan2.2") are recorded."""
     if latents.ndim != 4:
         raise ValueError(f"latents must be [C, F, H, W], got {tuple(latents.shape)}")
     metadata = {
@@ -166,6 +177,8 @@ def save_latent_cache(
         metadata["frame_count"] = str(frame_count)
     if model_type is not None:
         metadata["model_type"] = model_type
+    if vae_type is not None:
+        metadata["vae_type"] = vae_type
     tensors = {latent_tensor_key(latents): latents.cpu()}
     suffix = latent_tensor_key(latents).removeprefix("latents_")  # {F}x{H}x{W}_{dtype}
     if image_latents is not None:
@@ -177,15 +190,35 @@ def save_latent_cache(
     save_safetensors_atomic(tensors, path, metadata=metadata)
 
 
+def cache_vae_type(path: str | Path) -> str:
+    """Which VAE made a latent cache: its ``vae_type`` metadata, else the channel count of its latents (16: "wan2.1",
+    48: "wan2.2"; musubi-tuner caches, which are all Wan 2.1 VAE caches). Reads the header only."""
+    from ..models.wan.latent_space import BY_CHANNELS
+
+    with safe_open(str(path), framework="pt") as f:
+        recorded = (f.metadata() or {}).get("vae_type")
+        if recorded:
+            return recorded
+        key = _single_key(path, [k for k in f.keys() if _LATENT_KEY.match(k)], "latents_FxHxW_dtype")
+        channels = f.get_slice(key).get_shape()[0]
+    space = BY_CHANNELS.get(channels)
+    if space is None:
+        raise ValueError(f"{Path(path).name}: latents of {channels} channels, from neither Wan VAE (16 or 48)")
+    return space.vae_type
+
+
 def cache_model_type(path: str | Path) -> str:
     """The model type a latent cache serves: its ``model_type`` metadata, else what its tensors say (musubi
-    caches): CLIP features of two frames -> "flf2v", of one -> "i2v", image latents only -> "i2v_a14b", else
-    "t2v". Reads the header only."""
+    caches): CLIP features of two frames -> "flf2v", of one -> "i2v", image latents only -> "i2v_a14b", 48-channel
+    latents -> "ti2v", else "t2v". Reads the header only."""
     with safe_open(str(path), framework="pt") as f:
         recorded = (f.metadata() or {}).get("model_type")
         if recorded:
             return recorded
         keys = list(f.keys())
+        latents = [k for k in keys if _LATENT_KEY.match(k)]
+        if latents and f.get_slice(latents[0]).get_shape()[0] == 48:
+            return "ti2v"
         clip = [k for k in keys if k.startswith(CLIP_PREFIX)]
         has_image = any(_IMAGE_KEY.match(k) for k in keys)
         if has_image and clip:

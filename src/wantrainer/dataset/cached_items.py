@@ -5,7 +5,9 @@ current settings expect (read from the tensor name in the file header; the name 
 resolution), and its caption's text cache exists. A cache of another shape, or only of another size / window,
 is stale: never used, counted and reported with the command that re-encodes it. A cache file holding two
 latents (or two text) tensors, as musubi-tuner leaves when it re-caches in another dtype over a file, is stale
-too (``AmbiguousCacheError``). When nothing is usable the user is told which command to run.
+too (``AmbiguousCacheError``). When nothing is usable the user is told which command to run. A latent cache made
+by the other VAE (a Wan 2.1 VAE cache for a TI2V-5B run, or a Wan 2.2 VAE cache for any other model) is always a
+``UserError`` naming the VAE to set and the command that re-encodes it.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from safetensors import SafetensorError
 from ..common.logger import get_logger
 from ..errors import UserError
 from ..models.wan.conditioning import cache_compatible
+from ..models.wan.latent_space import BY_VAE_TYPE, latent_space
 from .blueprint import DatasetSpec
 from .cache_format import (
     LATENT_NAME,
     AmbiguousCacheError,
     cache_model_type,
+    cache_vae_type,
     check_text_cache,
     read_latent_shape,
 )
@@ -71,6 +75,8 @@ class CacheReport:
     """Why the media gave no item at all (``sources.no_items_reason``), or None."""
     wrong_type: list[tuple[str, str]] = field(default_factory=list)
     """(item key, the model type its cache was made for) of caches without the conditioning this run needs."""
+    wrong_vae: list[tuple[str, str]] = field(default_factory=list)
+    """(item key, the VAE type that made its cache) of caches of the other VAE than this run's model takes."""
     model_type: str = "t2v"
     missing_extra: dict[str, list[str]] = field(default_factory=dict)
     """Item keys without an enhancement's per-item cache file that the enhancement needs, by cache suffix."""
@@ -114,7 +120,17 @@ class CacheReport:
         for suffix, keys in self.missing_extra.items():
             parts.append(f"{len(keys)} without their {suffix} cache file (e.g. {keys[0]}; run the caching command "
                          "the feature's docs name)")
+        if self.wrong_vae:
+            parts.append(self.wrong_vae_text())
         return f"{self.name}: " + ", ".join(parts)
+
+    def wrong_vae_text(self) -> str:
+        key, made_with = self.wrong_vae[0]
+        made = BY_VAE_TYPE[made_with].label if made_with in BY_VAE_TYPE else made_with
+        want = latent_space(self.model_type)
+        return (f"{len(self.wrong_vae)} with a latent cache made by {made}, but the {self.model_type} model trains "
+                f"on the latents of {want.label} (e.g. {key}; set `vae` to that file and re-run `wantrainer "
+                "cache-latents --config <your config>`: it re-encodes them)")
 
 
 def _cached_keys_by_stem(folder: Path) -> dict[str, set[str]]:
@@ -196,6 +212,7 @@ def discover_cached_items(
         try:
             shape = read_latent_shape(item.latent_cache_path)
             made_for = cache_model_type(item.latent_cache_path)
+            made_with = cache_vae_type(item.latent_cache_path)
         except AmbiguousCacheError as exc:
             logger.warning("%s: %s (stale; re-run `wantrainer cache-latents`)", spec.name, exc)
             report.stale_latents.append(item.key)
@@ -203,6 +220,9 @@ def discover_cached_items(
         except (OSError, ValueError, SafetensorError) as exc:
             logger.warning("%s: cannot read %s: %s", spec.name, item.latent_cache_path, exc)
             report.unreadable.append(item.key)
+            continue
+        if made_with != latent_space(model_type).vae_type:
+            report.wrong_vae.append((item.key, made_with))
             continue
         if shape != item.latent_shape:
             logger.debug("%s: %s holds latents %s, expected %s (stale)", spec.name, item.latent_cache_path.name,
@@ -246,6 +266,8 @@ def discover_all(specs: list[DatasetSpec], prior_loss_weight: float = 1.0, model
                                               item_caches=item_caches)
         items.extend(found)
         reports.append(report)
+        if report.wrong_vae:
+            raise UserError(f"{report.name} ({spec.cache_directory}): {report.wrong_vae_text()}")
         if report.usable < report.media_items:
             logger.warning("%s", report.summary())
         else:

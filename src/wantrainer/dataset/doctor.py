@@ -184,9 +184,12 @@ def run(args: argparse.Namespace) -> int:
     output_dir = Path(cfg.saving.output_dir)
     results: dict[str, list[DatasetDiagnosis]] = {}
     out = sys.stdout
+    from ..models.wan.conditioning import run_model_type
+
+    model_type = run_model_type(cfg.model)  # TI2V-5B: the Wan 2.2 VAE's buckets and latent grid
     for split in ("train", "val"):
         results[split] = []
-        for spec in resolve_datasets(cfg.datasets, split):
+        for spec in resolve_datasets(cfg.datasets, split, model_type):
             d = diagnose(spec)
             if d.scan is not None:
                 d.plot = output_dir / f"doctor_{split}_{spec.index}.png"

@@ -1,7 +1,7 @@
 """Frame windows: which (start, length) clips a video of a given frame count yields in each mode.
 
 Lengths are 4n+1 (Wan's VAE packs 4 frames per latent after the first). ``source_fps`` resampling maps
-the 16 fps timeline onto source frame indices.
+the model's timeline (16 fps; 24 fps for the TI2V-5B) onto source frame indices.
 """
 
 from __future__ import annotations
@@ -53,10 +53,11 @@ def frame_windows(
     return list(dict.fromkeys(windows))
 
 
-def resampled_indices(source_count: int, source_fps: float | None) -> list[int]:
-    """Source frame index of each 16 fps frame (identity when ``source_fps`` is None)."""
+def resampled_indices(source_count: int, source_fps: float | None, target_fps: float = WAN_FPS) -> list[int]:
+    """Source frame index of each frame at ``target_fps`` (16; 24 for the TI2V-5B), identity when ``source_fps`` is
+    None."""
     if source_fps is None or source_count < 1:
         return list(range(source_count))
-    step = source_fps / WAN_FPS
+    step = source_fps / target_fps
     count = int(math.floor((source_count - 1) / step + 1e-9)) + 1
     return [min(source_count - 1, int(math.floor(i * step + 1e-9))) for i in range(count)]

@@ -161,11 +161,12 @@ def attach_masks(items: list[MediaItem], spec: DatasetSpec, size: tuple[int, int
     return out
 
 
-def to_latent_grid(mask: torch.Tensor) -> torch.Tensor:
+def to_latent_grid(mask: torch.Tensor, stride: int = VAE_STRIDE[1]) -> torch.Tensor:
     """Pixel weights [F, H, W] (F = 1 or 4n+1; H, W multiples of 8) -> latent weights [1 + (F-1)/4, H/8, W/8]:
-    the mean over each VAE cell (frame 0 alone, then groups of 4 frames; 8 x 8 pixels)."""
+    the mean over each VAE cell (frame 0 alone, then groups of 4 frames; 8 x 8 pixels, ``stride`` 16 for the Wan 2.2
+    VAE of the TI2V-5B)."""
     frames, height, width = mask.shape
-    t, s = VAE_STRIDE[0], VAE_STRIDE[1]
+    t, s = VAE_STRIDE[0], stride
     if (frames - 1) % t or height % s or width % s:
         raise ValueError(f"a mask of {frames}x{height}x{width} does not fit the VAE grid (4n+1 frames, sides of 8n)")
     first = F.avg_pool2d(mask[:1, None], s)[:, 0]  # [1, H/8, W/8]
@@ -201,7 +202,7 @@ def latent_masks(items: list[MediaItem]) -> Iterator[tuple[MediaItem, torch.Tens
                 if item.bucket not in loaded:
                     loaded[item.bucket] = _image_mask(mask, item.bucket)
                 pixels = loaded[item.bucket].expand(item.frames or 1, -1, -1)
-                yield item, to_latent_grid(pixels)
+                yield item, to_latent_grid(pixels, item.latent_stride)
             except MediaError as exc:
                 yield item, MediaError(f"unreadable mask {mask.name}: {exc}")
         return
@@ -211,4 +212,4 @@ def latent_masks(items: list[MediaItem]) -> Iterator[tuple[MediaItem, torch.Tens
         if isinstance(result, MediaError):
             yield item, MediaError(f"unreadable mask {mask.name}: {result}")
         else:
-            yield item, to_latent_grid(_gray(result))
+            yield item, to_latent_grid(_gray(result), item.latent_stride)

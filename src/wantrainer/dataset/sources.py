@@ -65,6 +65,10 @@ class MediaItem:
     """Where its latent-resolution mask is cached (every item of a dataset with ``mask_directory``)."""
     mask_problem: str | None = None
     """Why the mask is not used (missing, unreadable, mis-sized) when the item trains unmasked."""
+    latent_stride: int = 8
+    """Pixels per latent cell: 8 (Wan 2.1 VAE) or 16 (Wan 2.2 VAE of TI2V-5B)."""
+    model_fps: float = 16.0
+    """Frame rate ``source_fps`` resamples to (24 for the TI2V-5B)."""
 
     @property
     def is_video(self) -> bool:
@@ -72,8 +76,9 @@ class MediaItem:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """(F, H, W) the latent cache must hold: the bucket / 8 and (frames - 1) // 4 + 1 latent frames."""
-        return latent_shape(*self.bucket, self.frames)
+        """(F, H, W) the latent cache must hold: the bucket / 8 (16 for the Wan 2.2 VAE) and (frames - 1) // 4 + 1
+        latent frames."""
+        return latent_shape(*self.bucket, self.frames, stride=self.latent_stride)
 
     def load_pixels(self) -> torch.Tensor:
         """float32 [3, F, H, W] in [-1, 1] at the bucket size (F = 1 for images). Raises ``MediaError``."""
@@ -81,7 +86,7 @@ class MediaItem:
             images = [load_image(self.path)]
         else:
             assert self.start is not None and self.source_frame_count is not None
-            timeline = resampled_indices(self.source_frame_count, self.source_fps)
+            timeline = resampled_indices(self.source_frame_count, self.source_fps, self.model_fps)
             end = self.start + self.frames
             if end > len(timeline):
                 raise MediaError(f"{self.path}: needs frames {self.start}..{end - 1} but has {len(timeline)}")
@@ -171,7 +176,7 @@ def _items_for(source: _Source, spec: DatasetSpec, selector: BucketSelector, sca
     caption = source.caption or ""
     text_cache = spec.cache_directory / text_cache_name(stem)
     common = dict(source_stem=stem, path=source.path, caption=caption, text_cache_path=text_cache,
-                  caption_missing=source.caption is None)
+                  caption_missing=source.caption is None, latent_stride=spec.latent_stride)
     if not spec.is_video:
         size = probe_image(source.path, decode=decode)
         scan.sizes[source.path] = size
@@ -180,13 +185,13 @@ def _items_for(source: _Source, spec: DatasetSpec, selector: BucketSelector, sca
         return [MediaItem(key=stem, bucket=bucket, cache_size=size, start=None, frames=None, latent_cache_path=latent,
                           **common)]
     info = probe_video(source.path)
-    count = len(resampled_indices(info.frame_count, spec.source_fps))
+    count = len(resampled_indices(info.frame_count, spec.source_fps, spec.model_fps))
     scan.sizes[source.path] = (info.width, info.height)
     scan.frame_counts[source.path] = count
     bucket = selector.select((info.width, info.height))
     # musubi-tuner reads video frames resized to the bucket of their size (bucketing on, upscaling allowed, whatever
     # the dataset says) and names the cache with that size
-    cache_size = BucketSelector(spec.resolution, enable_bucket=True).select((info.width, info.height))
+    cache_size = BucketSelector(spec.resolution, enable_bucket=True, step=selector.step).select((info.width, info.height))
     windows = frame_windows(count, spec.frame_extraction, spec.target_frames, spec.frame_stride,
                             spec.frame_sample, spec.max_frames)
     if not windows:
@@ -196,7 +201,7 @@ def _items_for(source: _Source, spec: DatasetSpec, selector: BucketSelector, sca
         MediaItem(
             key=f"{stem}_{start:05d}-{length:03d}", bucket=bucket, cache_size=cache_size, start=start, frames=length,
             latent_cache_path=spec.cache_directory / latent_cache_name(stem, *cache_size, start=start, frames=length),
-            source_fps=spec.source_fps, source_frame_count=info.frame_count, **common,
+            source_fps=spec.source_fps, source_frame_count=info.frame_count, model_fps=spec.model_fps, **common,
         )
         for start, length in windows
     ]
@@ -213,7 +218,7 @@ def scan_dataset(spec: DatasetSpec, *, decode_images: bool = False) -> DatasetSc
         sources = _jsonl_sources(source_path, spec, scan.skipped)
     else:
         sources = _directory_sources(source_path, spec, scan.skipped)
-    selector = BucketSelector(spec.resolution, spec.enable_bucket, spec.bucket_no_upscale)
+    selector = BucketSelector(spec.resolution, spec.enable_bucket, spec.bucket_no_upscale, step=2 * spec.latent_stride)
     stems: dict[str, Path] = {}
     for source in sources:
         stem = _stem(source.path)

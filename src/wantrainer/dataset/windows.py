@@ -31,9 +31,9 @@ class _Window:
     """Source frame numbers of the window, in order (repeats when ``source_fps`` is below 16)."""
 
 
-def source_key(item: MediaItem) -> tuple[Path, float | None]:
+def source_key(item: MediaItem) -> tuple[Path, float | None, float]:
     """Items with the same key share one decoding pass (the windows of one video, whatever their bucket)."""
-    return item.path, item.source_fps
+    return item.path, item.source_fps, item.model_fps
 
 
 def window_pixels(items: list[MediaItem]) -> Iterator[tuple[MediaItem, torch.Tensor | MediaError]]:
@@ -61,7 +61,7 @@ def _plan(items: list[MediaItem]) -> tuple[list[_Window], list[tuple[MediaItem, 
     windows, errors = [], []
     for item in items:
         assert item.start is not None and item.frames is not None and item.source_frame_count is not None
-        timeline = resampled_indices(item.source_frame_count, item.source_fps)
+        timeline = resampled_indices(item.source_frame_count, item.source_fps, item.model_fps)
         end = item.start + item.frames
         if end > len(timeline):
             errors.append((item, MediaError(f"{item.path}: needs frames {item.start}..{end - 1} but has "

@@ -136,7 +136,9 @@ class StepContext:
     """What one micro-batch's forward pass produced; passed to every loss term.
 
     Shapes: ``latents`` / ``noise`` / ``noisy`` / ``target`` / ``pred`` are [B, C, F, H, W]; ``t`` is [B] in
-    (0, 1) and ``timesteps`` = 1000 * t is what the model saw. ``network`` is the active expert's trained network.
+    (0, 1) and ``timesteps`` what the model saw: 1000 * t [B], or per token [B, L] (TI2V-5B image-to-video items,
+    0 on the given first frame). ``loss_mask`` [B, 1, F, 1, 1] is 1 where a loss term should count (None: all).
+    ``network`` is the active expert's trained network.
     """
 
     batch: dict[str, Any]
@@ -151,6 +153,7 @@ class StepContext:
     network: Any = None
     expert: str = "default"
     step: int = 0
+    loss_mask: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     """Free space for enhancements to pass tensors from ``modify_inputs`` / forward taps to ``loss``."""
     element_weight: torch.Tensor | None = None

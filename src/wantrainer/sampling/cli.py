@@ -81,7 +81,9 @@ def load_experts(model_cfg, loras: list[Path], multiplier: float, device: torch.
     if model_cfg.dit is None:
         raise UserError("`dit` is not set: the sampling DiT checkpoint is needed")
     two = model_cfg.target_model == "wan22" and model_cfg.dit_high_noise is not None
-    if model_cfg.target_model == "wan22" and not two:
+    from ..models.wan.conditioning import run_model_type
+
+    if model_cfg.target_model == "wan22" and not two and run_model_type(model_cfg) != "ti2v":
         logger.warning("wan22 without `dit_high_noise`: the low-noise expert `dit` serves every step")
     offload = two and model_cfg.offload_inactive_dit and device.type == "cuda"
     assigned = assign_loras(loras, two)

@@ -11,6 +11,7 @@ import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -186,6 +187,7 @@ def decode_and_write(
     step: int | None,
 ) -> list[SampleResult]:
     """Load the VAE, decode each latent video, write it, then free the VAE."""
+    from ..models.wan.latent_space import BY_CHANNELS
     from ..models.wan.vae import WanVAE
 
     _require(vae_path, "vae", "the VAE is needed to decode samples")
@@ -199,7 +201,8 @@ def decode_and_write(
             with torch.no_grad():
                 pixels = vae.decode(lat.to(device=device, dtype=torch.float32))
             frames = to_uint8_frames(pixels)
-            path = write_sample(out_dir, sample_stem(name, index, prompt.seed, step=step), frames)
+            fps = BY_CHANNELS[vae.latent_channels].fps  # the model's own rate: 24 for the TI2V-5B, else 16
+            path = write_sample(out_dir, sample_stem(name, index, prompt.seed, step=step), frames, fps=fps)
             logger.info("wrote %s", path)
             results.append(SampleResult(prompt_index=index, seed=prompt.seed, path=path, frames=frames))
     finally:
@@ -220,10 +223,13 @@ def render_samples(
     step: int | None = None,
     before_decode: Callable[[], None] | None = None,
     conditions: Sequence[dict[str, torch.Tensor] | None] | None = None,
+    latent_space: Any = None,
 ) -> list[SampleResult]:
     """Generate and write every prompt. ``before_decode`` runs between denoising and decoding (e.g. to
-    move an offloadable DiT out of the way of the VAE)."""
-    latents = generate_all_latents(model_fn, prompts, embeds, device, conditions)
+    move an offloadable DiT out of the way of the VAE); ``latent_space``: the model's
+    (``models.wan.latent_space``; default the Wan 2.1 VAE's)."""
+    space = (16, 8) if latent_space is None else (latent_space.channels, latent_space.spatial_stride)
+    latents = generate_all_latents(model_fn, prompts, embeds, device, conditions, latent_space=space)
     if before_decode is not None:
         before_decode()
     return decode_and_write(latents, prompts, vae_path, device, Path(out_dir), name, step)

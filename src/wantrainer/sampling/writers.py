@@ -1,4 +1,5 @@
-"""Sample files: mp4 (PyAV, H.264 yuv420p at 16 fps) for videos, png (Pillow) for single frames.
+"""Sample files: mp4 (PyAV, H.264 yuv420p at the model's 16 fps, 24 for the TI2V-5B) for videos, png (Pillow)
+for single frames.
 
 The mp4 is converted with the BT.709 matrix to limited ("tv", 16-235) range and tagged so (primaries, transfer,
 matrix, range): untagged yuv is read as BT.601 by some players and BT.709 by others, which shifts the colours.
@@ -92,12 +93,12 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int = SAMPLE_FPS) -> Pa
     return path
 
 
-def write_sample(out_dir: str | Path, stem: str, frames: np.ndarray) -> Path:
-    """Write a png for one frame, an mp4 otherwise; returns the file path."""
+def write_sample(out_dir: str | Path, stem: str, frames: np.ndarray, fps: int = SAMPLE_FPS) -> Path:
+    """Write a png for one frame, an mp4 at ``fps`` otherwise (24 for the TI2V-5B); returns the file path."""
     out_dir = Path(out_dir)
     if frames.shape[0] == 1:
         return write_png(out_dir / f"{stem}.png", frames[0])
-    return write_mp4(out_dir / f"{stem}.mp4", frames)
+    return write_mp4(out_dir / f"{stem}.mp4", frames, fps=fps)
 
 
 def read_video_frames(path: str | Path) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 from ...common.logger import get_logger
 from ...config.output import SamplingConfig
 from ...errors import UserError
+from ...models.wan.latent_space import latent_space
 from ...sampling.conditioning import encode_sample_conditions
 from ...sampling.generate import ExpertSwitch, ModelFn
 from ...sampling.pipeline import PromptEmbeds, SampleResult, encode_sample_prompts, render_samples
@@ -117,7 +118,7 @@ class SamplingHandler(Handler):
             return trainer.call_model(model, x, t, ctx, conditioning)
 
         if not experts.is_dual:
-            if self.model_cfg.target_model == "wan22" and not self._warned_single:
+            if self.model_cfg.target_model == "wan22" and self.model_type != "ti2v" and not self._warned_single:
                 logger.warning("sampling with the %s expert only: this run loads one Wan 2.2 expert, so it "
                                "serves every denoising step", experts.names[0])
                 self._warned_single = True
@@ -150,7 +151,7 @@ class SamplingHandler(Handler):
                     rendered = render_samples(
                         self.model_fn(trainer), self.prompts, self.embeds, vae_path=self.model_cfg.vae,
                         device=trainer.device, out_dir=self.out_dir, name=f"{self.output_name}{suffix}", step=step,
-                        conditions=self.conditions,
+                        conditions=self.conditions, latent_space=latent_space(self.model_type),
                     )  # fmt: skip
                 for result in rendered:
                     trainer.metrics.log_image(f"sample{suffix.replace('-', '_')}/p{result.prompt_index:02d}",

@@ -9,7 +9,8 @@ sample counts are added up once at the end, a sample-weighted mean equal to the 
 objective (flow matching: input ``(1 - t) * x0 + t * noise``, target ``noise - x0``, model timestep
 ``1000 * t``) through the same
 ``TrainingLoss`` call shape, without the per-timestep weighting, so the numbers of different timesteps and
-runs compare. With Wan 2.2 experts each timestep is served by its own expert (timesteps are grouped so each
+runs compare. The model type's objective applies as in training (``criteria.objectives``: TI2V-5B image-to-video
+items drawn from the validation seed, the same items on every evaluation). With Wan 2.2 experts each timestep is served by its own expert (timesteps are grouped so each
 expert is activated once). Nothing here touches the training random stream (see ``inference_session``).
 
 Logged: ``val/loss`` (mean over the timesteps) and ``val/loss_t{t}``; the progress bar shows ``val``.
@@ -24,6 +25,7 @@ import torch
 
 from ...common.logger import get_logger
 from ...config.output import ValidationConfig
+from ...criteria.objectives import FlowMatchingObjective, objective_for
 from ...criteria.training_loss import LossContext, TrainingLoss, flow_matching_pair
 from ...errors import UserError
 from ..distributed import sum_across
@@ -84,6 +86,8 @@ def validation_losses(
     activate: Callable[[str], None] | None = None,
     rank: int = 0,
     world_size: int = 1,
+    objective: Any = None,
+    patch: tuple[int, int, int] = (1, 2, 2),
 ) -> dict[int, tuple[float, int]]:
     """Sum of per-sample-weighted losses and sample count per timestep: ``{t: (loss_sum, count)}``.
 
@@ -91,6 +95,7 @@ def validation_losses(
     place in the global batch comes from its ``batch_index`` / ``share_offset`` / ``global_batch_size`` (see
     ``dataset.loader``); without them it is taken as ``rank``'s equal share of ``world_size``.
     """
+    objective = objective or FlowMatchingObjective()
     sums = {t: (0.0, 0) for t in timesteps}
     for expert, group in group_by_expert(timesteps, expert_for):
         if expert is not None and activate is not None:
@@ -105,8 +110,9 @@ def validation_losses(
             for t in group:
                 t_b = torch.full((size,), t / 1000.0, device=device, dtype=torch.float32)
                 noisy, target = flow_matching_pair(latents, noise, t_b)
-                pred = forward(noisy, t_b * 1000.0, context, conditioning)
-                loss, _ = loss_fn(pred, target, batch, LossContext(t=t_b))
+                inputs = objective.model_inputs(latents, noisy, t_b * 1000.0, batch, 0, patch)
+                pred = forward(inputs.noisy, inputs.timesteps, context, conditioning)
+                loss, _ = loss_fn(pred, target, batch, LossContext(t=t_b, loss_mask=inputs.loss_mask))
                 loss_sum, count = sums[t]
                 sums[t] = (loss_sum + float(loss) * size, count + size)
     return sums
@@ -117,8 +123,10 @@ class ValidationHandler(Handler):
 
     name = "validation"
 
-    def __init__(self, cfg: ValidationConfig, loader: Any, loss_fn: Callable, seed: int = VAL_NOISE_SEED):
+    def __init__(self, cfg: ValidationConfig, loader: Any, loss_fn: Callable, seed: int = VAL_NOISE_SEED,
+                 objective: Any = None):
         self.cfg = cfg
+        self.objective = objective or FlowMatchingObjective()
         self.loader = loader
         self.loss_fn = loss_fn
         self.seed = seed
@@ -128,7 +136,8 @@ class ValidationHandler(Handler):
 
     @classmethod
     def from_config(cls, cfg: ValidationConfig, val_specs: list, loss_cfg, timestep_cfg, *, rank: int = 0,
-                    world_size: int = 1, model_type: str = "t2v") -> ValidationHandler | None:
+                    world_size: int = 1, model_type: str = "t2v", ti2v_image_ratio: float | None = None
+                    ) -> ValidationHandler | None:  # fmt: skip
         """None when there is nothing to do; a ``UserError`` when a trigger is set without val datasets."""
         triggered = cfg.validate_every_n_steps is not None or cfg.validate_on_epoch_end
         if not val_specs:
@@ -147,7 +156,8 @@ class ValidationHandler(Handler):
         loader = build_dataloader(val_specs, seed=0, shuffle=False, rank=rank, world_size=world_size,
                                   split_uneven=True, model_type=model_type)
         unweighted = timestep_cfg.model_copy(update={"weighting_scheme": "none"})
-        return cls(cfg, loader, TrainingLoss.from_config(loss_cfg, unweighted))
+        objective = objective_for(model_type, ti2v_image_ratio, VAL_NOISE_SEED)
+        return cls(cfg, loader, TrainingLoss.from_config(loss_cfg, unweighted), objective=objective)
 
     # -- triggers --------------------------------------------------------------------------------
 
@@ -183,6 +193,8 @@ class ValidationHandler(Handler):
                 activate=experts.activate if dual else None,
                 rank=getattr(self.loader, "rank", 0),
                 world_size=getattr(self.loader, "world_size", 1),
+                objective=self.objective,
+                patch=tuple(model.config.patch_size),
             )
         return sums
 

@@ -97,13 +97,3 @@ def require_clip_path(model_cfg, model_type: str) -> Path | None:
     if not Path(model_cfg.clip).exists():
         raise UserError(f"`clip`: CLIP vision encoder not found: {model_cfg.clip}; {CLIP_HELP}")
     return Path(model_cfg.clip)
-
-
-def require_supported(model_type: str, action: str) -> None:
-    """``action`` (training, cache-latents) does not take the TI2V-5B yet: a ``UserError`` (``sample`` does)."""
-    if model_type == "ti2v":
-        raise UserError(
-            f"the DiT is the Wan 2.2 TI2V-5B (48 latent channels); {action} does not support it yet (its caches "
-            "and training on the Wan 2.2 VAE are not built; `wantrainer sample` renders it). Supported: Wan 2.1 "
-            "T2V / I2V / FLF2V, Wan 2.2 T2V / I2V A14B"
-        )
