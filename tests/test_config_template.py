@@ -110,3 +110,16 @@ def test_i2v_examples_set_their_image_inputs():
     assert wan22.model.clip is None and wan22.model.target_model == "wan22" and wan22.model.dit_high_noise
     assert wan22.model.timestep_boundary is None  # the model type's default (900) applies
     assert all(p.image is not None for p in wan22.sampling.sample_prompts)
+
+
+def test_ti2v_5b_example_fits_the_wan22_vae_grid():
+    from wantrainer.dataset.blueprint import resolve_datasets
+
+    cfg = load_config(ROOT / "configs" / "examples" / "wan22_ti2v_5b_lora.toml")
+    assert cfg.model.dit_high_noise is None and cfg.model.timestep_boundary is None
+    assert "wan2.2_vae" in str(cfg.model.vae) and cfg.model.ti2v_image_ratio is not None
+    for split in ("train", "val"):
+        assert all(s.latent_stride == 16 for s in resolve_datasets(cfg.datasets, split, "ti2v"))
+    prompts = cfg.sampling.sample_prompts
+    assert all(p.width % 32 == 0 and p.height % 32 == 0 and (p.frames - 1) % 4 == 0 for p in prompts)
+    assert {p.image is None for p in prompts} == {True, False}  # text-to-video and image-to-video samples

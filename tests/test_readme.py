@@ -50,6 +50,7 @@ NOT_KEYS = {
     "comfy_quant",  # DiT file tensors
     "frame_count",  # cache-file metadata
     "model_type",  # cache-file metadata (the model type a cache serves)
+    "vae_type",  # cache-file metadata (the VAE that made a cache)
     "img_emb",
     "k_img",
     "v_img",
