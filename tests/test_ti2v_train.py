@@ -358,3 +358,10 @@ def test_the_5b_lora_has_comfyui_names_and_loads_in_diffusers(ti2v_workspace, tm
         got = ref(x, t, padded_context(ctx), return_dict=False)[0]
     assert (ours - base).abs().max().item() > 1e-3  # the trained LoRA changes the output
     assert (got - ours).abs().max().item() < 1e-4
+
+
+def test_estimate_counts_the_5b_tokens_on_the_16x_grid(ti2v_workspace, tmp_path):
+    from wantrainer.estimate.cli import largest_batch_tokens
+
+    tokens, batch, _ = largest_batch_tokens(load(ti2v_workspace.write(tmp_path)), None, None)
+    assert (tokens, batch) == (3 * 3 * 2 * 2, 3)  # batch 3 x 3 latent frames x (64 / 32) x (64 / 32)

@@ -50,27 +50,33 @@ def _shapes_from_config(cfg: Any, knobs: Knobs, preset: str | None) -> ModelShap
 
 
 def largest_batch_tokens(cfg: Any, resolution: str | None, frames: int | None) -> tuple[int, int, str]:
-    """(tokens, batch size, description) of the largest batch of [[datasets.train]] (or the given size)."""
+    """(tokens, batch size, description) of the largest batch of [[datasets.train]] (or the given size); the
+    TI2V-5B's Wan 2.2 VAE compresses 16x, so a frame gives a quarter of the tokens."""
     from ..dataset.blueprint import resolve_datasets
+    from ..models.wan.conditioning import run_model_type
+    from ..models.wan.latent_space import latent_space
 
+    model_type = run_model_type(cfg.model)
+    step = latent_space(model_type).pixel_step
     candidates = []
-    specs = list(resolve_datasets(cfg.datasets, "train")) if (resolution is None or frames is None) else []
+    specs = list(resolve_datasets(cfg.datasets, "train", model_type)) if (resolution is None or frames is None) else []
     for spec in specs:
         longest = max(spec.target_frames) if spec.frame_extraction != "full" else spec.max_frames
         candidates.append((spec.resolution, longest if spec.is_video else 1, spec.batch_size, spec.name))
     if resolution is not None or frames is not None or not candidates:
         if resolution is None and not candidates:
             raise UserError("no [[datasets.train]] to size the activations: add one or give --resolution and --frames")
-        base = max(candidates, key=lambda c: _tokens(*c[:3])) if candidates else ((832, 480), 1, 1, "")
+        base = max(candidates, key=lambda c: _tokens(*c[:3], step)) if candidates else ((832, 480), 1, 1, "")
         size = _parse_resolution(resolution) if resolution else base[0]
         candidates = [(size, frames if frames is not None else base[1], base[2], "command line")]
-    size, count, batch, name = max(candidates, key=lambda c: _tokens(*c[:3]))
-    return _tokens(size, count, batch), batch, f"{name}: {size[0]}x{size[1]}, {count} frame(s), batch {batch}"
+    size, count, batch, name = max(candidates, key=lambda c: _tokens(*c[:3], step))
+    return _tokens(size, count, batch, step), batch, f"{name}: {size[0]}x{size[1]}, {count} frame(s), batch {batch}"
 
 
-def _tokens(size: tuple[int, int], frames: int, batch: int) -> int:
+def _tokens(size: tuple[int, int], frames: int, batch: int, step: int = 16) -> int:
+    """Video tokens: latent frames x (H / step) x (W / step), ``step`` = VAE stride x patch 2 (32 for the TI2V-5B)."""
     latent_frames = (frames - 1) // 4 + 1
-    return batch * latent_frames * (size[1] // 16) * (size[0] // 16)
+    return batch * latent_frames * (size[1] // step) * (size[0] // step)
 
 
 def _parse_resolution(text: str) -> tuple[int, int]:
