@@ -7,7 +7,9 @@ their arguments, and turns user errors into a message and exit code 2 (no traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -214,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging("INFO")  # commands that load a config then apply its logging_level
     try:
+        _tell_parent_ready()
         return int(_load_handler(args._handler)(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -227,6 +230,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cause is None:
             raise
         return _interrupted(cause)
+
+
+def _tell_parent_ready() -> None:
+    """For a parent that sends Ctrl-C (the web UI): from here on SIGINT ends the command cleanly, so say so on
+    the pipe it passed in ``WANTRAINER_READY_FD`` (one byte, then closed)."""
+    fd = os.environ.pop("WANTRAINER_READY_FD", None)
+    if fd is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        os.write(int(fd), b"1")
+        os.close(int(fd))
 
 
 def _interrupted(exc: KeyboardInterrupt) -> int:

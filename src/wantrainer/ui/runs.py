@@ -34,6 +34,10 @@ MAX_LINES = 5000
 PROGRESS_INTERVAL_S = "1"
 """How often the CLI writes its progress line when its output is not a terminal (seconds)."""
 
+# A Stop (SIGINT) while the child still imports torch would meet Python's own handler, a KeyboardInterrupt
+# traceback from inside an import: the page sends it only once the CLI's main() says, through a pipe
+# (WANTRAINER_READY_FD), that it handles Ctrl-C itself; a stop asked for before that waits.
+
 # tqdm's line: "steps:  50%|#####     | 30/60 [00:10<00:10,  2.99step/s, loss=0.1234, lr=1.00e-02]"
 _PROGRESS = re.compile(r"(?P<desc>[\w-]+):\s*(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*"
                        r"\[(?P<elapsed>[\d:]+)<(?P<eta>[\d:?]+)(?:,\s*(?P<rate>[^,\]]+))?(?:,\s*(?P<post>[^\]]*))?\]")
@@ -91,6 +95,8 @@ class Run:
     """Index of ``lines[0]`` in the whole output (older lines are dropped beyond ``MAX_LINES``)."""
     progress: dict[str, Any] = field(default_factory=dict)
     stop_requested: bool = False
+    ready: bool = False
+    """The child's main() handles Ctrl-C: a SIGINT now is the CLI's stop (see ``cli.main``)."""
     ended: float | None = None
 
     @property
@@ -143,14 +149,36 @@ class RunManager:
         output_dir = str(Path(cfg.saving.output_dir).resolve())
         with self._lock:
             self._busy(output_dir, cfg.saving.output_name, command)
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANTRAINER_PROGRESS_INTERVAL": PROGRESS_INTERVAL_S}
+            ready_read, ready_write = os.pipe()
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANTRAINER_PROGRESS_INTERVAL": PROGRESS_INTERVAL_S,
+                   "WANTRAINER_READY_FD": str(ready_write)}
             argv = [self.python, "-m", "wantrainer.cli", command, "--config", str(config), *(extra or [])]
-            proc = subprocess.Popen(argv, cwd=str(config.parent), env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                proc = subprocess.Popen(argv, cwd=str(config.parent), env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                        pass_fds=(ready_write,))
+            except BaseException:
+                os.close(ready_read)
+                raise
+            finally:
+                os.close(ready_write)
             run = Run(next(self._ids), command, str(config), output_dir, cfg.saving.output_name, proc)
             self.runs[run.id] = run
         threading.Thread(target=self._read, args=(run,), daemon=True, name=f"ui-run-{run.id}").start()
+        threading.Thread(target=self._await_ready, args=(run, ready_read), daemon=True,
+                         name=f"ui-ready-{run.id}").start()
         return run
+
+    def _await_ready(self, run: Run, fd: int) -> None:
+        """Wait for the child's "main() runs now" byte (or its end), then deliver a stop asked for meanwhile."""
+        try:
+            os.read(fd, 1)
+        finally:
+            os.close(fd)
+        with self._lock:
+            run.ready = True
+            if run.stop_requested and run.returncode is None:
+                run.proc.send_signal(signal.SIGINT)
 
     def _read(self, run: Run) -> None:
         assert run.proc.stdout is not None
@@ -191,9 +219,11 @@ class RunManager:
     def stop(self, run_id: int) -> Run:
         """SIGINT (the CLI's Ctrl-C): ``train`` saves a state at the end of the step and exits 130."""
         run = self.get(run_id)
-        if run.returncode is None:
-            run.stop_requested = True
-            run.proc.send_signal(signal.SIGINT)
+        with self._lock:
+            if run.returncode is None and not run.stop_requested:
+                run.stop_requested = True
+                if run.ready:  # else _await_ready sends it once the CLI's main() runs
+                    run.proc.send_signal(signal.SIGINT)
         return run
 
     def list(self) -> list[Run]:
@@ -203,9 +233,7 @@ class RunManager:
         """At server shutdown: ask every live run to save and stop, and wait for them."""
         live = [r for r in self.runs.values() if r.returncode is None]
         for run in live:
-            if not run.stop_requested:
-                run.stop_requested = True
-                run.proc.send_signal(signal.SIGINT)
+            self.stop(run.id)
         deadline = time.time() + timeout
         for run in live:
             try:
