@@ -144,7 +144,7 @@ def test_union_constraint_reported_once():
         ({"datasets": {"train": [{"image_directory": "a", "video_directory": "b"}]}},
          ("`image_directory`", "`video_directory`", "mutually exclusive")),
         ({"min_timestep": 900, "max_timestep": 100}, ("`min_timestep`", "`max_timestep`")),
-        ({"fp8_scaled": True}, ("`fp8_scaled`", "`fp8_base = true`")),
+        ({"fp8_base": True, "dit_weight_dtype": "bf16"}, ("`dit_weight_dtype`", "`fp8_base`")),
     ],
 )
 def test_related_options_are_named_together(data, names):
@@ -171,8 +171,8 @@ def test_every_problem_of_a_file_is_reported_at_once():
 
 
 def test_cross_field_check_skips_keys_already_reported():
-    # fp8_base is wrong, so "fp8_scaled needs fp8_base" would only repeat the same mistake.
-    problems = problems_of({"fp8_base": "yes", "fp8_scaled": True})
+    # fp8_base is wrong, so "dit_weight_dtype and fp8_base disagree" would only repeat the same mistake.
+    problems = problems_of({"fp8_base": "yes", "dit_weight_dtype": "bf16"})
     assert problems == ['`fp8_base` must be true or false, got "yes" (a string)']
 
 

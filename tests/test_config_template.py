@@ -99,7 +99,7 @@ def test_wan22_example_uses_both_experts():
 
 def test_14b_example_fits_24gb_settings():
     cfg = load_config(ROOT / "configs" / "examples" / "wan21_t2v_14b_lora.toml")
-    assert cfg.model.fp8_base and cfg.model.blocks_to_swap > 0 and cfg.model.gradient_checkpointing
+    assert cfg.model.weight_dtype == "fp8_scaled" and cfg.model.blocks_to_swap > 0 and cfg.model.gradient_checkpointing
     assert cfg.sampling.sample_prompts
 
 

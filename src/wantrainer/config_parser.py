@@ -325,8 +325,13 @@ def cross_field_problems(cfg: WanTrainerConfig) -> list[str]:
         problems.append(
             f"`min_timestep` ({t.min_timestep}) must be below `max_timestep` ({t.max_timestep})"
         )
-    if m.fp8_scaled and not m.fp8_base:
-        problems.append("`fp8_scaled` needs `fp8_base = true`")
+    legacy = "fp8_scaled" if m.fp8_scaled else "fp8" if m.fp8_base else None
+    if legacy is not None and m.dit_weight_dtype not in ("auto", legacy):
+        old = "fp8_scaled" if m.fp8_scaled else "fp8_base"
+        problems.append(f'`dit_weight_dtype` = "{m.dit_weight_dtype}" and `{old}` = true disagree; keep only '
+                        f'`dit_weight_dtype` (`{old}` = true means dit_weight_dtype = "{legacy}")')
+    if m.fp8_matmul and m.weight_dtype not in ("fp8", "fp8_scaled"):
+        problems.append('`fp8_matmul` needs fp8 weights: set dit_weight_dtype = "fp8_scaled" (or "fp8")')
     if m.gradient_checkpointing_cpu_offload and not m.gradient_checkpointing:
         problems.append("`gradient_checkpointing_cpu_offload` needs `gradient_checkpointing = true`")
     if m.dit_high_noise is not None and m.target_model != "wan22":

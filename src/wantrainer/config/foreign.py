@@ -14,7 +14,7 @@ FOREIGN_KEYS: dict[str, str] = {
                       "[[datasets.train]] and [[datasets.val]] tables (`wantrainer config import --from musubi` "
                       "converts a dataset TOML)",
     "general": "the shared dataset settings are the [datasets.general] table here (musubi-tuner's [general])",
-    "dit_dtype": "ours is `mixed_precision` (compute dtype) with `fp8_base` / `fp8_scaled` for the stored weights",
+    "dit_dtype": "ours is `dit_weight_dtype` (storage of the block Linear weights) with `mixed_precision` (compute dtype)",
     "vae_dtype": "ours is `vae_dtype` in the [datasets.latent_cache] table",
     "vae_cache_cpu": "ours is `vae_cache_cpu` in the [datasets.latent_cache] table",
     "vae_tiling": "ours is `vae_tiling` in the [datasets.latent_cache] table",

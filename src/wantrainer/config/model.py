@@ -27,10 +27,14 @@ class ModelConfig(Section):
     """UMT5-XXL text encoder weights (models_t5_umt5-xxl-enc-bf16.pth or a HF / ComfyUI safetensors)."""
     t5_tokenizer: str | None = None
     """Tokenizer folder containing spiece.model (relative to the config), or a hub id such as "google/umt5-xxl"."""
+    dit_weight_dtype: Literal["auto", "bf16", "fp16", "fp32", "fp8", "fp8_scaled"] = "auto"
+    """Storage dtype of the DiT block Linear weights, apart from the compute dtype (mixed_precision): "auto" = the compute dtype (as before); "bf16" / "fp16" keep them in 2 bytes and upcast each layer per call (on the CPU with mixed_precision = "no": bf16 storage, fp32 compute, half the RAM of fp32); "fp8" = float8_e4m3fn; "fp8_scaled" = fp8 with per-output-channel scales (more accurate). Norms, embeddings, head and modulation stay in the compute dtype."""
     fp8_base: bool = False
-    """Store the DiT block Linear weights as float8_e4m3fn and upcast them per layer at compute time."""
+    """Older spelling of dit_weight_dtype = "fp8" (still read; do not set both)."""
     fp8_scaled: bool = False
-    """Store the block Linear weights in fp8 with per-output-channel scales computed at load time (implies fp8_base; more accurate than a plain cast)."""
+    """Older spelling of dit_weight_dtype = "fp8_scaled" (still read, with or without fp8_base; do not set both)."""
+    fp8_matmul: bool = False
+    """With dit_weight_dtype "fp8" / "fp8_scaled" on a CUDA GPU of compute capability >= 8.9: run the forward matmul of the block Linears on fp8 tensor cores (torch._scaled_mm, activations quantised per row); the backward pass computes in the compute dtype. An error elsewhere."""
     blocks_to_swap: int = Field(0, ge=0)
     """Number of DiT blocks kept on the CPU and moved to the GPU just ahead of use (0 = off, at most layers - 1; saves VRAM, costs speed)."""
     gradient_checkpointing: bool = False
@@ -47,3 +51,12 @@ class ModelConfig(Section):
     """wan22: keep the expert that is not in use on the CPU."""
     ti2v_image_ratio: float | None = Field(None, ge=0, le=1)
     """TI2V-5B only: share of the video items trained as image-to-video (first latent frame clean at timestep 0, left out of the loss); the rest train as text-to-video, images always do. Unset: 0.5."""
+
+    @property
+    def weight_dtype(self) -> str:
+        """``dit_weight_dtype`` with the older keys folded in ("fp8" for fp8_base, "fp8_scaled" for fp8_scaled)."""
+        if self.fp8_scaled:
+            return "fp8_scaled"
+        if self.fp8_base:
+            return "fp8"
+        return self.dit_weight_dtype

@@ -205,8 +205,7 @@ def load_experts(
             path,
             device=target,
             dtype=dtype,
-            fp8_base=model_cfg.fp8_base,
-            fp8_scaled=model_cfg.fp8_scaled,
+            weight_dtype=model_cfg.weight_dtype,
             attn_mode=model_cfg.attn_mode,
         )
 

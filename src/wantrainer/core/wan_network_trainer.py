@@ -82,6 +82,18 @@ def typical_seq_len(spec: Any) -> int:
     return (width // step) * (height // step)
 
 
+def enable_fp8_matmul(model: Any, device: torch.device) -> None:
+    """``fp8_matmul = true``: the fp8 forward matmuls through ``torch._scaled_mm``; refused where they cannot run."""
+    from ..models.wan.stored_linear import check_fp8_matmul_device
+
+    missing = check_fp8_matmul_device(device)
+    if missing is not None:
+        raise UserError(f"`fp8_matmul` = true cannot be honoured: {missing}; remove it (fp8 weights still work "
+                        "without it, upcast per layer)")
+    layers = model.enable_fp8_matmul()
+    logger.info("fp8_matmul: %d block Linear(s) run their forward matmul in fp8 (torch._scaled_mm)", layers)
+
+
 def build_experts(cfg: WanTrainerConfig, device: torch.device) -> Experts:
     """Load the DiT expert(s), place the model on ``device`` and set the memory features."""
     from ..models.wan.attention import check_attn_mode
@@ -94,6 +106,8 @@ def build_experts(cfg: WanTrainerConfig, device: torch.device) -> Experts:
     experts = load_experts(m, plan_experts(m, cfg.timesteps), _PRECISION[m.mixed_precision], device)
     model = experts.model
     model.requires_grad_(False)
+    if m.fp8_matmul:
+        enable_fp8_matmul(model, device)
     if m.blocks_to_swap:
         if m.blocks_to_swap >= model.config.num_layers:
             raise UserError(f"`blocks_to_swap` = {m.blocks_to_swap}: the DiT has only {model.config.num_layers} "

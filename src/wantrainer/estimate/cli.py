@@ -90,8 +90,8 @@ def _parse_resolution(text: str) -> tuple[int, int]:
 def knobs_from_config(cfg: Any, device: str, tokens: int, batch: int, experts: int) -> Knobs:
     m = cfg.model
     return Knobs(
-        compute=m.mixed_precision if device == "cuda" else "no", fp8=m.fp8_base or m.fp8_scaled,
-        fp8_scaled=m.fp8_scaled, blocks_to_swap=m.blocks_to_swap, gradient_checkpointing=m.gradient_checkpointing,
+        compute=m.mixed_precision if device == "cuda" else "no", fp8=m.weight_dtype in ("fp8", "fp8_scaled"),
+        fp8_scaled=m.weight_dtype == "fp8_scaled", weight_dtype=m.weight_dtype, blocks_to_swap=m.blocks_to_swap, gradient_checkpointing=m.gradient_checkpointing,
         cpu_offload=m.gradient_checkpointing_cpu_offload, optimizer=cfg.optimizer.optimizer_type,
         experts=experts, offload_inactive=m.offload_inactive_dit, separate_loras=experts > 1
         and cfg.network.dual_lora_mode == "separate", tokens=tokens, batch=batch, device=device)
@@ -116,7 +116,7 @@ def fitting_steps(shapes_for: Callable[[Knobs], ModelShapes], knobs: Knobs,
     steps: list[tuple[str, Estimate]] = []
     changes = [
         ("gradient_checkpointing = true", {"gradient_checkpointing": True}),
-        ("fp8_base = true, fp8_scaled = true", {"fp8": True, "fp8_scaled": True}),
+        ('dit_weight_dtype = "fp8_scaled"', {"fp8": True, "fp8_scaled": True}),
         ('optimizer_type = "adamw8bit"', {"optimizer": "adamw8bit"}),
         ("gradient_checkpointing_cpu_offload = true", {"cpu_offload": True}),
     ]

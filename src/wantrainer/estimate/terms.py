@@ -53,6 +53,8 @@ class Knobs:
     """Video tokens of the largest batch (batch size x latent frames x H/16 x W/16)."""
     batch: int
     device: str
+    weight_dtype: str = "auto"
+    """``dit_weight_dtype`` (older keys folded in): "bf16" / "fp16" / "fp32" set the block Linear bytes."""
 
     def with_(self, **changes: Any) -> Knobs:
         return replace(self, **changes)
@@ -107,7 +109,7 @@ class ModelShapes:
 def model_shapes(config: Any, network_cfg: Any, knobs: Knobs, file_bytes: int | None, name: str) -> ModelShapes:
     """Count the DiT and LoRA tensors on the meta device in the dtypes the loader would give them."""
     from ..models.wan.fp8 import is_fp8_block_linear
-    from ..models.wan.loading import _target_dtype
+    from ..models.wan.loading import WEIGHT_DTYPES, _target_dtype
     from ..models.wan.transformer import WanModel
     from ..networks.lora_wan import create_network
 
@@ -119,6 +121,8 @@ def model_shapes(config: Any, network_cfg: Any, knobs: Knobs, file_bytes: int | 
     for key, tensor in model.state_dict().items():
         if knobs.fp8 and is_fp8_block_linear(key):
             size = tensor.numel() + (tensor.shape[0] * 4 if knobs.fp8_scaled else 0)
+        elif knobs.weight_dtype in WEIGHT_DTYPES and is_fp8_block_linear(key):
+            size = tensor.numel() * WEIGHT_DTYPES[knobs.weight_dtype].itemsize
         else:
             size = tensor.numel() * _target_dtype(key, torch.bfloat16, compute).itemsize
         stored += tensor.numel() * 2

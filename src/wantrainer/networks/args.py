@@ -166,9 +166,13 @@ def full_model_problems(model_cfg: Any, network_cfg: Any) -> list[str]:
     if network_cfg.network_module not in FULL_MODULES:
         return []
     problems = []
-    if model_cfg.fp8_base:
-        problems.append('`fp8_base` cannot be trained: network_module = "full" needs bf16 / fp16 / fp32 weights; '
-                        "set fp8_base = false (save an fp8 file with full_save_precision = \"fp8_scaled\")")
+    if model_cfg.weight_dtype in ("fp8", "fp8_scaled"):
+        key = "fp8_base" if model_cfg.fp8_base else "fp8_scaled" if model_cfg.fp8_scaled else "dit_weight_dtype"
+        problems.append(f'`{key}` (fp8 weights) cannot be trained: network_module = "full" needs bf16 / fp16 / fp32 '
+                        'weights; remove it (save an fp8 file with full_save_precision = "fp8_scaled")')
+    elif model_cfg.dit_weight_dtype != "auto":
+        problems.append(f'`dit_weight_dtype` = "{model_cfg.dit_weight_dtype}": network_module = "full" trains the '
+                        'weights in the compute dtype (mixed_precision); remove it')
     if model_cfg.blocks_to_swap:
         problems.append('`blocks_to_swap` is not available with network_module = "full" (the optimiser holds every '
                         "trained weight on the device); set it to 0 and use gradient_checkpointing")

@@ -58,7 +58,7 @@ class FullNetwork(nn.Module):
         for name in self.names:
             p = params[name]
             if p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                raise UserError(f"full fine-tuning cannot train the fp8 weight {name}: set fp8_base = false")
+                raise UserError(f"full fine-tuning cannot train the fp8 weight {name}: remove dit_weight_dtype / fp8_base")
             if p.dtype == torch.float32:
                 self._masters[name] = p
             else:

@@ -55,10 +55,13 @@ def load_dit_for_sampling(model_cfg, path: Path, device: torch.device, resident:
         raise UserError(f"DiT checkpoint not found: {path}")
     dtype = compute_dtype(model_cfg.mixed_precision, device)
     dit = load_wan_dit(
-        path, device="cpu", dtype=dtype, fp8_base=model_cfg.fp8_base, fp8_scaled=model_cfg.fp8_scaled,
-        attn_mode=model_cfg.attn_mode,
+        path, device="cpu", dtype=dtype, weight_dtype=model_cfg.weight_dtype, attn_mode=model_cfg.attn_mode,
     )  # fmt: skip
     dit.eval().requires_grad_(False)
+    if model_cfg.fp8_matmul:
+        from ..core.wan_network_trainer import enable_fp8_matmul
+
+        enable_fp8_matmul(dit, device)
     if model_cfg.blocks_to_swap and device.type == "cuda":
         dit.enable_block_swap(model_cfg.blocks_to_swap, device)
     if resident:

@@ -3,7 +3,7 @@
 A file is applied through a ``LoRANetwork`` built to its own shape (rank from the tensors, the modules it
 names), so any LoRA that ``networks.formats.load_lora`` reads works, whatever ``network_dim`` the config
 says. With bf16 / fp32 base weights the update is merged (no extra cost per step); fp8 base weights keep the
-LoRA as a wrapper around each Linear.
+LoRA as a wrapper around each Linear, and so do weights stored apart from the compute dtype (dit_weight_dtype).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ logger = get_logger(__name__)
 
 HIGH_SUFFIX = "_high_noise"
 LOW_SUFFIX = "_low_noise"
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def assign_loras(paths: list[Path], two_experts: bool) -> dict[str, Path | None]:
@@ -67,10 +66,12 @@ def apply_lora_file(
     sd, _ = load_lora(path)
     network = LoRANetwork.from_state_dict(dit, sd, multiplier, source=str(path))
     network.eval()
-    if any(t.dtype in _FP8 for t in dit.state_dict().values()):
+    from ..models.wan.stored_linear import StoredLinear
+
+    if any(isinstance(m, StoredLinear) for m in dit.modules()):  # fp8 / bf16 storage: merging would round
         network.to(device=device if device is not None else dit.device)
         network.apply_to(dit)
-        logger.info("LoRA %s applied to %d fp8 Linear(s) at multiplier %g", Path(path).name, len(network.module_paths), multiplier)
+        logger.info("LoRA %s applied to %d stored (fp8 / bf16) Linear(s) at multiplier %g", Path(path).name, len(network.module_paths), multiplier)
     else:
         network.to(device=dit.device)
         network.merge_to(dit)

@@ -45,7 +45,7 @@ _REASONS = {
     "guidance_scale": "Wan trains without embedded guidance; sampling sets cfg_scale per [[sample_prompts]]",
     "clip": "only T2V models are trained here (CLIP vision is for I2V)",
     "i2v": "only T2V models are trained here",
-    "dit_dtype": "set by mixed_precision, fp8_base and fp8_scaled here",
+    "dit_dtype": "set by dit_weight_dtype (storage) and mixed_precision (compute) here",
     "log_prefix": "no run-name prefix here; each run logs to logging_dir",
     "log_tracker_name": "no tracker names here",
     "log_config": "the resolved config is always saved beside the LoRA",

@@ -1,20 +1,19 @@
-"""fp8 storage of the DiT block Linear weights, upcast per layer at compute time.
+"""Storage of the DiT block Linear weights in another dtype than the compute dtype (``dit_weight_dtype``).
 
-``fp8_base``: the weight is stored as float8_e4m3fn (a plain cast, clamped to the fp8 range).
+``fp8``: the weight is stored as float8_e4m3fn (a plain cast, clamped to the fp8 range).
 ``fp8_scaled``: the weight is divided by a per-output-channel scale (``amax / 448``) before the cast; the scale is
 a float32 buffer named ``scale_weight`` (so ``state_dict()`` round-trips, as in scaled-fp8 checkpoint files).
-Norms, embeddings, the head and the modulation tables are never quantised.
+``bf16`` / ``fp16`` / ``fp32``: the weight is kept in that dtype. Each layer upcasts at compute time into a
+scratch buffer the model shares (see ``stored_linear.py``). Norms, embeddings, the head and the modulation
+tables are never stored this way: they are in the compute dtype (float32 for the precision-sensitive ones).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+from .stored_linear import FP8_DTYPE, FP8_DTYPES, FP8_MAX, StoredLinear, UpcastBuffers
 
 # Linear layers inside each block that are stored in fp8 (relative to ``blocks.N``); the image-branch
 # projections ``cross_attn.k_img`` / ``v_img`` (Wan 2.1 I2V / FLF2V) too when the model has them.
@@ -26,27 +25,13 @@ FP8_BLOCK_LINEARS = tuple(f"{a}.{p}" for a in ("self_attn", "cross_attn") for p 
 )
 
 
-class FP8Linear(nn.Linear):
-    """An ``nn.Linear`` whose weight is stored in fp8 (optionally with a per-output-channel ``scale_weight``)."""
+class FP8Linear(StoredLinear):
+    """A ``StoredLinear`` whose weight is float8_e4m3fn (optionally with a per-output-channel ``scale_weight``)."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, scaled: bool = False, device=None
     ):
-        super().__init__(in_features, out_features, bias=bias, device=device)
-        self.weight.requires_grad_(False)
-        self.weight.data = self.weight.data.to(FP8_DTYPE)
-        self.register_buffer("scale_weight", torch.ones(out_features, device=device) if scaled else None)
-
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight upcast to ``dtype`` (times its scale)."""
-        weight = self.weight.to(dtype)
-        if self.scale_weight is not None:
-            weight = weight * self.scale_weight.to(dtype)[:, None]
-        return weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        super().__init__(in_features, out_features, bias, storage_dtype=FP8_DTYPE, scaled=scaled, device=device)
 
 
 def quantize_weight(weight: torch.Tensor, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -59,7 +44,7 @@ def quantize_weight(weight: torch.Tensor, scaled: bool) -> tuple[torch.Tensor, t
 
 
 def is_fp8_block_linear(key: str) -> bool:
-    """True for ``blocks.N.<linear>.weight`` keys of the layers that fp8 storage applies to."""
+    """True for ``blocks.N.<linear>.weight`` keys of the layers that fp8 (and any other weight storage) applies to."""
     parts = key.split(".")
     return (
         len(parts) >= 4
@@ -69,37 +54,62 @@ def is_fp8_block_linear(key: str) -> bool:
     )
 
 
-def replace_block_linears(model: nn.Module, scaled: bool) -> list[str]:
-    """Swap the block Linear modules of ``model`` for ``FP8Linear`` ones (same device; weights quantised).
+def _make_stored(old: nn.Linear, storage_dtype: torch.dtype, scaled: bool) -> StoredLinear:
+    device = old.weight.device
+    if storage_dtype in FP8_DTYPES:
+        new = FP8Linear(old.in_features, old.out_features, old.bias is not None, scaled=scaled, device=device)
+    else:
+        new = StoredLinear(old.in_features, old.out_features, old.bias is not None, storage_dtype=storage_dtype,
+                           device=device)  # fmt: skip
+    if device.type != "meta":
+        with torch.no_grad():
+            if storage_dtype in FP8_DTYPES:
+                weight, scale = quantize_weight(old.weight, scaled)
+                new.weight.data = weight
+                if scale is not None:
+                    new.scale_weight.copy_(scale)
+            else:
+                new.weight.data = old.weight.data.to(storage_dtype)
+            if old.bias is not None:
+                new.bias.data = old.bias.data
+    if old.bias is not None:
+        new.bias.requires_grad_(old.bias.requires_grad)
+    return new
 
-    Works on a real model (quantises its weights) and on a meta-device one (the weights are loaded after).
+
+def store_block_linears(model: nn.Module, storage_dtype: torch.dtype, scaled: bool = False) -> list[str]:
+    """Swap the block Linear modules of ``model`` for ``StoredLinear`` ones keeping the weight in
+    ``storage_dtype`` (fp8: quantised, with per-channel scales if ``scaled``); all share ``model.upcast_buffers``.
+
+    Works on a real model (converts its weights) and on a meta-device one (the weights are loaded after).
     Returns the names of the replaced modules.
     """
+    buffers = getattr(model, "upcast_buffers", None)
+    if buffers is None:
+        buffers = UpcastBuffers()
+        model.upcast_buffers = buffers
     replaced = []
     for index, block in enumerate(model.blocks):
         for name in FP8_BLOCK_LINEARS:
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name)
             old = getattr(parent, child) if not child.isdigit() else parent[int(child)]
-            if old is None or isinstance(old, FP8Linear):  # no image branch / already fp8
+            if old is None or isinstance(old, StoredLinear):  # no image branch / already stored
                 continue
-            device = old.weight.device
-            new = FP8Linear(
-                old.in_features, old.out_features, old.bias is not None, scaled=scaled, device=device
-            )
-            if device.type != "meta":
-                with torch.no_grad():
-                    weight, scale = quantize_weight(old.weight, scaled)
-                    new.weight.data = weight
-                    if scale is not None:
-                        new.scale_weight.copy_(scale)
-                    if old.bias is not None:
-                        new.bias.data = old.bias.data
-            if old.bias is not None:
-                new.bias.requires_grad_(old.bias.requires_grad)
+            new = _make_stored(old, storage_dtype, scaled)
+            new.upcast_buffers = buffers
             if child.isdigit():
                 parent[int(child)] = new
             else:
                 setattr(parent, child, new)
             replaced.append(f"blocks.{index}.{name}")
     return replaced
+
+
+def replace_block_linears(model: nn.Module, scaled: bool) -> list[str]:
+    """fp8 storage of the block Linears (``store_block_linears`` with float8_e4m3fn)."""
+    return store_block_linears(model, FP8_DTYPE, scaled)
+
+
+__all__ = ["FP8Linear", "FP8_BLOCK_LINEARS", "FP8_DTYPE", "FP8_DTYPES", "FP8_MAX", "StoredLinear",
+           "is_fp8_block_linear", "quantize_weight", "replace_block_linears", "store_block_linears"]  # fmt: skip

@@ -19,7 +19,8 @@ from wantrainer.common.logger import get_logger
 from wantrainer.errors import UserError
 
 from .configs import HEAD_DIM, WanModelConfig, known_config_name
-from .fp8 import FP8_DTYPES, is_fp8_block_linear, quantize_weight, replace_block_linears
+from .fp8 import FP8_DTYPE, FP8_DTYPES, is_fp8_block_linear, quantize_weight, store_block_linears
+from .stored_linear import StoredLinear
 from .transformer import WanModel
 
 logger = get_logger(__name__)
@@ -33,6 +34,11 @@ _IGNORED_KEYS = ("scaled_fp8",)  # marker tensor of ComfyUI's scaled-fp8 files
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 _UNUSED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+_STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": FP8_DTYPE,
+                 "fp8_scaled": FP8_DTYPE}  # fmt: skip
+"""``dit_weight_dtype`` values (besides "auto") -> the storage dtype of the block Linear weights."""
 
 
 class CheckpointMismatchError(UserError):
@@ -238,8 +244,9 @@ def _target_dtype(key: str, stored: torch.dtype, dtype: torch.dtype | None) -> t
 
 
 def _convert(key: str, tensor: torch.Tensor, scale: torch.Tensor | None, expected: torch.Tensor,
-             dtype: torch.dtype | None, scaled: bool) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The tensors the model receives for one file tensor (a quantised weight brings its scale)."""
+             dtype: torch.dtype | None, scaled: bool, stored_linear: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The tensors the model receives for one file tensor (a quantised weight brings its scale);
+    ``stored_linear``: the weight of a ``StoredLinear``, which keeps the expected (storage) dtype."""
     stored = tensor.dtype
     if expected.dtype in FP8_DTYPES and scaled and scale is not None and stored == expected.dtype:
         # a pre-scaled fp8 file kept as stored: the same fp8 values, the scale ([] or [out]) per output row
@@ -255,7 +262,35 @@ def _convert(key: str, tensor: torch.Tensor, scale: torch.Tensor | None, expecte
         if new_scale is not None:
             out[key.removesuffix("weight") + "scale_weight"] = new_scale
         return out
+    if stored_linear:
+        return {key: tensor.to(expected.dtype)}
     return {key: tensor.to(_target_dtype(key, stored, dtype))}
+
+
+def resolve_weight_storage(weight_dtype: str, fp8_base: bool, fp8_scaled: bool, dtype: torch.dtype | None,
+                           entries: dict[str, TensorEntry]) -> tuple[torch.dtype | None, bool, torch.dtype]:  # fmt: skip
+    """(storage dtype of the block Linear weights or None for "as the other weights", fp8 scaled?, compute dtype).
+
+    ``fp8_base`` / ``fp8_scaled`` are the older spelling of ``weight_dtype = "fp8"`` / ``"fp8_scaled"``.
+    ``"auto"``: the compute dtype, except that with ``dtype`` None the file's dtypes are kept (an fp8 file stays
+    fp8, with its scales when it has them).
+    """
+    if weight_dtype not in ("auto", *WEIGHT_DTYPES):
+        raise UserError(f"`dit_weight_dtype` = {weight_dtype!r}: use one of auto, {', '.join(WEIGHT_DTYPES)}")
+    legacy = "fp8_scaled" if fp8_scaled else "fp8" if fp8_base else None
+    if legacy is not None and weight_dtype not in ("auto", legacy):
+        raise UserError(f"`dit_weight_dtype` = \"{weight_dtype}\" and `{'fp8_scaled' if fp8_scaled else 'fp8_base'}` "
+                        f"= true disagree; keep only `dit_weight_dtype` (\"{legacy}\" is what the old key means)")
+    mode = legacy or weight_dtype
+    patch = entries.get("patch_embedding.weight")
+    stored_patch = _STORED_DTYPES.get(patch.dtype, torch.float32) if patch is not None else torch.float32
+    compute = dtype if dtype is not None else _target_dtype("patch_embedding.weight", stored_patch, None)
+    if mode == "auto":
+        stored_fp8 = any(is_fp8_block_linear(k) and e.dtype.startswith("F8") for k, e in entries.items())
+        if dtype is None and stored_fp8:
+            return FP8_DTYPE, any(k.endswith(_SCALE_SUFFIXES) for k in entries), compute
+        return None, False, compute
+    return WEIGHT_DTYPES[mode], mode == "fp8_scaled", compute
 
 
 # ----- the loader -----------------------------------------------------------------------------------------
@@ -264,6 +299,7 @@ def load_wan_dit(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    weight_dtype: str = "auto",
     fp8_base: bool = False,
     fp8_scaled: bool = False,
     attn_mode: str = "sdpa",
@@ -271,25 +307,26 @@ def load_wan_dit(
     """Load a Wan DiT checkpoint (architecture inferred from its shapes) onto ``device``.
 
     ``dtype``: the compute dtype (precision-sensitive parameters stay float32); None keeps the stored dtypes.
-    ``fp8_base`` / ``fp8_scaled``: store the block Linear weights in fp8 (see ``fp8.py``). A file whose block
-    Linear weights are already fp8 keeps them in fp8 when ``dtype`` is None.
+    ``weight_dtype``: the storage of the block Linear weights (``dit_weight_dtype``: "auto", "bf16", "fp16",
+    "fp32", "fp8", "fp8_scaled"; see ``resolve_weight_storage`` and ``fp8.py``); when it differs from the
+    compute dtype those layers are ``StoredLinear`` and upcast per call. ``fp8_base`` / ``fp8_scaled``: the
+    older spelling of "fp8" / "fp8_scaled".
+
+    Each tensor is read, converted and placed on its own (the file is opened per tensor, so its pages leave the
+    process once the tensor is converted): loading holds one copy of the weights in their final dtype.
     """
     files = checkpoint_files(path)
     entries = read_tensor_index(files)
     source = str(path)
     config = infer_wan_config({k: v.shape for k, v in entries.items()}, source)
     check_variant(config, source)
-    stored_fp8 = any(is_fp8_block_linear(k) and e.dtype.startswith("F8") for k, e in entries.items())
-    use_fp8 = fp8_base or fp8_scaled or (stored_fp8 and dtype is None)
-    # a scaled-fp8 file loaded as stored keeps its scales
-    fp8_scaled = fp8_scaled or (
-        use_fp8 and dtype is None and any(k.endswith(_SCALE_SUFFIXES) for k in entries)
-    )
+    storage, scaled, compute = resolve_weight_storage(weight_dtype, fp8_base, fp8_scaled, dtype, entries)
     with torch.device("meta"):
         model = WanModel(config, attn_mode=attn_mode)
-    if use_fp8:
-        replace_block_linears(model, scaled=fp8_scaled)
+    if storage is not None and (storage != compute or scaled):
+        store_block_linears(model, storage, scaled)
     expected = model.state_dict()
+    stored_keys = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, StoredLinear)}
     file_keys = {k for k in entries if is_weight_key(k)}
     model_keys = {k for k in expected if not k.endswith(".scale_weight")}
     if file_keys != model_keys:
@@ -298,19 +335,24 @@ def load_wan_dit(
 
     state: dict[str, torch.Tensor] = {}
     device = torch.device(device)
-    for file in files:
-        with safe_open(file, framework="pt", device=str(device)) as handle:
-            for key in sorted(file_keys & {k for k, e in entries.items() if e.file == file}):
-                stored_scale = scale_entry(entries, key)
-                scale = _read(stored_scale, device) if stored_scale is not None else None
-                tensor = handle.get_tensor(entries[key].key)
-                state.update(_convert(key, tensor, scale, expected[key], dtype, fp8_scaled))
+    for key in sorted(file_keys, key=lambda k: (str(entries[k].file), k)):
+        stored_scale = scale_entry(entries, key)
+        scale = _read(stored_scale, device) if stored_scale is not None else None
+        tensor = _read(entries[key], device)
+        converted = _convert(key, tensor, scale, expected[key], dtype, scaled, key in stored_keys)
+        # a tensor the conversion left as a view of the memory-mapped file is copied into the process's own
+        # memory: the file's pages then leave the process, and the model does not depend on the file
+        mapped = tensor.data_ptr() if tensor.device.type == "cpu" else None
+        state.update({k: v.clone() if v.data_ptr() == mapped else v for k, v in converted.items()})
+        del tensor, scale, converted
     model.load_state_dict(state, strict=True, assign=True)
     del state
     name = known_config_name(config) or "custom size"
-    logger.info("loaded Wan DiT %s (%s, %s): %s, compute dtype %s%s", source, name, config.model_type,
-                _describe(config), model.dtype,
-                ", fp8 scaled" if fp8_scaled else ", fp8" if use_fp8 else "")  # fmt: skip
+    fp8 = ", fp8 scaled" if storage in FP8_DTYPES and scaled else ", fp8" if storage in FP8_DTYPES else ""
+    kept = f", block Linear weights stored in {str(storage).removeprefix('torch.')}" if (
+        storage is not None and storage not in FP8_DTYPES and storage != compute) else ""  # fmt: skip
+    logger.info("loaded Wan DiT %s (%s, %s): %s, compute dtype %s%s%s", source, name, config.model_type,
+                _describe(config), model.dtype, fp8, kept)  # fmt: skip
     return model
 
 

@@ -205,6 +205,7 @@ class WanModel(nn.Module):
         self.gradient_checkpointing = False
         self.gradient_checkpointing_cpu_offload = False
         self.block_swapper = None  # an offloading.BlockSwapper when blocks_to_swap > 0
+        self.upcast_buffers = None  # a stored_linear.UpcastBuffers when block Linears keep another dtype
         self.attn_mode = "sdpa"
         self.set_attn_mode(attn_mode)
         if not any(p.is_meta for p in self.parameters()):
@@ -241,15 +242,33 @@ class WanModel(nn.Module):
                 module.attn_mode = mode
 
     def to_compute_dtype(self, dtype: torch.dtype) -> WanModel:
-        """Cast floating parameters to ``dtype``, keeping ``_keep_in_fp32_modules`` in float32; fp8 stays fp8."""
+        """Cast floating parameters to ``dtype``, keeping ``_keep_in_fp32_modules`` in float32; fp8 stays fp8 and
+        a ``StoredLinear`` weight keeps its storage dtype."""
+        from .stored_linear import StoredLinear
+
         keep = set(self._keep_in_fp32_modules)
+        stored = {id(m.weight) for m in self.modules() if isinstance(m, StoredLinear)}
         for name, tensor in list(self.named_parameters()) + list(self.named_buffers()):
             if not tensor.is_floating_point() or tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                continue
+            if id(tensor) in stored:
                 continue
             target = torch.float32 if keep & set(name.split(".")) or name.endswith("scale_weight") else dtype
             if tensor.dtype != target:
                 tensor.data = tensor.data.to(target)
         return self
+
+    def enable_fp8_matmul(self, enabled: bool = True) -> int:
+        """Run the forward matmul of the fp8 block Linears through ``torch._scaled_mm`` (see ``stored_linear``).
+
+        The caller checks the device (``stored_linear.check_fp8_matmul_device``). Returns the number of layers.
+        """
+        from .stored_linear import FP8_DTYPES, StoredLinear
+
+        layers = [m for m in self.blocks.modules() if isinstance(m, StoredLinear) and m.weight.dtype in FP8_DTYPES]
+        for module in layers:
+            module.fp8_matmul = enabled
+        return len(layers)
 
     @property
     def dtype(self) -> torch.dtype:
