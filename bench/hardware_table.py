@@ -18,7 +18,7 @@ from wantrainer.config_parser import load_config
 from wantrainer.estimate.cli import _shapes_from_config, _tokens, fitting_steps, knobs_from_config
 from wantrainer.estimate.terms import GiB, estimate
 
-SHORT = {"gradient_checkpointing": "GC", "fp8_base": "fp8", "optimizer_type": "8-bit AdamW",
+SHORT = {"gradient_checkpointing": "GC", "dit_weight_dtype": "fp8", "optimizer_type": "8-bit AdamW",
          "gradient_checkpointing_cpu_offload": "GC offload"}
 MODELS = [("Wan 2.1 1.3B", "wan21_t2v_1.3b"), ("Wan 2.1 14B", "wan21_t2v_14b"), ("Wan 2.2 A14B", "wan22_t2v_a14b")]
 BATCHES = [("512x512 image", (512, 512), 1), ("832x480x33", (832, 480), 33), ("832x480x81", (832, 480), 81)]

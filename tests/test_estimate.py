@@ -102,7 +102,7 @@ def test_terms_follow_the_settings():
     assert fits[0][0] == "gradient_checkpointing = true" and fits[-1][1].vram <= 24 * GiB
     # the fp8 step re-counts the weights: the blocks drop from 2 bytes a parameter to ~1
     (_, after_gc), (fp8_text, after_fp8) = fits[0], fits[1]
-    assert fp8_text.startswith("fp8_base") and after_gc.vram - after_fp8.vram > 12 * GiB
+    assert fp8_text.startswith("dit_weight_dtype") and after_gc.vram - after_fp8.vram > 12 * GiB
     two = estimate(shapes, _knobs(experts=2, gradient_checkpointing=True))
     assert two.vram == checkpointed.vram and two.train_ram - checkpointed.train_ram == shapes.block_bytes * 40 + shapes.other_bytes
 

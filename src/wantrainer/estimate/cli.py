@@ -105,7 +105,7 @@ def fitting_steps(shapes_for: Callable[[Knobs], ModelShapes], knobs: Knobs,
     counted: dict[tuple[Any, ...], ModelShapes] = {}
 
     def shapes_of(k: Knobs) -> ModelShapes:
-        key = (k.fp8, k.fp8_scaled, k.compute)
+        key = (k.fp8, k.fp8_scaled, k.compute, k.weight_dtype)
         if key not in counted:
             counted[key] = shapes_for(k)
         return counted[key]
