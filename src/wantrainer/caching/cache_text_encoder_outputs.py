@@ -3,6 +3,11 @@
 One text cache per media file (all windows of a video share it). The caption is stored in the ``caption1``
 metadata, so with ``skip_existing`` a cache whose caption was edited since is encoded again. Caption dropout is not
 applied here: the loader swaps in an empty caption at train time (``caption_dropout_rate``).
+
+Enabled enhancements may ask for more text caches per item (``text_cache_variants``): the caption rewritten
+(e.g. DOP's trigger word replaced by the class word), written beside the item's text cache as
+``{stem}_wan_te{suffix}.safetensors`` with the same rules; an item whose rewritten caption is ``None`` gets none
+(an old file of it is removed).
 """
 
 from __future__ import annotations
@@ -110,6 +115,7 @@ def cache_text(cfg, progress: Progress | None = None) -> CacheSummary:
     captions: dict[Path, str] = {}
     for item in job.items:
         captions.setdefault(item.text_cache_path, item.caption)
+    captions.update(_variant_captions(cfg, captions))
     todo = []
     for path, caption in captions.items():
         if settings.skip_existing and _up_to_date(path, caption):
@@ -119,6 +125,24 @@ def cache_text(cfg, progress: Progress | None = None) -> CacheSummary:
     encode_todo(todo, lambda: load_text_encoder(cfg.model, settings, job.device),
                 lambda encoder: _encode_all(todo, encoder, settings, summary, progress), progress, "cache-text")
     return finish(job, TEXT_FILE, settings.keep_cache)
+
+def _variant_captions(cfg, captions: dict[Path, str]) -> dict[Path, str]:
+    """The enhancements' rewritten captions by cache path; stale variant files (no caption now) are removed."""
+    from ..enhancements.registry import build_enhancements
+
+    out: dict[Path, str] = {}
+    for enh in build_enhancements(cfg):
+        for variant in enh.text_cache_variants():
+            for path, caption in captions.items():
+                target = path.with_name(f"{path.stem}{variant.suffix}.safetensors")
+                rewritten = variant.caption_for(caption)
+                if rewritten is not None:
+                    out[target] = rewritten
+                elif target.is_file():
+                    target.unlink()
+                    logger.info("removed %s: its caption has no %s variant now", target.name, enh.name)
+    return out
+
 
 def run(args: argparse.Namespace) -> int:
     from .cli_support import run_caching

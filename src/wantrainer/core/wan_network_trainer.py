@@ -264,7 +264,7 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     total = total_steps_for(cfg.training, len(loader))
     networks = build_networks(cfg, experts, device)
     run = RunContext(model=experts.model, experts=experts, networks=networks, device=device, cfg=cfg,
-                     accelerator=accelerator, is_main_process=accelerator.is_main_process)
+                     accelerator=accelerator, is_main_process=accelerator.is_main_process, loader=loader)
     for enh in enhancements:
         enh.setup_hooks(run)
     extra = enhancement_param_groups(enhancements, cfg.optimizer.learning_rate)

@@ -4,6 +4,7 @@ An enhancement lives in its own folder ``enhancements/<feature>/`` (see ``regist
 by ``from_config`` (``None`` when the config leaves it off) and is called by the trainer at fixed points; the loop
 and the loss never name one. Every hook has a no-op default in ``BaseEnhancement``:
 
+0. ``text_cache_variants()`` in ``cache-text``: more text caches per item, from rewritten captions;
 1. ``item_caches()`` when the data loader is built: extra per-item cache files read into every batch
    (``batch["item_extras"][name]``), e.g. masks beside the latent cache or a second text cache;
 2. ``setup_hooks(run)`` once, after the DiT and the network(s) are built (keep references, register taps);
@@ -72,6 +73,17 @@ class ItemCache:
         return base.with_name(f"{base.stem}{self.suffix}.safetensors")
 
 
+@dataclass(frozen=True)
+class TextVariant:
+    """A second text cache per item that ``cache-text`` encodes: the item's caption rewritten by ``caption_for``
+    (``None``: this item has none; an old file of it is removed), written as ``{text cache stem}{suffix}
+    .safetensors`` beside the item's text cache in the text cache's format (read back with an ``ItemCache`` of
+    ``beside = "text"`` and the same suffix)."""
+
+    suffix: str
+    caption_for: Callable[[str], str | None]
+
+
 @dataclass
 class RunContext:
     """What ``setup_hooks`` gets: the built run. ``networks``: name -> network ("default", or "high_noise" /
@@ -84,6 +96,8 @@ class RunContext:
     cfg: WanTrainerConfig
     accelerator: Any = None
     is_main_process: bool = True
+    loader: Any = None
+    """The training data loader (``loader.items``: the ``CachedItem``s with their ``extra_paths``)."""
 
 
 @dataclass
@@ -226,6 +240,8 @@ class Enhancement(Protocol):
     @classmethod
     def from_config(cls, cfg: WanTrainerConfig) -> Enhancement | None: ...
 
+    def text_cache_variants(self) -> list[TextVariant]: ...
+
     def item_caches(self) -> list[ItemCache]: ...
 
     def setup_hooks(self, run: RunContext) -> None: ...
@@ -259,6 +275,9 @@ class BaseEnhancement:
     @classmethod
     def from_config(cls, cfg: WanTrainerConfig) -> BaseEnhancement | None:
         return None
+
+    def text_cache_variants(self) -> list[TextVariant]:
+        return []
 
     def item_caches(self) -> list[ItemCache]:
         return []

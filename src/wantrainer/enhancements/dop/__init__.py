@@ -1,0 +1,1 @@
+"""Differential output preservation: ``dop_helper.DopHelper`` (registered as ``dop``), section ``config.DopConfig``."""
