@@ -351,3 +351,66 @@ def test_caches_recached_in_another_dtype_are_reported_not_read(tmp_path, caplog
     with pytest.raises(UserError, match=r"(?s)1 with a stale latent cache.*2 text cache file\(s\) holding several "
                                         r"varlen_t5 tensors.*cache-text --config <your config>` with skip_existing = false"):
         build_dataloader([spec], seed=0, shuffle=False)
+
+
+def _vma_rss(pid: int, address: int) -> int:
+    """Resident bytes of the mapping of ``pid`` that holds ``address`` (0 when nothing is mapped there)."""
+    rss, inside = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(v, 16) for v in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("Rss:"):
+            rss = int(line.split()[1]) * 1024
+    return rss
+
+
+def _ppid(pid: int) -> int:
+    return int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("PPid:")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_workers_start_without_the_model(cached):
+    """A 256 MB tensor stands for the loaded model: forked workers map its pages (the old behaviour, measured
+    with the "fork" start method), the default workers (forkserver) do not map it at all."""
+    import os
+
+    from wantrainer.utils.memory import child_pids
+
+    model = torch.ones(64, 1024, 1024)  # touched: resident in this process
+    address = model.data_ptr() + model.nbytes // 2
+    own_cmdline = Path("/proc/self/cmdline").read_bytes()
+    seen = {}
+    for method in ("fork", None):
+        before = set(child_pids())
+        loader = build_dataloader(_specs(cached), seed=0, shuffle=False, num_workers=2, persistent_workers=True,
+                                  start_method=method)
+        it = iter(loader)
+        next(it)
+        # workers: forked from this process (same command line) or from the forkserver (not this process's child)
+        workers = [pid for pid in set(child_pids()) - before
+                   if _ppid(pid) != os.getpid() or Path(f"/proc/{pid}/cmdline").read_bytes() == own_cmdline]
+        seen[method] = [_vma_rss(pid, address) for pid in workers]
+        del it, loader
+    assert len(seen["fork"]) == 2 and all(r > 0.9 * model.nbytes for r in seen["fork"]), seen
+    assert len(seen[None]) == 2 and all(r < 0.01 * model.nbytes for r in seen[None]), seen
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux /proc")
+def test_process_tree_pss_counts_the_children():
+    import subprocess
+    import sys
+
+    from wantrainer.utils.memory import process_tree_pss, pss_bytes
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; x = bytearray(200 << 20); "
+                              "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b"ready"
+        tree, own = process_tree_pss(), pss_bytes()
+        assert tree - own > 190 << 20  # the child's 200 MB (private pages count whole in PSS)
+    finally:
+        child.kill()
+        child.wait()

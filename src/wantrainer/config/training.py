@@ -22,7 +22,7 @@ class TrainingConfig(Section):
     max_grad_norm: float = Field(1.0, ge=0)
     """Clip the gradient norm to this value (0 disables clipping)."""
     max_data_loader_n_workers: int = Field(2, ge=0)
-    """DataLoader worker processes (0 loads in the main process)."""
+    """DataLoader worker processes (0 loads in the main process). They start from a forkserver, so they hold none of the model's memory."""
     persistent_data_loader_workers: bool = False
     """Keep DataLoader workers alive between epochs."""
     max_nonfinite_steps: int = Field(5, ge=1)

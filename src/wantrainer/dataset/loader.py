@@ -3,7 +3,8 @@
 The plan of an epoch (which items form which batch, in which order) is made in the main process from
 ``seed + epoch``: items are grouped by dataset and latent shape (so a batch never mixes resolutions or
 frame counts), repeated ``num_repeats`` times, shuffled within their group, cut into batches, and the
-batches shuffled. Validation data is never shuffled. DataLoader workers only read files. ``state_dict()``
+batches shuffled. Validation data is never shuffled. DataLoader workers only read files, and start from a
+forkserver (``worker_context``), so they never hold the trainer's model pages. ``state_dict()``
 records the epoch and the next batch, so a resumed run continues with exactly the batch an uninterrupted
 run would have seen.
 
@@ -147,6 +148,31 @@ def _identity(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+WORKER_PRELOAD = ["wantrainer.dataset.loader"]
+"""Imported once by the forkserver (torch with it), so each worker starts from a process that has them."""
+
+
+def worker_context(start_method: str | None = None) -> Any:
+    """The start method of the DataLoader workers: ``start_method``, else "forkserver" where the platform has it
+    (Linux, macOS).
+
+    A worker forked from the training process would inherit its pages: once the model is loaded, every page the
+    trainer later frees or rewrites (converted weights, the first step's temporaries) stays alive in each worker
+    and counts in its memory. The forkserver is a fresh interpreter that imports only ``WORKER_PRELOAD``; the
+    workers fork from it, so they hold none of the model, whenever they start (each epoch without
+    ``persistent_data_loader_workers``). Elsewhere (Windows) workers are spawned, which inherits nothing either.
+    """
+    import multiprocessing
+
+    method = start_method or ("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None)
+    if method is None:
+        return None
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(WORKER_PRELOAD)
+    return context
+
+
 class CachedDataLoader:
     """Iterable of batches with a resumable position. See the module docstring."""
 
@@ -160,6 +186,7 @@ class CachedDataLoader:
         shuffle: bool,
         num_workers: int = 0,
         persistent_workers: bool = False,
+        start_method: str | None = None,
         rank: int = 0,
         world_size: int = 1,
         split_uneven: bool = False,
@@ -191,7 +218,7 @@ class CachedDataLoader:
             generator = torch.Generator().manual_seed(seed)
             self._loader = DataLoader(self._reader, batch_size=None, sampler=self._sampler, num_workers=num_workers,
                                       persistent_workers=persistent_workers, collate_fn=_identity,
-                                      generator=generator)
+                                      generator=generator, multiprocessing_context=worker_context(start_method))
 
     def _group_items(self) -> list[tuple[tuple[int, tuple[int, int, int]], list[int]]]:
         groups: dict[tuple[int, tuple[int, int, int]], list[int]] = {}
@@ -312,6 +339,7 @@ def build_dataloader(
     prior_loss_weight: float = 1.0,
     num_workers: int = 0,
     persistent_workers: bool = False,
+    start_method: str | None = None,
     rank: int = 0,
     world_size: int = 1,
     split_uneven: bool = False,
@@ -323,6 +351,7 @@ def build_dataloader(
     ``split_uneven`` keeps every item under DDP (see the module docstring); only for loops without collectives.
     ``model_type``: the DiT's; its image conditioning is checked in the caches and read with the latents.
     ``item_caches``: the enabled enhancements' per-item cache files (``enhancements.base.ItemCache``).
+    ``start_method``: of the workers (default: ``worker_context``'s, which never lets them inherit the model).
     """
     items, reports = discover_all(specs, prior_loss_weight, model_type, item_caches)
     loader = CachedDataLoader(
@@ -330,7 +359,7 @@ def build_dataloader(
         {i: s.batch_size for i, s in enumerate(specs)},
         {i: s.num_repeats for i, s in enumerate(specs)},
         seed=seed, shuffle=shuffle, num_workers=num_workers,
-        persistent_workers=persistent_workers and num_workers > 0,
+        persistent_workers=persistent_workers and num_workers > 0, start_method=start_method,
         rank=rank, world_size=world_size, split_uneven=split_uneven, reports=reports,
         conditioning=CONDITIONING[model_type], item_caches=tuple(item_caches),
     )

@@ -63,7 +63,8 @@ class ItemCache:
     stack: bool = True
     datasets: Callable[[Any], bool] | None = None
     """Which datasets (``dataset.blueprint.DatasetSpec``) have this file; the items of the others get ``None``
-    whatever is on disk, and are never skipped for it. ``None``: every dataset."""
+    whatever is on disk, and are never skipped for it. ``None``: every dataset. Must pickle (a module-level function,
+    not a lambda): data-loader workers start from a forkserver and receive the item caches pickled."""
 
     def applies_to(self, spec: Any) -> bool:
         return self.datasets is None or bool(self.datasets(spec))
