@@ -35,9 +35,9 @@ def test_ti2v_caches_hold_wan22_latents_and_record_the_vae(ti2v_workspace):
     from wantrainer.dataset.windows import window_pixels
     from wantrainer.models.wan.vae import WanVAE
 
-    assert ti2v_workspace.summary.cached == 7 and not ti2v_workspace.summary.failed
+    assert ti2v_workspace.summary.cached == 8 and not ti2v_workspace.summary.failed
     videos = _latent_files(ti2v_workspace.cache_dir())
-    assert len(videos) == 3
+    assert len(videos) == 4
     for path in videos + _latent_files(ti2v_workspace.cache_dir("image")):
         latents, meta = load_latent_cache(path)
         frames = 1 if "image" in path.name else (FRAMES - 1) // 4 + 1
@@ -259,7 +259,7 @@ def test_ti2v_with_experts_keys_is_refused(ti2v_workspace, tmp_path, tiny_kit):
 LEARN_STEPS = 30
 LEARN_FACTOR = 0.95
 """The held-out loss after LEARN_STEPS steps is below this fraction of the loss before, as for the other image-to-
-video models (measured: 0.924 with every video item image-to-video, 0.922 with half of them)."""
+video models (measured: 0.918 with every video item image-to-video, 0.916 with half of them)."""
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
@@ -302,6 +302,30 @@ def test_ti2v_resume_is_bit_identical(ti2v_workspace, tmp_path):
     resumed = build_trainer(load(ti2v_workspace.write(tmp_path / "b", resume=str(state), **common)))
     assert resumed.train() == "completed" and resumed.state.step == 6
     assert_same_lora(tmp_path / "a" / "out" / "lora.safetensors", tmp_path / "b" / "out" / "lora.safetensors")
+
+
+@pytest.mark.slow
+def test_ti2v_two_process_run_matches_one_process(ti2v_workspace, tmp_path):
+    """The image-to-video choices are drawn per place in the global batch: 2 processes x 1 item train as 1 x 2."""
+    from test_ddp_train import scalars, torchrun_train
+    from wantrainer.core.wan_network_trainer import build_trainer
+
+    def videos(batch):
+        return {"train": [{**ti2v_workspace.config(tmp_path)["datasets"]["train"][0], "batch_size": batch}]}
+
+    common = dict(max_train_steps=4, ti2v_image_ratio=0.5)
+    single = ti2v_workspace.write(tmp_path / "single", datasets=videos(2), **common)
+    assert build_trainer(load(single)).train() == "completed"
+    torchrun_train(ti2v_workspace.write(tmp_path / "ddp", datasets=videos(1), **common))
+    one = scalars(tmp_path / "single" / "out" / "logs", "loss/current")
+    two = scalars(tmp_path / "ddp" / "out" / "logs", "loss/current")
+    assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(one, two):
+        assert b == pytest.approx(a, rel=1e-6, abs=1e-7)
+    a = lora_tensors(tmp_path / "single" / "out" / "lora.safetensors")
+    b = lora_tensors(tmp_path / "ddp" / "out" / "lora.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)
 
 
 def test_samples_during_training_text_and_image_prompts(ti2v_workspace, tmp_path):

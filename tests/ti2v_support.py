@@ -17,7 +17,7 @@ class TI2VWorkspace:
         from wantrainer.devkit.synthetic import make_synthetic_dataset
 
         self.root, self.kit = root, kit
-        media = make_synthetic_dataset(root / "media", seed=6, num_images=2, num_videos=3, video_frames=(9, 13))
+        media = make_synthetic_dataset(root / "media", seed=6, num_images=2, num_videos=4, video_frames=(9, 13))
         self.video_dir, self.image_dir = media.video_dir, media.image_dir
         self.val_dir = make_synthetic_dataset(root / "val", seed=7, num_images=0, num_videos=2,
                                               video_frames=(9, 13)).video_dir
