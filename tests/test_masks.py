@@ -80,7 +80,7 @@ def test_latent_grid_first_frame_alone_then_groups_of_four():
 
 def test_mask_cache_names_cannot_collide():
     name = mask_cache_name("clip_000", 64, 64, start=4, frames=9)
-    assert name == "clip_000_00004-009_0064x0064_wan_mask.safetensors"
+    assert name == "clip_000_00004-009_0064x0064_wan_wtmask.safetensors"
     assert MASK_NAME.match(name) and not LATENT_NAME.match(name) and not name.endswith(TEXT_SUFFIX)
     # musubi-tuner's globs for its Wan caches
     assert not Path(name).match("*_wan.safetensors") and not Path(name).match("*_wan_te.safetensors")
@@ -114,7 +114,7 @@ def test_image_and_video_masks_cached_at_latent_resolution(tiny_kit, tmp_path):
     specs = resolve_datasets(cfg.datasets, "train")
     for item in scan_dataset(specs[0]).items:
         key, mask, meta = _read_mask(item.mask_cache_path)
-        assert item.mask_cache_path.name == item.latent_cache_path.name.replace("_wan.", "_wan_mask.")
+        assert item.mask_cache_path.name == item.latent_cache_path.name.replace("_wan.", "_wan_wtmask.")
         assert key == "mask_1x8x8_float16" and meta["mask_source"] == f"{item.key}.png"
         # a 64-pixel-wide source keeps its left half white (cells 0..3); a 96-wide one is centre-cropped to
         # 64: its white columns 0..47 become 0..31 of the crop, the same 4 cells
@@ -139,7 +139,7 @@ def test_image_and_video_masks_cached_at_latent_resolution(tiny_kit, tmp_path):
     # a dataset whose mask_directory is removed: its mask caches are orphans, deleted
     cfg = _config(tiny_kit, tmp_path, [{"image_directory": "images", "cache_directory": "ci"}])
     removed = cache_latents(cfg)
-    assert len(removed.removed) == 3 and not list((tmp_path / "ci").glob("*_wan_mask.safetensors"))
+    assert len(removed.removed) == 3 and not list((tmp_path / "ci").glob("*_wan_wtmask.safetensors"))
 
 
 def test_mask_video_mp4(tiny_kit, tmp_path):
@@ -196,7 +196,7 @@ def test_bad_masks_follow_the_rule_and_are_reported(tiny_kit, tmp_path, capsys, 
     assert main(["cache-latents", "--config", str(config)]) == 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and "unreadable mask image_004.png" in err  # found while caching (truncated)
-    masks = sorted(p.name for p in (tmp_path / "ci").glob("*_wan_mask.safetensors"))
+    masks = sorted(p.name for p in (tmp_path / "ci").glob("*_wan_wtmask.safetensors"))
     latents = sorted(p.name for p in (tmp_path / "ci").glob("*_wan.safetensors"))
     if rule == "skip":
         assert [m.split("_0")[0] for m in masks] == ["image"] and masks[0].startswith("image_000")
@@ -225,7 +225,7 @@ def test_training_discovery_needs_current_mask_caches(tiny_kit, tmp_path):
     assert report.usable == 2 and all(i.mask_path is not None and i.mask_path.is_file() for i in items)
     # an edited mask makes its cache stale; a deleted cache is missing: both items stay out, reported
     _gray(tmp_path / "masks" / "image_000.png", np.full(Image.open(ds.image_dir / "image_000.png").size[::-1], 9))
-    next((tmp_path / "ci").glob("image_001_*_wan_mask.safetensors")).unlink()
+    next((tmp_path / "ci").glob("image_001_*_wan_wtmask.safetensors")).unlink()
     items, report = discover_cached_items(spec)
     assert report.usable == 0 and report.stale_masks == ["image_000"] and report.missing_masks == ["image_001"]
     assert "run `wantrainer cache-latents`, which caches the masks" in report.summary()

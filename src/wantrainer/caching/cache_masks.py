@@ -1,5 +1,5 @@
 """The mask part of ``cache-latents``: each item of a dataset with ``mask_directory`` gets its latent-resolution
-mask cached beside its latent cache (``*_wan_mask.safetensors``, see ``dataset.cache_format`` and
+mask cached beside its latent cache (``*_wan_wtmask.safetensors``, see ``dataset.cache_format`` and
 ``dataset.masks``). No model is needed, so masks are cached even when every latent cache is current.
 
 A mask cache is current when it holds the item's latent shape and was made from the same mask file (name and

@@ -30,14 +30,14 @@ video latents already hold it). Every cache records the VAE that made it (metada
 naming the command that re-encodes it. musubi-tuner (checked at 30c658c) does not train the TI2V-5B and has no
 Wan 2.2 VAE, so these caches follow its naming and layout but are ours alone.
 
-Loss masks (ours only; musubi-tuner has no mask cache): ``{key}_{W:04d}x{H:04d}_wan_mask.safetensors`` beside the
-item's latent cache (the latent name with ``_wan`` -> ``_wan_mask``), holding ``mask_{F}x{H}x{W}_float16`` of shape
+Loss masks (ours only; musubi-tuner has no mask cache): ``{key}_{W:04d}x{H:04d}_wan_wtmask.safetensors`` beside the
+item's latent cache (the latent name with ``_wan`` -> ``_wan_wtmask``), holding ``mask_{F}x{H}x{W}_float16`` of shape
 [F, H, W] (the latent frames and cells, values in [0, 1], see ``dataset.masks``) and metadata ``architecture``,
 ``width``, ``height``, ``format_version``, ``mask_source`` (the mask file's name), ``mask_sha256`` (of its bytes, to
 find an edited mask) and, when the item trains unmasked by the ``mask_missing`` rule, ``mask_unmasked`` (why). The
 name cannot collide with musubi-tuner's: its caches end in ``_{architecture}.safetensors`` or
-``_{architecture}_te.safetensors`` with a fixed list of architecture codes (none is ``mask``), and none of its globs
-(``*_wan.safetensors``, ``*_wan_te.safetensors``) matches ``*_wan_mask.safetensors``; nor with ours (``LATENT_NAME``
+``_{architecture}_te.safetensors`` with a fixed list of architecture codes (none starts with ``wt``), and none of its globs
+(``*_wan.safetensors``, ``*_wan_te.safetensors``) matches ``*_wan_wtmask.safetensors``; nor with ours (``LATENT_NAME``
 and the text name need the ``_wan.safetensors`` / ``_wan_te.safetensors`` ending).
 
 musubi keeps the tensors already in a cache file when it writes one, so re-caching in another dtype over a file
@@ -64,7 +64,9 @@ TEXT_PREFIX = "varlen_t5_"
 VAE_STRIDE = (4, 8, 8)
 """Frames, height and width of the source per latent cell (the first frame gets a latent frame of its own)."""
 
-MASK_SUFFIX = f"_{ARCHITECTURE}_mask.safetensors"
+MASK_STEM_SUFFIX = "_wtmask"
+"""What a mask cache adds to the latent cache's stem (an ``enhancements.base.ItemCache`` suffix)."""
+MASK_SUFFIX = f"_{ARCHITECTURE}{MASK_STEM_SUFFIX}.safetensors"
 MASK_PREFIX = "mask_"
 LATENT_NAME = re.compile(
     r"^(?P<key>(?P<stem>.+?)(?:_\d{5}-\d{3})?)_(?P<width>\d{4,})x(?P<height>\d{4,})" + re.escape(LATENT_SUFFIX) + "$"
@@ -268,7 +270,7 @@ def load_text_cache(path: str | Path) -> torch.Tensor:
 
 
 def mask_cache_name(stem: str, width: int, height: int, start: int | None = None, frames: int | None = None) -> str:
-    """File name of an item's mask cache: its latent cache name with ``_wan_mask`` for ``_wan``."""
+    """File name of an item's mask cache: its latent cache name with ``_wan_wtmask`` for ``_wan``."""
     return latent_cache_name(stem, width, height, start, frames).removesuffix(LATENT_SUFFIX) + MASK_SUFFIX
 
 
