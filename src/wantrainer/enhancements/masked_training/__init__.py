@@ -1,0 +1,1 @@
+"""Masked training with prior preservation (see ``masked_training_helper``)."""
