@@ -56,7 +56,8 @@ def _read_mask(path: Path) -> tuple[str, torch.Tensor, dict[str, str]]:
 
 
 def _config(kit, root: Path, train: list[dict], **cache):
-    return parse_config({"vae": str(kit.vae), "datasets": {
+    masked = any("mask_directory" in entry for entry in train)
+    return parse_config({"vae": str(kit.vae), "use_masked_training_with_prior": masked, "datasets": {
         "general": {"resolution": 64}, "train": train,
         "latent_cache": {"num_workers": 1, **cache}}}, config_dir=root)
 
@@ -177,7 +178,7 @@ def _problem_set(root: Path) -> Path:
 def test_bad_masks_follow_the_rule_and_are_reported(tiny_kit, tmp_path, capsys, rule):
     _problem_set(tmp_path)
     config = tmp_path / "config.toml"
-    config.write_text(f'vae = "{Path(tiny_kit.vae).as_posix()}"\noutput_dir = "out"\n'
+    config.write_text(f'vae = "{Path(tiny_kit.vae).as_posix()}"\noutput_dir = "out"\nuse_masked_training_with_prior = true\n'
                       '[[datasets.train]]\nimage_directory = "images"\ncache_directory = "ci"\nresolution = 64\n'
                       f'mask_directory = "masks"\nmask_missing = "{rule}"\n', encoding="utf-8")
     assert main(["doctor", "--config", str(config)]) == 0
@@ -244,8 +245,8 @@ def test_mask_config_mistakes(tmp_path):
         parse_config({"datasets": {"train": [{"image_directory": "images", "mask_directory": "m",
                                               "mask_missing": "ignore"}]}}, config_dir=tmp_path)
     # a mask folder that does not exist: named when the media is scanned, like a missing media folder
-    cfg = parse_config({"datasets": {"train": [{"image_directory": "images", "mask_directory": "nowhere"}]}},
-                       config_dir=tmp_path)
+    cfg = parse_config({"use_masked_training_with_prior": True, "datasets": {"train": [
+        {"image_directory": "images", "mask_directory": "nowhere"}]}}, config_dir=tmp_path)
     Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
     with pytest.raises(UserError, match="`datasets.train\\[0\\].mask_directory`: folder .*nowhere does not exist"):
         scan_dataset(resolve_datasets(cfg.datasets, "train")[0])
