@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from train_support import load, write_config
 from wantrainer.core.wan_network_trainer import build_trainer
 from wantrainer.enhancements import registry
-from wantrainer.enhancements.base import BaseEnhancement, ExtraSave, ItemCache, network_disabled
+from wantrainer.enhancements.base import BaseEnhancement, ExtraSave, ItemCache, PixelCache, network_disabled
 from wantrainer.enhancements.registry import register, unregister
 from wantrainer.errors import UserError
 
@@ -99,6 +99,7 @@ class _Probe(BaseEnhancement):
 
     weight: float | None = None
     extra_cache: ItemCache | None = None
+    pixel_cache: PixelCache | None = None
     seen: list = []
 
     def __init__(self):
@@ -112,6 +113,9 @@ class _Probe(BaseEnhancement):
 
     def item_caches(self):
         return [self.extra_cache] if self.extra_cache else []
+
+    def pixel_caches(self):
+        return [self.pixel_cache] if self.pixel_cache else []
 
     def setup_hooks(self, run):
         self.networks = run.networks
@@ -153,7 +157,7 @@ class _Probe(BaseEnhancement):
 
 @pytest.fixture
 def probe():
-    _Probe.weight, _Probe.extra_cache, _Probe.seen = None, None, []
+    _Probe.weight, _Probe.extra_cache, _Probe.pixel_cache, _Probe.seen = None, None, None, []
     register("probe")(_Probe)
     yield _Probe
     unregister("probe")
@@ -264,6 +268,49 @@ def test_item_caches_reach_the_batch_and_missing_files_skip_items(train_workspac
     trainer.train()
     lists = [s for s in probe.seen if isinstance(s, list)]
     assert any(v is None for s in lists for v in s)
+
+
+def test_pixel_caches_are_written_by_cache_latents_reused_and_stale_when_their_signature_changes(
+        train_workspace, tmp_path, probe):
+    from dataclasses import replace
+
+    from wantrainer.caching.cache_latents import cache_latents
+
+    cache = shutil.copytree(train_workspace.train_cache, tmp_path / "cache")
+    loads = []
+
+    def load_encoder(device):
+        loads.append(device)
+        return lambda pixels: pixels.mean(dim=(1, 3, 4))  # [B, 3, F, H, W] -> [B, F]: a per-frame mean
+
+    probe.pixel_cache = PixelCache("probe", "_wtpix", "mean", {"probe_encoder": "a"}, load_encoder)
+    probe.extra_cache = probe.pixel_cache.item_cache()
+    kit = train_workspace.kit
+    values = train_workspace.config(tmp_path / "out", max_train_steps=1, log_with="none", vae=str(kit.vae))
+    values["datasets"]["train"][0]["cache_directory"] = str(cache)
+    cfg = load(write_config(tmp_path / "c.toml", values))
+    summary = cache_latents(cfg)
+    assert summary.skipped == 4 and summary.cached == 0  # the latents are current: only the new files are made
+    assert summary.extras["probe"] == {"cached": 4, "skipped": 0, "stale": 0} and len(loads) == 1
+    files = sorted(cache.glob("*_wan_wtpix.safetensors"))
+    assert len(files) == 4 and "probe caches: 4 cached" in "\n".join(summary.lines())
+    values_on_disk = [load_file(str(f))["mean"] for f in files]
+    assert all(v.shape == (1,) and -1 <= float(v) <= 1 for v in values_on_disk)
+    assert len({float(v) for v in values_on_disk}) == 4  # computed from each item's own pixels
+    summary = cache_latents(cfg)  # skip_existing: nothing is encoded, the encoder is not even loaded
+    assert summary.extras["probe"] == {"cached": 0, "skipped": 4, "stale": 0} and len(loads) == 1
+    assert len(build_trainer(cfg).loader.items) == 4
+    probe.pixel_cache = replace(probe.pixel_cache, signature={"probe_encoder": "b"})
+    probe.extra_cache = probe.pixel_cache.item_cache()
+    with pytest.raises(UserError, match="_wtpix.*cache-latents"):  # stale files are not trained on
+        build_trainer(cfg)
+    summary = cache_latents(cfg)
+    assert summary.extras["probe"] == {"cached": 4, "skipped": 0, "stale": 4}
+    assert len(build_trainer(cfg).loader.items) == 4
+    ghost = cache / "gone_0064x0064_wan_wtpix.safetensors"  # of media that is gone: an orphan
+    shutil.copy(files[0], ghost)
+    cache_latents(cfg)
+    assert not ghost.exists() and all(f.exists() for f in files)
 
 
 def test_full_finetune_cannot_be_switched_off():

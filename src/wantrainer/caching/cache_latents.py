@@ -13,7 +13,9 @@ also picks the VAE (``models.wan.latent_space``): the TI2V-5B caches the Wan 2.2
 the other VAE is stale (re-encoded). Each cache records ``model_type`` and ``vae_type``.
 
 Datasets with ``mask_directory`` also get their loss masks cached at latent resolution (``caching.cache_masks``),
-first, since that needs no model; an item whose mask fails under ``mask_missing = "skip"`` is not encoded.
+first, since that needs no model; an item whose mask fails under ``mask_missing = "skip"`` is not encoded. The
+active enhancements' per-item pixel files (REPA's encoder features) follow the latents
+(``caching.cache_pixel_features``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from ..errors import UserError
 from ..models.wan.conditioning import cache_compatible, require_clip_path, run_model_type
 from ..models.wan.latent_space import latent_space
 from .cache_masks import cache_masks
+from .cache_pixel_features import cache_pixel_features
 from .common import (
     LATENT_FILE,
     CacheSummary,
@@ -184,6 +187,7 @@ def cache_latents(cfg, progress: Progress | None = None) -> CacheSummary:
             progress.advance(len(items))
 
     encode_todo(todo, load, encode, progress, "cache-latents")
+    cache_pixel_features(cfg, job, progress, masks.dropped)
     return finish(job, LATENT_FILE, settings.keep_cache)
 
 def run(args: argparse.Namespace) -> int:

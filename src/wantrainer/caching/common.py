@@ -81,6 +81,8 @@ class CacheSummary:
     masks_skipped: int = 0
     unmasked: list[tuple[Path, str]] = field(default_factory=list)
     """(media or mask file, reason) of items trained unmasked (``mask_missing = "unmasked"``)."""
+    extras: dict[str, dict[str, int]] = field(default_factory=dict)
+    """The enhancements' pixel caches (``caching.cache_pixel_features``): name -> cached / skipped / stale counts."""
 
     def lines(self) -> list[str]:
         rate = f", {self.cached / self.seconds:.2f} items/s" if self.cached and self.seconds > 0 else ""
@@ -89,6 +91,9 @@ class CacheSummary:
                f"{len(self.failed)} failed in {self.seconds:.1f}s{rate}"]
         if self.has_masks:
             out.append(f"mask caches: {self.masks_cached} cached, {self.masks_skipped} skipped (existing)")
+        for name, counts in self.extras.items():
+            stale = f" ({counts['stale']} re-encoded (stale))" if counts["stale"] else ""
+            out.append(f"{name} caches: {counts['cached']} cached{stale}, {counts['skipped']} skipped (existing)")
         out += [f"  failed: {path}: {reason}" for path, reason in self.failed]
         out += [f"  unmasked: {path}: {reason} (mask_missing = \"unmasked\": trained on the whole frame)"
                 for path, reason in self.unmasked]

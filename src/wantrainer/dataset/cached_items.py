@@ -79,7 +79,10 @@ class CacheReport:
     """(item key, the VAE type that made its cache) of caches of the other VAE than this run's model takes."""
     model_type: str = "t2v"
     missing_extra: dict[str, list[str]] = field(default_factory=dict)
-    """Item keys without an enhancement's per-item cache file that the enhancement needs, by cache suffix."""
+    """Item keys without an enhancement's per-item cache file that the enhancement needs (or with a stale one), by
+    cache suffix."""
+    extra_commands: dict[str, str] = field(default_factory=dict)
+    """The command that writes each of those files (``ItemCache.command``), by suffix."""
     missing_masks: list[str] = field(default_factory=list)
     """Items of a dataset with masks whose mask cache is missing (not cached yet, or its mask failed under "skip")."""
     stale_masks: list[str] = field(default_factory=list)
@@ -118,8 +121,10 @@ class CacheReport:
                          f"conditioning the {self.model_type} model trains on (e.g. {key}; re-run `wantrainer "
                          "cache-latents --config <your config>` with this `dit`: it re-encodes them)")
         for suffix, keys in self.missing_extra.items():
-            parts.append(f"{len(keys)} without their {suffix} cache file (e.g. {keys[0]}; run the caching command "
-                         "the feature's docs name)")
+            command = self.extra_commands.get(suffix)
+            run = f"run `{command}`" if command else "run the caching command the feature's docs name"
+            parts.append(f"{len(keys)} without a current {suffix} cache file (missing, or made with other settings; "
+                         f"e.g. {keys[0]}; {run})")
         if self.wrong_vae:
             parts.append(self.wrong_vae_text())
         return f"{self.name}: " + ", ".join(parts)
@@ -177,9 +182,10 @@ def _extra_paths(spec: DatasetSpec, latent: Path, text: Path, item_caches: Seque
             found.append((cache.name, None))
             continue
         path = cache.path_for(latent, text)
-        if not path.is_file():
+        if not path.is_file() or (cache.is_current is not None and not cache.is_current(path, latent)):
             if cache.missing == "skip":
                 report.missing_extra.setdefault(cache.suffix, []).append(key)
+                report.extra_commands.setdefault(cache.suffix, cache.command)
                 return None
             found.append((cache.name, None))
         else:

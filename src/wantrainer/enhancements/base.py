@@ -5,6 +5,7 @@ by ``from_config`` (``None`` when the config leaves it off) and is called by the
 and the loss never name one. Every hook has a no-op default in ``BaseEnhancement``:
 
 0. ``text_cache_variants()`` in ``cache-text``: more text caches per item, from rewritten captions;
+   ``pixel_caches()`` in ``cache-latents``: per-item files computed from the clean pixels (encoder features);
 1. ``item_caches()`` when the data loader is built: extra per-item cache files read into every batch
    (``batch["item_extras"][name]``), e.g. masks beside the latent cache or a second text cache;
 2. ``setup_hooks(run)`` once, after the DiT and the network(s) are built (keep references, register taps);
@@ -65,6 +66,11 @@ class ItemCache:
     """Which datasets (``dataset.blueprint.DatasetSpec``) have this file; the items of the others get ``None``
     whatever is on disk, and are never skipped for it. ``None``: every dataset. Must pickle (a module-level function,
     not a lambda): data-loader workers start from a forkserver and receive the item caches pickled."""
+    is_current: Callable[[Path, Path], bool] | None = None
+    """``(file, the item's latent cache) -> bool``: False for a file made with other settings (stale), which counts
+    as missing (``PixelCache.item_cache`` sets it). ``None``: any file is current. Must pickle, as ``datasets``."""
+    command: str = ""
+    """The command that writes the file, named in the report of items without it (``wantrainer cache-latents``)."""
 
     def applies_to(self, spec: Any) -> bool:
         return self.datasets is None or bool(self.datasets(spec))
@@ -83,6 +89,68 @@ class TextVariant:
 
     suffix: str
     caption_for: Callable[[str], str | None]
+
+
+@dataclass(frozen=True)
+class PixelCache:
+    """A per-item tensor file that ``cache-latents`` computes from each item's clean pixels (e.g. the features of a
+    frozen image encoder), so training never decodes latents: ``{latent cache stem}{suffix}.safetensors`` beside the
+    latent cache (suffix ``_wt...``, as for ``ItemCache``), holding the tensor ``tensor`` and the metadata
+    ``signature`` plus ``latent_shape`` (the item's latent F x H x W). An existing file is current when both match
+    the run's (with ``skip_existing`` current files are kept; stale ones are encoded again). ``load(device)`` runs
+    once, only when some item needs its file: it loads the encoder and returns ``encode(pixels)``, pixels
+    [B, 3, F, H, W] in [-1, 1] at the item's bucket size -> a [B, ...] tensor (or a list of B tensors).
+    ``item_cache()`` is the matching ``ItemCache`` for training (a stale file counts as missing there)."""
+
+    name: str
+    suffix: str
+    tensor: str
+    signature: dict[str, str]
+    load: Callable[[torch.device], Callable[[torch.Tensor], Any]]
+
+    def path_for(self, latent_path: Path) -> Path:
+        latent_path = Path(latent_path)
+        return latent_path.with_name(f"{latent_path.stem}{self.suffix}.safetensors")
+
+    def metadata(self, latent_shape: tuple[int, ...]) -> dict[str, str]:
+        return {**self.signature, "latent_shape": "x".join(str(int(n)) for n in latent_shape)}
+
+    def state(self, path: Path, latent_shape: tuple[int, ...]) -> Literal["missing", "current", "stale"]:
+        """"missing", "current" (the file holds ``tensor`` and this signature and latent shape) or "stale"."""
+        return pixel_cache_state(path, self.tensor, self.metadata(latent_shape))
+
+    def item_cache(self, missing: Literal["skip", "none"] = "skip", stack: bool = True) -> ItemCache:
+        check = PixelCacheCheck(self.tensor, tuple(sorted(self.signature.items())))
+        return ItemCache(self.name, self.suffix, "latent", self.tensor, missing, stack, is_current=check,
+                         command="wantrainer cache-latents --config <your config>")
+
+
+def pixel_cache_state(path: Path, tensor: str, metadata: dict[str, str]) -> Literal["missing", "current", "stale"]:
+    """A ``PixelCache`` file's state: "current" when it holds ``tensor`` and every ``metadata`` value."""
+    if not Path(path).is_file():
+        return "missing"
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, keys = f.metadata() or {}, set(f.keys())
+    except Exception:  # unreadable or truncated: encode it again
+        return "stale"
+    return "current" if tensor in keys and all(meta.get(k) == v for k, v in metadata.items()) else "stale"
+
+
+@dataclass(frozen=True)
+class PixelCacheCheck:
+    """``ItemCache.is_current`` of a ``PixelCache`` (a plain object, so it pickles into data-loader workers)."""
+
+    tensor: str
+    signature: tuple[tuple[str, str], ...]
+
+    def __call__(self, path: Path, latent_path: Path) -> bool:
+        from ..dataset.cache_format import read_latent_shape
+
+        shape = "x".join(str(n) for n in read_latent_shape(latent_path))
+        return pixel_cache_state(path, self.tensor, {**dict(self.signature), "latent_shape": shape}) == "current"
 
 
 @dataclass
@@ -243,6 +311,8 @@ class Enhancement(Protocol):
 
     def text_cache_variants(self) -> list[TextVariant]: ...
 
+    def pixel_caches(self) -> list[PixelCache]: ...
+
     def item_caches(self) -> list[ItemCache]: ...
 
     def setup_hooks(self, run: RunContext) -> None: ...
@@ -278,6 +348,9 @@ class BaseEnhancement:
         return None
 
     def text_cache_variants(self) -> list[TextVariant]:
+        return []
+
+    def pixel_caches(self) -> list[PixelCache]:
         return []
 
     def item_caches(self) -> list[ItemCache]:
