@@ -389,3 +389,12 @@ def test_estimate_counts_the_5b_tokens_on_the_16x_grid(ti2v_workspace, tmp_path)
 
     tokens, batch, _ = largest_batch_tokens(load(ti2v_workspace.write(tmp_path)), None, None)
     assert (tokens, batch) == (3 * 3 * 2 * 2, 3)  # batch 3 x 3 latent frames x (64 / 32) x (64 / 32)
+
+
+def test_doctor_warns_about_clips_that_are_not_the_5b_rate(ti2v_workspace, tmp_path, capsys):
+    """The kit's clips are 16 fps: right for Wan 2.1, 1.5x fast motion for the 24 fps TI2V-5B."""
+    config = ti2v_workspace.write(tmp_path)
+    assert cli_main(["doctor", "--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "WARNING: 4 video(s) are not 24 fps (16 fps" in text and "resample them to 24 fps" in text
+    assert "fast motion (1.5x faster than real time at the model's 24 fps)" in text

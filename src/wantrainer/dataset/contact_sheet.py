@@ -144,22 +144,23 @@ def file_fps(path: Path) -> float | None:
     return float(Fraction(rate)) if rate else None
 
 
-def off_rate_videos(paths: list[Path], tolerance: float = 0.05) -> list[tuple[Path, float]]:
-    """Videos whose file frame rate is not Wan's 16 fps (relative ``tolerance``)."""
+def off_rate_videos(paths: list[Path], tolerance: float = 0.05, model_fps: float = WAN_FPS
+                    ) -> list[tuple[Path, float]]:  # fmt: skip
+    """Videos whose file frame rate is not the model's (Wan's 16 fps; 24 for the TI2V-5B), relative ``tolerance``."""
     found = []
     for path in sorted(set(paths)):
         fps = file_fps(path)
-        if fps is not None and abs(fps - WAN_FPS) > tolerance * WAN_FPS:
+        if fps is not None and abs(fps - model_fps) > tolerance * model_fps:
             found.append((path, fps))
     return found
 
 
-def fps_warning(name: str, off: list[tuple[Path, float]]) -> str:
+def fps_warning(name: str, off: list[tuple[Path, float]], model_fps: float = WAN_FPS) -> str:
     rates = sorted({round(fps, 3) for _, fps in off})
     example = off[0]
-    speed = example[1] / WAN_FPS
+    speed = example[1] / model_fps
     motion = f"{speed:.2g}x slower" if speed > 1 else f"{1 / speed:.2g}x faster"
-    return (f"{len(off)} video(s) are not 16 fps ({', '.join(f'{r:g}' for r in rates)} fps, e.g. "
+    return (f"{len(off)} video(s) are not {model_fps:g} fps ({', '.join(f'{r:g}' for r in rates)} fps, e.g. "
             f"{example[0].name}) and `source_fps` is unset: their frames are taken one by one, so they train in "
-            f"{'slow' if speed > 1 else 'fast'} motion ({motion} than real time at Wan's 16 fps); set "
-            f"source_fps = {rates[0]:g} in {name} to resample them to 16 fps")
+            f"{'slow' if speed > 1 else 'fast'} motion ({motion} than real time at the model's {model_fps:g} fps); "
+            f"set source_fps = {rates[0]:g} in {name} to resample them to {model_fps:g} fps")

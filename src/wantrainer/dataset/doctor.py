@@ -72,7 +72,7 @@ def diagnose(spec: DatasetSpec) -> DatasetDiagnosis:
             if short:
                 found.too_short[target] = short
     if spec.is_video and spec.source_fps is None:
-        found.fps_off = off_rate_videos([item.path for item in scan.items])
+        found.fps_off = off_rate_videos([item.path for item in scan.items], model_fps=spec.model_fps)
     found.latent_caches = sum(_current_latents(item) for item in scan.items)
     found.text_caches = len({item.text_cache_path for item in scan.items if item.text_cache_path.is_file()})
     if spec.mask_directory is not None:
@@ -134,7 +134,7 @@ def format_diagnosis(d: DatasetDiagnosis) -> str:
         lines += [f"    {p}" for p in scan.missing_captions]
     lines += _mask_lines(d)
     if d.fps_off:
-        lines.append(f"  WARNING: {fps_warning(spec.name, d.fps_off)}")
+        lines.append(f"  WARNING: {fps_warning(spec.name, d.fps_off, d.spec.model_fps)}")
     for target, short in sorted(d.too_short.items()):
         lines.append(f"  too short for {target} frames ({len(short)} video(s)):")
         lines += [f"    {path.name}: {count} frames" for path, count in short]
