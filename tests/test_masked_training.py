@@ -229,3 +229,20 @@ def test_config_rules(tmp_path):
     ok = parse_config({"use_masked_training_with_prior": True, "unmasked_weight": 0.1,
                        "masked_prior_preservation_weight": 0.5, "datasets": {"train": with_masks}}, config_dir=tmp_path)
     assert ok.masked_training.unmasked_weight == 0.1
+
+
+def test_a_dataset_without_masks_trains_unmasked_and_leftover_mask_files_are_not_read(masked, tmp_path):
+    values = masked.values(tmp_path / "out", "half", max_train_steps=4)
+    plain = dict(values["datasets"]["train"][0])
+    plain.pop("mask_directory")
+    plain["cache_directory"] = str(masked.caches["ones"])  # holds mask caches of ones from another config
+    values["datasets"]["train"].append(plain)
+    trainer = build_trainer(load(write_config(tmp_path / "config.toml", values)))
+    by_dataset = {}
+    for item in trainer.loader.items:
+        by_dataset.setdefault(item.dataset_index, []).append(dict(item.extra_paths)["mask"])
+    assert all(p is not None for p in by_dataset[0]) and by_dataset[1] == [None] * len(by_dataset[1])
+    batch = next(b for b in trainer.loader if b["item_extras"]["mask"] == [None] * len(b["keys"]))
+    ctx = _step_context(trainer, batch, (trainer.noise_gen.get_state(), trainer.timestep_gen.get_state()))
+    assert trainer.enhancements[0].loss_weight(ctx) is None  # that batch trains unmasked
+    assert trainer.train() == "completed"
