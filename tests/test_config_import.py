@@ -299,3 +299,17 @@ def test_musubi_flag_parsing(words, expected):
     from wantrainer.config.importers.musubi import parse_flags
 
     assert parse_flags(words) == expected
+
+
+def test_takenoko_masked_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "masked.toml", 'use_masked_training_with_prior = true\nmasked_prior_preservation_weight = 0.5\n'
+           'unmasked_probability = 0.1\n[[datasets.train]]\nimage_directory = "data/images"\n'
+           'mask_path = "data/masks"\n')
+    assert main(["config", "import", "masked.toml", "--from", "takenoko", "-o", "out/new.toml"]) == 0
+    out = capsys.readouterr().out
+    assert "unmasked_probability" in _dropped(out)
+    data = tomllib.loads((tmp_path / "out" / "new.toml").read_text(encoding="utf-8"))
+    assert data["datasets"]["train"][0]["mask_directory"] == "../data/masks"
+    assert data["unmasked_weight"] == 0.1 and data["masked_prior_preservation_weight"] == 0.5
+    assert "Takenoko's default" in out

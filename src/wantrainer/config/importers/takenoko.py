@@ -20,7 +20,12 @@ from .common import ImportResult, read_toml, relocate
 _ATTENTION = {"sdpa": "sdpa", "flash_attn": "flash_attn", "flash3": "flash_attn", "sage_attn": "sage_attn",
               "xformers": "xformers", "split_attn": "split_attn"}
 _PATH_KEYS = {"dit", "dit_high_noise", "vae", "t5", "network_weights", "output_dir", "resume", "logging_dir"}
-_DATASET_PATHS = {"image_directory", "video_directory", "image_jsonl_file", "video_jsonl_file", "cache_directory"}
+_DATASET_PATHS = {"image_directory", "video_directory", "image_jsonl_file", "video_jsonl_file", "cache_directory",
+                  "mask_directory"}
+_RENAMED_DATASET_KEYS = {"mask_path": "mask_directory"}
+"""Takenoko's ``mask_path``: a folder of ``{stem}.png`` masks, white = learn (our ``mask_directory``)."""
+_TAKENOKO_UNMASKED_WEIGHT = 0.1
+"""Takenoko's default ``unmasked_weight`` (ours is 0)."""
 _RENAMED_PROMPT_KEYS = {"step": "steps", "guidance_scale": "cfg_scale", "negative": "negative_prompt",
                         "num_frames": "frames"}
 _REASONS = {
@@ -64,9 +69,11 @@ def _datasets(data: dict[str, Any], source: str, cwd: Path, output_dir: Path, re
     for name, value in data.items():
         where = f"{source} [datasets.{name}]"
         if name in tables and isinstance(value, dict):
-            datasets[name] = _table(value, tables[name], where, _DATASET_PATHS, cwd, output_dir, result)
+            datasets[name] = _table(value, tables[name], where, _DATASET_PATHS, cwd, output_dir, result,
+                                    _RENAMED_DATASET_KEYS)
         elif name in ("train", "val") and isinstance(value, list):
-            datasets[name] = [_table(entry, DatasetEntry, f"{where} {i}", _DATASET_PATHS, cwd, output_dir, result)
+            datasets[name] = [_table(entry, DatasetEntry, f"{where} {i}", _DATASET_PATHS, cwd, output_dir, result,
+                                     _RENAMED_DATASET_KEYS)
                               for i, entry in enumerate(value)]
         else:
             result.drop(source, f"datasets.{name}", value, "no such dataset table here")
@@ -108,6 +115,10 @@ def convert(files: list[Path], output_dir: Path) -> ImportResult:
                 for i, p in enumerate(value)]
         else:
             _top_level(key, value, path.name, cwd, output_dir, result)
+    if result.data.get("use_masked_training_with_prior") and "unmasked_weight" not in result.data:
+        result.data["unmasked_weight"] = _TAKENOKO_UNMASKED_WEIGHT
+        result.notes.append(f"unmasked_weight = {_TAKENOKO_UNMASKED_WEIGHT} written out: Takenoko's default (here "
+                            "the default is 0, black ignored)")
     result.notes.append("relative paths were read from the working folder (as Takenoko reads them) and written "
                         "relative to the new config; `wantrainer validate` checks that they exist")
     return result
