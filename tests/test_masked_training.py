@@ -246,3 +246,35 @@ def test_a_dataset_without_masks_trains_unmasked_and_leftover_mask_files_are_not
     ctx = _step_context(trainer, batch, (trainer.noise_gen.get_state(), trainer.timestep_gen.get_state()))
     assert trainer.enhancements[0].loss_weight(ctx) is None  # that batch trains unmasked
     assert trainer.train() == "completed"
+
+
+def test_loss_weight_of_a_mixed_list_of_masks():
+    from wantrainer.enhancements.base import StepContext
+    from wantrainer.enhancements.masked_training.config import MaskedTrainingConfig
+    from wantrainer.enhancements.masked_training.masked_training_helper import MaskedTraining
+
+    pred = torch.zeros(2, 16, 1, 2, 2)
+    half = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    ctx = StepContext(batch={"item_extras": {"mask": [half, None]}}, latents=pred, noise=pred, noisy=pred,
+                      target=pred, t=torch.zeros(2), timesteps=torch.zeros(2), pred=pred)
+    feature = MaskedTraining(MaskedTrainingConfig(use_masked_training_with_prior=True, unmasked_weight=0.25), None)
+    weight = feature.loss_weight(ctx)
+    assert weight.shape == (2, 1, 1, 2, 2)
+    assert weight[0, 0, 0].tolist() == [[1.0, 0.25], [1.0, 0.25]] and bool((weight[1] == 1).all())
+    assert feature.get_masked_training_metrics() == {"coverage": 0.75}
+    ctx.batch["item_extras"]["mask"] = [None, None]
+    assert feature.loss_weight(ctx) is None
+
+
+def test_validate_names_a_missing_mask_folder_and_lists_the_masks(masked, tmp_path, capsys):
+    from wantrainer.cli import main
+
+    values = masked.values(tmp_path / "out", "half")
+    config = write_config(tmp_path / "config.toml", values)
+    assert main(["validate", "--config", str(config)]) == 0
+    assert f"masks {masked.masks['half']} (mask_missing = \"skip\")" in capsys.readouterr().out
+    values["datasets"]["train"][0]["mask_directory"] = str(tmp_path / "nowhere")
+    assert main(["validate", "--config", str(write_config(tmp_path / "bad.toml", values))]) == 2
+    captured = capsys.readouterr()
+    assert f"`datasets.train[0].mask_directory` = {tmp_path / 'nowhere'} does not exist" in captured.out + captured.err
+    assert "Traceback" not in captured.err

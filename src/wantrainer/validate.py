@@ -83,6 +83,10 @@ def file_problems(cfg: WanTrainerConfig) -> tuple[list[str], list[str]]:
                     why = _empty_media_folder(Path(value), key == "video_directory")
                 if why:
                     problems.append(f"`datasets.{split}[{index}].{key}` = {value} {why}")
+    for where, entry in [("general", cfg.datasets.general)] + [(f"train[{i}]", e) for i, e in enumerate(cfg.datasets.train)]:
+        why = _missing(Path(entry.mask_directory), "dir") if entry.mask_directory is not None else None
+        if why:
+            problems.append(f"`datasets.{where}.mask_directory` = {entry.mask_directory} {why}")
     if not cfg.datasets.train:
         notes.append("no [[datasets.train]] table: cache-latents, cache-text and train need at least one")
     return problems, notes
@@ -117,6 +121,8 @@ def dataset_summary(entry: Any, split: str, index: int) -> str:
         parts.append(f"frames [{frames}] ({entry.frame_extraction})")
     if entry.is_reg:
         parts.append("regularisation")
+    if entry.mask_directory is not None:
+        parts.append(f"masks {entry.mask_directory} (mask_missing = \"{entry.mask_missing}\")")
     return ", ".join(parts)
 
 

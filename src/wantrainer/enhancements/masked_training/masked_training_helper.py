@@ -75,8 +75,8 @@ class MaskedTraining(BaseEnhancement):
         if isinstance(masks, list):
             if all(m is None for m in masks):
                 return None
-            shape = ctx.pred.shape[2:]
-            masks = torch.stack([torch.ones(shape) if m is None else m for m in masks])
+            ones = torch.ones(ctx.pred.shape[2:], device=ctx.pred.device)
+            masks = torch.stack([ones if m is None else m.to(ones) for m in masks])
         masks = masks.to(ctx.pred.device, torch.float32)
         if masks.shape[1:] != ctx.pred.shape[2:]:
             raise ValueError(f"mask {tuple(masks.shape)} does not fit the prediction {tuple(ctx.pred.shape)}")
