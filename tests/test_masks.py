@@ -203,6 +203,8 @@ def test_bad_masks_follow_the_rule_and_are_reported(tiny_kit, tmp_path, capsys, 
         assert [m.split("_0")[0] for m in masks] == ["image"] and masks[0].startswith("image_000")
         assert len(latents) == 1  # the skipped items are not encoded
     else:
+        summary = [line for line in err.splitlines() if "unmasked: " in line and "trained on the whole frame" in line]
+        assert len(summary) == 4 and all("WARNING" in line for line in summary)  # the summary lists each one
         assert len(masks) == len(latents) == 5
         for name in masks[1:]:
             _, mask, meta = _read_mask(tmp_path / "ci" / name)

@@ -43,7 +43,7 @@ def run_caching(args: argparse.Namespace, cache: Callable[..., CacheSummary], na
     require_ready(cfg, name)
     summary = cache(cfg, TqdmProgress())
     for line in summary.lines():
-        (logger.warning if line.lstrip().startswith(("failed", "no usable")) else logger.info)("%s", line)
+        (logger.warning if line.lstrip().startswith(("failed", "no usable", "unmasked")) else logger.info)("%s", line)
     if summary.unusable:
         raise UserError(f"{name}: {len(summary.unusable)} dataset(s) have no usable item:\n"
                         + "\n".join(f"  - {r}" for r in summary.unusable))
