@@ -250,3 +250,14 @@ def test_users_spellings_are_accepted():
     assert parse_network_args("lycoris.kohya", ["algo='loha'"]).algo == "loha"
     assert parse_network_args("lycoris.kohya", ["algo=locon"]).algo == "lora"
     assert parse_network_args("networks.lora", ["dora_wd=true"]).dora_wd
+
+
+def test_regex_escapes_in_network_args_are_kept_without_a_warning():
+    import warnings
+
+    from wantrainer.networks.args import parse_network_args
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = parse_network_args("networks.lora_wan", ["include_patterns=['blocks\\.([0-9]|1[0-9])\\..*']"])
+    assert spec.include_patterns == ["blocks\\.([0-9]|1[0-9])\\..*"]

@@ -14,6 +14,7 @@ The parse needs no torch, so the config check (``validate``) and ``train`` refus
 from __future__ import annotations
 
 import ast
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,10 @@ def _literal(value: str) -> Any:
     """A Python literal, or the bare word itself (``algo=lokr``, as kohya's parser accepts); each key's own check
     then says what it expects."""
     try:
-        return ast.literal_eval(value)
+        with warnings.catch_warnings():  # "blocks\.3" in a Python string: an invalid escape, kept as written
+            warnings.simplefilter("ignore", SyntaxWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return ast.literal_eval(value)
     except (ValueError, SyntaxError):
         return value
 
