@@ -31,10 +31,15 @@ def test_shipped_template_matches_the_schema():
 
 def test_template_lists_every_key_with_its_doc():
     text = render_template()
-    for cls in [*FLAT_SECTIONS.values(), DatasetEntry, LatentCacheConfig, TextEncoderCacheConfig, SamplePrompt]:
+    from wantrainer.config.describe import model_in
+
+    tables = [model_in(f.annotation) for c in FLAT_SECTIONS.values() for f in c.model_fields.values()
+              if is_table_list(f.annotation)]
+    for cls in [*FLAT_SECTIONS.values(), DatasetEntry, LatentCacheConfig, TextEncoderCacheConfig, *tables]:
         for name, field in cls.model_fields.items():
             written = f"\n[[{name}]]\n" if is_table_list(field.annotation) else f"\n{name} ="
-            assert written in text or f"\n# {name} =" in text, f"{cls.__name__}.{name} missing"
+            commented = f"\n# [[{name}]]\n" if is_table_list(field.annotation) else f"\n# {name} ="
+            assert written in text or commented in text, f"{cls.__name__}.{name} missing"
             assert field.description, f"{cls.__name__}.{name} has no docstring"
             first_line = field.description.strip().splitlines()[0]
             assert f"# {first_line}" in text, f"doc of {cls.__name__}.{name} missing"

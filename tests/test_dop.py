@@ -131,3 +131,13 @@ def test_two_process_dop_matches_one_process(dop_workspace, tmp_path):
     b = lora_tensors(tmp_path / "ddp" / "out" / "lora.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)
+
+
+def test_dop_resume_is_bit_identical(dop_workspace, tmp_path):
+    common = dict(max_train_steps=4, save_every_n_steps=2, save_state=True, log_with="none", **DOP)
+    assert build_trainer(load(dop_workspace.write(tmp_path / "a", **common))).train() == "completed"
+    state = tmp_path / "a" / "out" / "lora-step00000002-state"
+    resumed = build_trainer(load(dop_workspace.write(tmp_path / "b", resume=str(state), **common)))
+    assert resumed.train() == "completed"
+    a, b = (lora_tensors(tmp_path / n / "out" / "lora.safetensors") for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -7,7 +7,8 @@ applied here: the loader swaps in an empty caption at train time (``caption_drop
 Enabled enhancements may ask for more text caches per item (``text_cache_variants``): the caption rewritten
 (e.g. DOP's trigger word replaced by the class word), written beside the item's text cache as
 ``{stem}_wan_te{suffix}.safetensors`` with the same rules; an item whose rewritten caption is ``None`` gets none
-(an old file of it is removed).
+(an old file of it is removed); and fixed prompts (``text_cache_prompts``, e.g. a slider's prompt pairs) go into
+one file per set in the first training dataset's cache folder.
 """
 
 from __future__ import annotations
@@ -122,8 +123,14 @@ def cache_text(cfg, progress: Progress | None = None) -> CacheSummary:
             summary.skipped += 1
         else:
             todo.append((path, caption))
-    encode_todo(todo, lambda: load_text_encoder(cfg.model, settings, job.device),
-                lambda encoder: _encode_all(todo, encoder, settings, summary, progress), progress, "cache-text")
+    prompt_sets = _stale_prompt_sets(cfg, settings.skip_existing, summary)
+
+    def encode(encoder) -> None:
+        _encode_all(todo, encoder, settings, summary, progress)
+        _encode_prompt_sets(prompt_sets, encoder, summary, progress)
+
+    encode_todo([*todo, *prompt_sets], lambda: load_text_encoder(cfg.model, settings, job.device), encode, progress,
+                "cache-text")
     return finish(job, TEXT_FILE, settings.keep_cache)
 
 def _variant_captions(cfg, captions: dict[Path, str]) -> dict[Path, str]:
@@ -142,6 +149,48 @@ def _variant_captions(cfg, captions: dict[Path, str]) -> dict[Path, str]:
                     target.unlink()
                     logger.info("removed %s: its caption has no %s variant now", target.name, enh.name)
     return out
+
+
+def _stale_prompt_sets(cfg, skip_existing: bool, summary: CacheSummary) -> list[tuple[Path, dict[str, str]]]:
+    """(file, prompts) of the enhancements' prompt sets to encode (with ``skip_existing``: those not current)."""
+    from ..enhancements.base import prompt_set_path
+    from ..enhancements.registry import build_enhancements
+
+    out = []
+    for enh in build_enhancements(cfg):
+        for prompt_set in enh.text_cache_prompts():
+            path = prompt_set_path(cfg, prompt_set.file_name)
+            if skip_existing and path.is_file():
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        recorded, keys = f.metadata() or {}, set(f.keys())
+                    if all(recorded.get(k) == v and k in keys for k, v in prompt_set.prompts.items()):
+                        summary.skipped += 1
+                        continue
+                except Exception:  # truncated or foreign file: encode it again
+                    pass
+            out.append((path, dict(prompt_set.prompts)))
+    return out
+
+
+def _encode_prompt_sets(sets: list[tuple[Path, dict[str, str]]], encoder, summary: CacheSummary,
+                        progress: Progress) -> None:
+    from ..dataset.cache_format import ARCHITECTURE, FORMAT_VERSION
+    from ..utils.atomic import save_safetensors_atomic
+
+    for path, prompts in sets:
+        keys = list(prompts)
+        embeds = encoder.encode([prompts[k] for k in keys])
+        bad = [k for k, e in zip(keys, embeds) if not is_finite(e)]
+        if bad:
+            summary.failed.append((path, f"embeddings of {prompts[bad[0]]!r} contain NaN / Inf (not written)"))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            meta = {"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION, **prompts}
+            save_safetensors_atomic({k: e.detach().cpu().contiguous() for k, e in zip(keys, embeds)}, path,
+                                    metadata=meta)
+            summary.cached += 1
+        progress.advance(1)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -127,9 +127,24 @@ def _datasets_block() -> list[str]:
     return lines
 
 
+def _commented_table_list_block(name: str, field: FieldInfo, sub: type[BaseModel]) -> list[str]:
+    """An array of tables whose entries turn a feature on: shown commented out, with example values."""
+    doc = [f"# {line}".rstrip() for line in (field.description or "").strip().splitlines()]
+    lines = ["", "", f"# ==== [[{name}]] ====", "", *doc, "# Uncomment and repeat the table once per entry.",
+             f"# [[{name}]]"]
+    for key, sub_field in sub.model_fields.items():
+        example = sub_field.examples[0] if sub_field.examples else (None if sub_field.is_required()
+                                                                     else _default(sub_field))
+        lines.extend(["", *_doc_lines(sub_field),
+                      f"# {format_key(key)} =" if example is None else f"# {format_key(key)} = {format_value(example)}"])
+    return lines
+
+
 def _table_list_block(name: str, field: FieldInfo) -> list[str]:
     sub = model_in(field.annotation)
     assert sub is not None
+    if sub is not SamplePrompt:
+        return _commented_table_list_block(name, field, sub)
     lines = ["", "", f"# ==== [[{name}]] ====", "", f"# {field.description}", "# Repeat the table once per entry.",
              f"[[{name}]]"]
     for key, sub_field in sub.model_fields.items():

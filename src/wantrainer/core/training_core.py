@@ -359,6 +359,7 @@ class Trainer:
         for enh in self.enhancements:
             batch = enh.modify_inputs(batch)
         ctx = self._noised_inputs(batch, expert)
+        ctx.backward = lambda term: self.accelerator.backward(term * scale)
         ctx.pred = self.call_model(self.model, ctx.noisy, ctx.timesteps, batch["text_embeds"],
                                    batch.get("conditioning"))
         loss, metrics = self.compute_loss(ctx)

@@ -4,7 +4,8 @@ An enhancement lives in its own folder ``enhancements/<feature>/`` (see ``regist
 by ``from_config`` (``None`` when the config leaves it off) and is called by the trainer at fixed points; the loop
 and the loss never name one. Every hook has a no-op default in ``BaseEnhancement``:
 
-0. ``text_cache_variants()`` in ``cache-text``: more text caches per item, from rewritten captions;
+0. ``text_cache_variants()`` / ``text_cache_prompts()`` in ``cache-text``: more text caches per item from
+   rewritten captions, and fixed prompts (``PromptSet``);
    ``pixel_caches()`` in ``cache-latents``: per-item files computed from the clean pixels (encoder features);
 1. ``item_caches()`` when the data loader is built: extra per-item cache files read into every batch
    (``batch["item_extras"][name]``), e.g. masks beside the latent cache or a second text cache;
@@ -153,6 +154,50 @@ class PixelCacheCheck:
         return pixel_cache_state(path, self.tensor, {**dict(self.signature), "latent_shape": shape}) == "current"
 
 
+@dataclass(frozen=True)
+class PromptSet:
+    """Fixed prompts an enhancement needs encoded (e.g. a slider's prompt pairs): ``cache-text`` writes them into
+    one file ``{cache_directory of the first [[datasets.train]]}/{file_name}``, one tensor [L, 4096] per key with
+    the prompt text under the same key in the metadata; ``prompt_set_path`` / ``load_prompt_set`` read it back.
+    ``file_name`` must start with ``_wt`` and end in ``.safetensors`` without ``_wan_te`` (so no other tool's or
+    caching rule's file can have that name)."""
+
+    file_name: str
+    prompts: dict[str, str]
+
+
+def prompt_set_path(cfg: WanTrainerConfig, file_name: str) -> Path:
+    """Where ``cache-text`` writes a ``PromptSet`` of this config."""
+    from ..dataset.blueprint import resolve_datasets
+
+    specs = resolve_datasets(cfg.datasets, "train")
+    if not specs:
+        from ..errors import UserError
+
+        raise UserError("no [[datasets.train]] table: its cache_directory holds the enhancements' prompt caches")
+    return Path(specs[0].cache_directory) / file_name
+
+
+def load_prompt_set(cfg: WanTrainerConfig, prompts: PromptSet) -> dict[str, torch.Tensor]:
+    """The encoded prompts of ``prompts`` (float32 [L, 4096] each); ``UserError`` naming ``cache-text`` when the
+    file is missing or was encoded from other texts."""
+    from safetensors import safe_open
+
+    from ..errors import UserError
+
+    path = prompt_set_path(cfg, prompts.file_name)
+    if not path.is_file():
+        raise UserError(f"{path} is missing: run `wantrainer cache-text --config <your config>` to encode the "
+                        f"{len(prompts.prompts)} prompt(s) this feature needs")
+    with safe_open(str(path), framework="pt") as handle:
+        recorded = handle.metadata() or {}
+        stale = [k for k, text in prompts.prompts.items() if recorded.get(k) != text or k not in handle.keys()]
+        if stale:
+            raise UserError(f"{path} holds other texts for {stale[0]!r} than the config (the prompts changed): run "
+                            "`wantrainer cache-text --config <your config>` again")
+        return {k: handle.get_tensor(k).to(torch.float32) for k in prompts.prompts}
+
+
 @dataclass
 class RunContext:
     """What ``setup_hooks`` gets: the built run. ``networks``: name -> network ("default", or "high_noise" /
@@ -241,6 +286,10 @@ class StepContext:
     """Free space for enhancements to pass tensors from ``modify_inputs`` / forward taps to ``loss``."""
     element_weight: torch.Tensor | None = None
     """The product of the enhancements' ``loss_weight`` hooks (set by the trainer before the criterion runs)."""
+    backward: Callable[[torch.Tensor], None] | None = None
+    """Backpropagate a term now, with the micro-batch's accumulation scale: for a term whose graph depends on a
+    temporary network state (a multiplier set for one forward pass, which gradient checkpointing would recompute
+    with the restored state). Return such a term detached from ``loss`` (it is then only logged)."""
     forward: Callable[..., torch.Tensor] | None = None
     """The trainer's forward pass ``(model, x, timestep, context, conditioning) -> pred`` (autocast, fp32 out)."""
 
@@ -313,6 +362,8 @@ class Enhancement(Protocol):
 
     def pixel_caches(self) -> list[PixelCache]: ...
 
+    def text_cache_prompts(self) -> list[PromptSet]: ...
+
     def item_caches(self) -> list[ItemCache]: ...
 
     def setup_hooks(self, run: RunContext) -> None: ...
@@ -351,6 +402,9 @@ class BaseEnhancement:
         return []
 
     def pixel_caches(self) -> list[PixelCache]:
+        return []
+
+    def text_cache_prompts(self) -> list[PromptSet]:
         return []
 
     def item_caches(self) -> list[ItemCache]:

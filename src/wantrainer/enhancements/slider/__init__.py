@@ -1,0 +1,1 @@
+"""Concept sliders: ``slider_helper.SliderHelper`` (registered as ``slider``), section ``config.SliderConfig``."""
