@@ -368,7 +368,9 @@ def test_the_5b_lora_has_comfyui_names_and_loads_in_diffusers(ti2v_workspace, tm
     t2v = create_network(trainer.cfg.network, load_wan_dit(ti2v_workspace.kit.dit_wan21, dtype=torch.float32))
     assert set(t2v.state_dict()) == set(sd)
     with safe_open(str(path), framework="pt") as f:
-        assert f.metadata()["ss_network_dim"] == "4"
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and meta["ss_model_type"] == "ti2v"
+    assert meta["modelspec.architecture"] == "wan2.2/lora"
     ref = diffusers_twin(dit)
     network.load_state_dict(sd)
     network.apply_to(dit)

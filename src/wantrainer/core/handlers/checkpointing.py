@@ -176,6 +176,8 @@ class CheckpointHandler(Handler):
         elif trainer.experts.names == [HIGH_NOISE]:
             base = m.dit_high_noise
         extra = {"ss_experts": ",".join(trainer.experts.names), "ss_expert_steps": self._expert_steps(trainer)}
+        model_type = trainer.model.config.model_type
+        extra["ss_model_type"] = model_type  # t2v, i2v, flf2v, i2v_a14b, ti2v (read from the DiT)
         if group != DEFAULT:
             extra["ss_expert"] = group
         if boundary is not None:
@@ -185,7 +187,7 @@ class CheckpointHandler(Handler):
             network={k: getattr(self.network_cfg, k) for k in _NETWORK_META_KEYS},
             steps=trainer.state.step,
             epochs=trainer.state.epoch,
-            target_model=m.target_model,
+            target_model="wan22" if model_type == "ti2v" else m.target_model,  # the 5B is Wan 2.2 whatever the key
             base_model=base,
             title=title,
             resolution=self.resolution,
