@@ -317,6 +317,21 @@ def unused_setting_problems(cfg: WanTrainerConfig) -> list[str]:
     return problems
 
 
+def tread_problems(m: Any) -> list[str]:
+    """The TREAD span keys without routing, or a span that ends before it starts (the block count is checked
+    when the DiT is loaded)."""
+    span_keys = [k for k in ("tread_start_layer_idx", "tread_end_layer_idx")
+                 if getattr(m, k) != type(m).model_fields[k].default]
+    if m.tread_selection_ratio == 0:
+        return [f"`{k}` = {getattr(m, k)} has no effect with `tread_selection_ratio` = 0 (routing off); set a "
+                "ratio such as 0.5 or remove it" for k in span_keys]
+    start, end = m.tread_start_layer_idx, m.tread_end_layer_idx
+    if (start < 0) == (end < 0) and start > end:
+        return [f"`tread_start_layer_idx` = {start} is after `tread_end_layer_idx` = {end}: the routed span "
+                "runs from the start block to the end block (included)"]
+    return []
+
+
 def cross_field_problems(cfg: WanTrainerConfig) -> list[str]:
     """Checks that involve more than one key. Returns every problem found."""
     problems: list[str] = []
@@ -334,6 +349,7 @@ def cross_field_problems(cfg: WanTrainerConfig) -> list[str]:
         problems.append('`fp8_matmul` needs fp8 weights: set dit_weight_dtype = "fp8_scaled" (or "fp8")')
     if m.gradient_checkpointing_cpu_offload and not m.gradient_checkpointing:
         problems.append("`gradient_checkpointing_cpu_offload` needs `gradient_checkpointing = true`")
+    problems.extend(tread_problems(m))
     if m.dit_high_noise is not None and m.target_model != "wan22":
         problems.append('`dit_high_noise` is only used with `target_model = "wan22"`')
     warm = cfg.optimizer.lr_warmup_steps

@@ -39,6 +39,10 @@ FOREIGN_KEYS: dict[str, str] = {
     "gradient_checkpointing_offload": "ours is `gradient_checkpointing_cpu_offload`",
     "min_timestep_boundary": "ours are `min_timestep` / `max_timestep` (0-1000)",
     "datasets_train": "write [[datasets.train]] tables",
+    "enable_tread": "ours is TREAD on when `tread_selection_ratio` > 0, with the span `tread_start_layer_idx` .. "
+                    "`tread_end_layer_idx` (one route)",
+    "tread_config": "ours are three keys: `tread_selection_ratio`, `tread_start_layer_idx`, `tread_end_layer_idx`",
+    "tread_config_route1": "ours are `tread_selection_ratio`, `tread_start_layer_idx` and `tread_end_layer_idx`",
 }
 
 

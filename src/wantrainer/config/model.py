@@ -41,6 +41,12 @@ class ModelConfig(Section):
     """Recompute each block's activations in the backward pass instead of storing them."""
     gradient_checkpointing_cpu_offload: bool = False
     """With gradient_checkpointing: keep the checkpointed block inputs on the CPU."""
+    tread_selection_ratio: float = Field(0.0, ge=0, lt=1)
+    """TREAD token routing (0 = off): this share of the video tokens, drawn at random for each sample and step, skips the DiT blocks tread_start_layer_idx..tread_end_layer_idx during training (faster steps; e.g. 0.5). Validation and sampling always run every token."""
+    tread_start_layer_idx: int = 2
+    """TREAD: first block of the routed span (negative counts from the end: -1 is the last block)."""
+    tread_end_layer_idx: int = -2
+    """TREAD: last block of the routed span, included; the routed tokens rejoin after it (negative counts from the end)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     """Compute precision of the DiT. "no" computes in fp32 (use this on CPU)."""
     attn_mode: AttnMode = "sdpa"

@@ -97,6 +97,7 @@ def enable_fp8_matmul(model: Any, device: torch.device) -> None:
 def build_experts(cfg: WanTrainerConfig, device: torch.device) -> Experts:
     """Load the DiT expert(s), place the model on ``device`` and set the memory features."""
     from ..models.wan.attention import check_attn_mode
+    from ..models.wan.token_routing import TokenRoute
 
     m = cfg.model
     check_attn_mode(m.attn_mode, for_training=True)  # e.g. sage_attn has no backward: fail before loading
@@ -118,6 +119,8 @@ def build_experts(cfg: WanTrainerConfig, device: torch.device) -> Experts:
         model.to(device)
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing(cpu_offload=m.gradient_checkpointing_cpu_offload)
+    model.enable_token_routing(TokenRoute.from_keys(m.tread_selection_ratio, m.tread_start_layer_idx,
+                                                    m.tread_end_layer_idx, model.config.num_layers))
     model.train()
     # Block swap moves block weights between the CPU and the device on its own: a device-side store of the
     # active expert would keep the swapped blocks' device copies alive, so with block swap the stores stay

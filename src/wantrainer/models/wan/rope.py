@@ -38,9 +38,12 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, L, heads, head_dim] by the angles of ``cos``/``sin`` [L, head_dim // 2]."""
+    """Rotate ``x`` [B, L, heads, head_dim] by the angles of ``cos``/``sin`` [L, head_dim // 2] (one table for
+    the batch) or [B, L, head_dim // 2] (a table per sample, e.g. the tokens kept by TREAD routing)."""
     x_even, x_odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, L, heads, head_dim // 2] each
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    cos = cos[:, :, None, :]
+    sin = sin[:, :, None, :]
     rotated = torch.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], dim=-1)
     return rotated.flatten(-2).to(x.dtype)

@@ -26,6 +26,7 @@ from .attention import ATTN_MODES, attention, check_attn_mode
 from .configs import WanModelConfig
 from .image_embedding import WanImageEmbedding
 from .rope import apply_rope, rope_cos_sin
+from .token_routing import RoutedSpan, TokenRoute
 
 
 class RMSNorm(nn.Module):
@@ -206,6 +207,7 @@ class WanModel(nn.Module):
         self.gradient_checkpointing_cpu_offload = False
         self.block_swapper = None  # an offloading.BlockSwapper when blocks_to_swap > 0
         self.upcast_buffers = None  # a stored_linear.UpcastBuffers when block Linears keep another dtype
+        self.token_route: TokenRoute | None = None  # TREAD routing of training forward passes (None: off)
         self.attn_mode = "sdpa"
         self.set_attn_mode(attn_mode)
         if not any(p.is_meta for p in self.parameters()):
@@ -309,6 +311,13 @@ class WanModel(nn.Module):
         else:
             self.block_swapper.prepare_before_forward(force=True)
 
+    def enable_token_routing(self, route: TokenRoute | None) -> None:
+        """TREAD: in training forward passes ``route.selection_ratio`` of the tokens skip the blocks
+        ``route.start_block .. route.end_block`` (see ``token_routing``); None disables it."""
+        if route is not None and not 0 <= route.start_block <= route.end_block < len(self.blocks):
+            raise ValueError(f"token route {route} does not fit {len(self.blocks)} blocks")
+        self.token_route = route
+
     def prepare_block_swap_before_forward(self) -> None:
         """Put the swapped blocks back where a forward pass starts (no-op without block swap)."""
         if self.block_swapper is not None:
@@ -409,22 +418,30 @@ class WanModel(nn.Module):
             swapper.prepare_before_forward()
         use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
         offload = use_checkpoint and self.gradient_checkpointing_cpu_offload
+        route = self.token_route if self.training and torch.is_grad_enabled() else None
+        span: RoutedSpan | None = None
+        block_e0, block_cos, block_sin = e0, cos, sin
         device = h.device
         if offload:
             h = h.to("cpu")
         for index, block in enumerate(self.blocks):
+            if route is not None and index == route.start_block:  # TREAD: only the kept tokens go on
+                span = RoutedSpan(route, h, e0, cos, sin)
+                h, block_e0, block_cos, block_sin = span.h, span.e0, span.cos, span.sin
             if swapper is not None:
                 h = swapper.before_block(index, h)
+            args = (block_e0, ctx, block_cos, block_sin, self.dtype)
             if not use_checkpoint:
-                h = block(h, e0, ctx, cos, sin, self.dtype)
+                h = block(h, *args)
             elif offload:
-                h = checkpoint(
-                    _offloaded_block, block, device, h, e0, ctx, cos, sin, self.dtype, use_reentrant=False
-                )
+                h = checkpoint(_offloaded_block, block, device, h, *args, use_reentrant=False)
             else:
-                h = checkpoint(block, h, e0, ctx, cos, sin, self.dtype, use_reentrant=False)
+                h = checkpoint(block, h, *args, use_reentrant=False)
             if swapper is not None:
                 h = swapper.after_block(index, h)
+            if span is not None and index == route.end_block:  # the routed tokens rejoin in their places
+                h = span.close(h)
+                span, block_e0, block_cos, block_sin = None, e0, cos, sin
         return h.to(device)
 
 
