@@ -11,7 +11,6 @@ from wantrainer.config import (
     FLAT_SECTIONS,
     DatasetEntry,
     LatentCacheConfig,
-    SamplePrompt,
     TextEncoderCacheConfig,
 )
 from wantrainer.config.describe import is_table_list

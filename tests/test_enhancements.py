@@ -17,7 +17,6 @@ from wantrainer.enhancements.base import BaseEnhancement, ExtraSave, ItemCache, 
 from wantrainer.enhancements.registry import register, unregister
 from wantrainer.errors import UserError
 
-
 # -- discovery ------------------------------------------------------------------------------------------------
 
 
@@ -319,3 +318,35 @@ def test_full_finetune_cannot_be_switched_off():
 
     with pytest.raises(UserError, match="no adapter"), network_disabled(Full()):
         pass
+
+
+@pytest.mark.parametrize("feature", ["ema", "dop", "slider"])
+def test_each_feature_leaves_the_model_as_it_found_it(train_workspace, tmp_path, feature):
+    """After a run with the feature on, the DiT is bit-identical, no hook is left and the multiplier is back at 1."""
+    kit = train_workspace.kit
+    values = {"ema": dict(enable_ema=True, ema_decay=0.5, validate_with_ema=True, val=True, validate_every_n_steps=2),
+              "dop": dict(enable_dop=True, dop_prompt="blank"),
+              "slider": dict(slider_pairs=[{"target": "a shape", "positive": "a red circle",
+                                            "negative": "a blue square"}], t5=str(kit.t5),
+                             t5_tokenizer=str(kit.tokenizer_dir))}[feature]
+    val = values.pop("val", False)
+    data = train_workspace.config(tmp_path / "out", val=val, max_train_steps=2, learning_rate=5e-2, log_with="none",
+                                  **values)
+    cache = shutil.copytree(train_workspace.train_cache, tmp_path / "cache")
+    data["datasets"]["train"][0]["cache_directory"] = str(cache)
+    cfg = load(write_config(tmp_path / "c.toml", data))
+    if feature == "slider":
+        from wantrainer.caching.cache_text_encoder_outputs import cache_text
+
+        cache_text(cfg)
+    trainer = build_trainer(cfg)
+    model = trainer.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora_before = {k: v.clone() for k, v in trainer.networks["default"].state_dict().items()}
+    assert trainer.train() == "completed"
+    assert any(e.name == feature for e in trainer.enhancements)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    network = trainer.networks["default"]
+    assert network.multiplier == 1.0
+    assert any(not torch.equal(lora_before[k], v) for k, v in network.state_dict().items())  # it did train

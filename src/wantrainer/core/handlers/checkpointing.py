@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ...common.logger import get_logger
-from ...errors import UserError
 from ...enhancements.base import SaveRequest
+from ...errors import UserError
 from ...networks.formats import build_lora_metadata, save_lora
 from ...networks.metadata import portable_config_toml, publish_metadata, without_training_facts
 from ...utils.atomic import DiskFullError, is_disk_full

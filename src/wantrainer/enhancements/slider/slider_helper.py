@@ -25,8 +25,15 @@ from typing import Any
 import torch
 
 from ...common.logger import get_logger
-from ..base import (BaseEnhancement, EvaluationVariant, PromptSet, RunContext, StepContext, load_prompt_set,
-                    network_disabled)
+from ..base import (
+    BaseEnhancement,
+    EvaluationVariant,
+    PromptSet,
+    RunContext,
+    StepContext,
+    load_prompt_set,
+    network_disabled,
+)
 from ..registry import register
 from .config import SliderConfig
 
