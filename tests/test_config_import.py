@@ -304,7 +304,7 @@ def test_musubi_flag_parsing(words, expected):
 def test_takenoko_masked_training(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     _write(tmp_path / "masked.toml", 'use_masked_training_with_prior = true\nmasked_prior_preservation_weight = 0.5\n'
-           'unmasked_probability = 0.1\n[[datasets.train]]\nimage_directory = "data/images"\n'
+           'unmasked_probability = 0.1\nnormalize_masked_area_loss = true\n[[datasets.train]]\nimage_directory = "data/images"\n'
            'mask_path = "data/masks"\n')
     assert main(["config", "import", "masked.toml", "--from", "takenoko", "-o", "out/new.toml"]) == 0
     out = capsys.readouterr().out
@@ -312,4 +312,5 @@ def test_takenoko_masked_training(tmp_path, monkeypatch, capsys):
     data = tomllib.loads((tmp_path / "out" / "new.toml").read_text(encoding="utf-8"))
     assert data["datasets"]["train"][0]["mask_directory"] == "../data/masks"
     assert data["unmasked_weight"] == 0.1 and data["masked_prior_preservation_weight"] == 0.5
+    assert data["normalize_masked_area_loss"] is True
     assert "Takenoko's default" in out

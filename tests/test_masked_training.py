@@ -278,3 +278,17 @@ def test_validate_names_a_missing_mask_folder_and_lists_the_masks(masked, tmp_pa
     captured = capsys.readouterr()
     assert f"`datasets.train[0].mask_directory` = {tmp_path / 'nowhere'} does not exist" in captured.out + captured.err
     assert "Traceback" not in captured.err
+
+
+def test_normalize_masked_area_loss_averages_over_the_learnt_area(masked, tmp_path):
+    losses = {}
+    for normalize in (False, True):
+        trainer = masked.trainer(tmp_path / str(normalize), "half", normalize_masked_area_loss=normalize)
+        draws = trainer.noise_gen.get_state(), trainer.timestep_gen.get_state()
+        ctx = _step_context(trainer, next(iter(trainer.loader)), draws)
+        losses[normalize] = float(trainer.compute_loss(ctx)[0].detach())
+        if normalize:  # = the mean squared error over the masked cells only (weighting_scheme "none")
+            inside = ctx.item_extra("mask").unsqueeze(1).expand_as(ctx.pred).bool()
+            per_item = [((p - t)[m]).square().mean() for p, t, m in zip(ctx.pred.detach(), ctx.target, inside)]
+            assert losses[True] == pytest.approx(float(torch.stack(per_item).mean()), rel=1e-5)
+    assert losses[True] == pytest.approx(2 * losses[False], rel=1e-6)  # half of each frame is learnt

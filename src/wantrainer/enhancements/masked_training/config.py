@@ -20,6 +20,8 @@ class MaskedTrainingConfig(Section):
     """Weight the loss by the masks of the datasets' mask_directory (white = learn): 1 inside, unmasked_weight outside; with masked_prior_preservation_weight > 0 also keep the base model's prediction outside the masks."""
     unmasked_weight: float = Field(0.0, ge=0.0, le=1.0)
     """Loss weight where the mask is black (0: ignored; a grey mask value m gets m + (1 - m) x unmasked_weight)."""
+    normalize_masked_area_loss: bool = False
+    """Divide each item's masked loss by its mean weight (and the prior term by the mean of 1 - m), so an item with a small mask counts as much as one with a large mask."""
     masked_prior_preservation_weight: float = Field(0.0, ge=0.0)
     """Outside the masks, also pull the prediction towards the base model's (the LoRA switched off), with this weight times (1 - m); one extra no-grad forward per micro-batch. 0: off."""
 
@@ -31,8 +33,8 @@ class MaskedTrainingConfig(Section):
         val = [(i, merged_entry(general, entry)) for i, entry in enumerate(cfg.datasets.val)]
         masked = [i for i, entry in enumerate(train) if entry.mask_directory is not None]
         if not self.use_masked_training_with_prior:
-            changed = [k for k in ("unmasked_weight", "masked_prior_preservation_weight")
-                       if getattr(self, k) != type(self).model_fields[k].default]
+            keys = ("unmasked_weight", "masked_prior_preservation_weight", "normalize_masked_area_loss")
+            changed = [k for k in keys if getattr(self, k) != type(self).model_fields[k].default]
             problems += [f"`{k}` has no effect without `use_masked_training_with_prior = true`" for k in changed]
             if masked:
                 problems.append(f"`datasets.train[{masked[0]}].mask_directory` is set but masked training is off: set "

@@ -13,7 +13,9 @@ the LoRA switched off (one extra no-grad forward, only for micro-batches with so
 mask of ones gives ``m + 0 u = 1`` and no prior term: exactly the unmasked loss. The first term is the seed
 system's ``use_masked_training_with_prior`` masking for binary masks (it clamps grey values to
 ``max(m, u)``; here they mix linearly); its prior term is kohya's: the prediction pulled towards the base model's
-outside the mask. Batches of datasets without masks train unmasked.
+outside the mask. Batches of datasets without masks train unmasked. With ``normalize_masked_area_loss`` each
+item's element weights are divided by their mean (the seed system's option of that name), so the loss is the
+mean over the learnt area rather than over the frame.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class MaskedTraining(BaseEnhancement):
     def __init__(self, section: MaskedTrainingConfig, prior_criterion: Any):
         self.unmasked_weight = float(section.unmasked_weight)
         self.prior_weight = float(section.masked_prior_preservation_weight)
+        self.normalize = bool(section.normalize_masked_area_loss)
         self.prior_criterion = prior_criterion
         """The run's flow-matching term, evaluated against the base prediction for the prior term."""
         self._metric_step = -1
@@ -87,7 +90,15 @@ class MaskedTraining(BaseEnhancement):
         if mask is None:
             return None
         self._note(ctx.step, "coverage", float(mask.mean()))
-        return mask + (1.0 - mask) * self.unmasked_weight
+        return self._normalized(mask + (1.0 - mask) * self.unmasked_weight)
+
+    def _normalized(self, weight: torch.Tensor) -> torch.Tensor:
+        """With ``normalize_masked_area_loss``: each item's weight divided by its mean (the loss of the weighted
+        elements averaged over the weighted area, not the whole frame)."""
+        if not self.normalize:
+            return weight
+        area = weight.mean(dim=tuple(range(1, weight.ndim)), keepdim=True)
+        return weight / area.clamp_min(1e-8)
 
     def loss(self, ctx: StepContext) -> tuple[torch.Tensor | None, dict[str, float]]:
         if self.prior_weight <= 0:
@@ -97,7 +108,7 @@ class MaskedTraining(BaseEnhancement):
             return None, {}
         with torch.no_grad(), ctx.network_disabled():
             prior = ctx.predict()
-        outside = 1.0 - mask
+        outside = self._normalized(1.0 - mask)
         term, _ = self.prior_criterion(ctx.pred, prior, ctx.batch, {"t": ctx.t, "element_weight": outside})
         self._note(ctx.step, "prior_loss", float(term.detach()))
         return self.prior_weight * term, {}
