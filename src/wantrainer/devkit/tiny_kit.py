@@ -13,7 +13,9 @@ Deterministic from ``seed``, built in seconds, a few MB:
 - ``wan2.2_vae.safetensors``: a Wan 2.2 VAE (48 channels, 16x spatial; base width 16) in the original layout, bf16;
 - ``wan_2.1_vae.safetensors``: a Wan 2.1 VAE of base width 16 in the original key layout, bf16;
 - ``models_t5_umt5-xxl-enc-bf16.pth``: a 2-layer UMT5 encoder (d_model 64) in the official Wan ``.pth`` layout;
-- ``tokenizer/spiece.model``: a sentencepiece unigram model trained offline on a built-in caption corpus.
+- ``tokenizer/spiece.model``: a sentencepiece unigram model trained offline on a built-in caption corpus;
+- ``dinov2_tiny/``: a 2-layer DINOv2 image encoder (width 32, patch 14) as transformers writes a hub folder
+  (``config.json`` + ``model.safetensors``), the local encoder of REPA.
 
 Every file is loaded by exactly the code that loads the released files.
 """
@@ -41,6 +43,8 @@ TINY_DIT_VARIANTS: dict[str, WanModelConfig] = {
     "ti2v": TINY_DIT_CONFIG.with_(in_dim=48, out_dim=48),
 }
 """The tiny image-to-video / TI2V DiTs of the kit, by model type."""
+TINY_DINOV2 = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "image_size": 56, "patch_size": 14}  # fmt: skip
 TINY_VAE_BASE_DIM = 16
 TINY_T5 = {"d_model": 64, "d_ff": 128, "num_layers": 2, "num_heads": 2, "d_kv": 32, "num_buckets": 32}
 TINY_VOCAB_TARGET = 300
@@ -79,6 +83,8 @@ class TinyModelKit:
     vae: Path
     t5: Path
     tokenizer_dir: Path
+    dinov2: Path
+    """A local transformers folder of a tiny random ``Dinov2Model`` (REPA's frozen image encoder)."""
 
 
 def caption_corpus() -> list[str]:
@@ -205,6 +211,17 @@ def tiny_clip_state_dict(seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
+def write_tiny_dinov2(folder: Path, seed: int) -> Path:
+    """A seeded random ``Dinov2Model`` of ``TINY_DINOV2`` size saved with ``save_pretrained`` (float32)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Dinov2Model(Dinov2Config(**TINY_DINOV2))
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
 def tiny_dit_state_dict(seed: int, config: WanModelConfig = TINY_DIT_CONFIG) -> dict[str, torch.Tensor]:
     """A seeded Wan DiT in the original key layout (float32); the head is non-zero so gradients reach the blocks."""
     from ..models.wan.transformer import WanModel
@@ -251,6 +268,7 @@ def make_tiny_model_kit(out_dir: str | Path, seed: int = 0) -> TinyModelKit:
         vae=root / "wan_2.1_vae.safetensors",
         t5=root / "models_t5_umt5-xxl-enc-bf16.pth",
         tokenizer_dir=root / "tokenizer",
+        dinov2=root / "dinov2_tiny",
     )
     write_tokenizer(kit.tokenizer_dir)
     vocab = len(T5Tokenizer.from_pretrained(str(kit.tokenizer_dir), extra_ids=0))
@@ -269,4 +287,5 @@ def make_tiny_model_kit(out_dir: str | Path, seed: int = 0) -> TinyModelKit:
     torch.save(_bf16(tiny_clip_state_dict(seed + 1000)), str(kit.clip))
     save_file(_bf16(tiny_vae22_state_dict(seed + 1100)), str(kit.vae22))
     torch.save(_bf16(tiny_umt5_state_dict(seed + 400, vocab)), str(kit.t5))
+    write_tiny_dinov2(kit.dinov2, seed + 1200)
     return kit
