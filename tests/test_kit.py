@@ -31,6 +31,7 @@ KIT_FILES = {
     "wan_2.1_vae.safetensors",
     "models_t5_umt5-xxl-enc-bf16.pth",
     "tokenizer",
+    "dinov2_tiny",
 }
 
 
@@ -52,6 +53,7 @@ def test_kit_files_layouts_and_size(tiny_kit):
     total = sum(p.stat().st_size for p in tiny_kit.root.rglob("*") if p.is_file())
     assert total < 30 * 2**20, total
     assert (tiny_kit.tokenizer_dir / "spiece.model").is_file()
+    assert {p.name for p in tiny_kit.dinov2.iterdir()} == {"config.json", "model.safetensors"}
 
     with safe_open(str(tiny_kit.dit_wan21), framework="pt") as f:
         keys = set(f.keys())
