@@ -15,7 +15,7 @@ Deterministic from ``seed``, built in seconds, a few MB:
 - ``models_t5_umt5-xxl-enc-bf16.pth``: a 2-layer UMT5 encoder (d_model 64) in the official Wan ``.pth`` layout;
 - ``tokenizer/spiece.model``: a sentencepiece unigram model trained offline on a built-in caption corpus;
 - ``dinov2_tiny/``: a 2-layer DINOv2 image encoder (width 32, patch 14) as transformers writes a hub folder
-  (``config.json`` + ``model.safetensors``), the local encoder of REPA.
+  (``config.json`` + ``model.safetensors``, float16), the local encoder of REPA.
 
 Every file is loaded by exactly the code that loads the released files.
 """
@@ -212,13 +212,14 @@ def tiny_clip_state_dict(seed: int) -> dict[str, torch.Tensor]:
 
 
 def write_tiny_dinov2(folder: Path, seed: int) -> Path:
-    """A seeded random ``Dinov2Model`` of ``TINY_DINOV2`` size saved with ``save_pretrained`` (float32)."""
+    """A seeded random ``Dinov2Model`` of ``TINY_DINOV2`` size saved with ``save_pretrained`` (float16, as the
+    released DINOv2 weights are often shipped)."""
     from transformers import Dinov2Config, Dinov2Model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Dinov2Model(Dinov2Config(**TINY_DINOV2))
-    model.save_pretrained(str(folder), safe_serialization=True)
+    model.half().save_pretrained(str(folder), safe_serialization=True)
     return folder
 
 
