@@ -356,10 +356,11 @@ def cross_field_problems(cfg: WanTrainerConfig) -> list[str]:
     if isinstance(warm, float) and not warm.is_integer() and warm >= 1:
         problems.append(f"`lr_warmup_steps` = {warm}: use an integer step count or a fraction below 1")
     problems.extend(unused_setting_problems(cfg))
-    from .networks.args import full_model_problems, network_problems  # the checks `train` makes
+    from .networks.args import engine_problems, full_model_problems, network_problems  # the checks `train` makes
 
     problems.extend(network_problems(cfg.network))
     problems.extend(full_model_problems(cfg.model, cfg.network))
+    problems.extend(engine_problems(cfg))
     sp, v = cfg.sampling, cfg.validation
     if (sp.sample_at_first or sp.sample_every_n_steps or sp.sample_every_n_epochs) and not sp.sample_prompts:
         problems.append("`sample_at_first` / `sample_every_n_steps` / `sample_every_n_epochs` need at least one "

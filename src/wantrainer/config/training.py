@@ -27,6 +27,8 @@ class TrainingConfig(Section):
     """Keep DataLoader workers alive between epochs."""
     max_nonfinite_steps: int = Field(5, ge=1)
     """Stop the run after this many consecutive steps with a NaN/Inf loss (each one is skipped)."""
+    distributed_engine: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes: "ddp" (every process holds the whole model; gradients averaged) or "fsdp" (network_module = "full" only: weights, gradients and optimiser state sharded over the processes with FSDP2; see docs/full_finetune.md)."""
 
 
 LrScheduler = Literal[

@@ -6,6 +6,8 @@ A state folder ``{output_name}-step00000100-state/`` holds
 - ``network_<name>.safetensors``: the trained network(s) in fp32;
 - ``<object>.pt``: optimiser, scheduler and handler states (``torch.load(weights_only=True)``);
 - ``rank<r>.pt``: per-process random-number generator states and data-loader position;
+- ``sharded/`` (``distributed_engine = "fsdp"`` only, instead of the network and optimiser files): the trained
+  weights and optimiser state as a ``torch.distributed.checkpoint`` folder, one file per process;
 - ``config.toml``: the resolved config of the run;
 - ``COMPLETE.json``: written last. A folder without it is half-written and never resumed from.
 
@@ -197,6 +199,7 @@ def payload_from_state(sd: dict[str, Any], config_text: str = "") -> StatePayloa
         "step": state["step"],
         "epoch": state["epoch"],
         "world_size": sd["world_size"],
+        "engine": sd["engine"],
         "state": state,
         "group_steps": sd["group_steps"],
     }
@@ -221,6 +224,7 @@ def state_from_payload(payload: StatePayload, rank: int) -> dict[str, Any]:
 
     return {
         "world_size": info["world_size"],
+        "engine": info.get("engine", "ddp"),
         "state": info["state"],
         "group_steps": info.get("group_steps", {}),
         "networks": strip("network_", payload.tensors),

@@ -9,6 +9,7 @@ with ``no_sync`` during accumulation).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,3 +59,24 @@ def broadcast_parameters(params: Sequence[torch.nn.Parameter], src: int = 0) -> 
     with torch.no_grad():
         for p in params:
             dist.broadcast(p.data, src=src)
+
+
+class DataParallelEngine:
+    """``distributed_engine = "ddp"`` (and every single-process run): each process holds the whole model, the
+    loop averages the gradients itself (``average_gradients``) and accelerate clips them."""
+
+    name = "ddp"
+    sharded = False
+
+    def __init__(self, accelerator: Any):
+        self.accelerator = accelerator
+
+    def broadcast_parameters(self, params: Sequence[torch.nn.Parameter]) -> None:
+        broadcast_parameters(params)
+
+    def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        average_gradients(params)
+
+    def clip_grad_norm(self, params: Sequence[torch.nn.Parameter], max_norm: float) -> float:
+        norm = self.accelerator.clip_grad_norm_(params, max_norm)
+        return float(norm) if norm is not None else float("nan")

@@ -27,7 +27,7 @@ from ..criteria.training_loss import flow_matching_pair
 from ..enhancements.base import StepContext, StepEnd, feature_metrics
 from ..errors import UserError
 from ..optimizers import resume_lr_scheduler
-from .distributed import average_gradients, broadcast_parameters, sum_across
+from .distributed import DataParallelEngine, sum_across
 from .experts import Experts, RegimeSampler
 from .signals import StopRequest
 from .state import RandomStream, TrainState, global_rng_state, seeded_generator, set_global_rng_state
@@ -103,8 +103,11 @@ class Trainer:
         resume_from: Path | None = None,
         stop: StopRequest | None = None,
         objective: Any = None,
+        engine: Any = None,
     ):
         self.accelerator = accelerator
+        self.engine = engine or DataParallelEngine(accelerator)
+        """How the processes share the work: ``DataParallelEngine`` or ``fsdp.FullyShardedEngine``."""
         self.objective = objective or FlowMatchingObjective()
         """The model type's inputs and loss mask (``criteria.objectives``)."""
         self.experts = experts
@@ -139,7 +142,7 @@ class Trainer:
         if self._epoch_len == 0:
             raise UserError("the training data loader is empty: check [[datasets.train]] and the caches")
         for group in self.groups:
-            broadcast_parameters(group.params)
+            self.engine.broadcast_parameters(group.params)
 
     # ------------------------------------------------------------------ properties used by handlers
     @property
@@ -419,14 +422,14 @@ class Trainer:
 
     def _optimizer_step(self, groups: list[TrainGroup]) -> float:
         params = [p for g in groups for p in g.params]
-        average_gradients(params)
-        norm = self.accelerator.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
+        self.engine.average_gradients(params)
+        norm = self.engine.clip_grad_norm(params, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
         for group in groups:
             group.optimizer.step()
             group.scheduler.step()
             group.steps += 1
         self._zero_grad()
-        return float(norm) if norm is not None else float("nan")
+        return norm
 
     def _skip_step(self, groups: list[TrainGroup]) -> None:
         self._zero_grad()
@@ -471,12 +474,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run exactly: counters, networks, optimisers, RNGs, data position."""
+        """Everything needed to continue the run exactly: counters, networks, optimisers, RNGs, data position.
+        Under FSDP the networks and optimisers are sharded: ``write_shards`` saves them (every process)."""
+        sharded = self.engine.sharded
         return {
             "world_size": self.world_size,
+            "engine": self.engine.name,
             "state": self.state.state_dict(),
-            "networks": {g.name: g.network.state_dict() for g in self.groups if g.network is not None},
-            "optimizers": {g.name: g.optimizer.state_dict() for g in self.groups},
+            "networks": {} if sharded else {g.name: g.network.state_dict() for g in self.groups if g.network is not None},
+            "optimizers": {} if sharded else {g.name: g.optimizer.state_dict() for g in self.groups},
             "schedulers": {g.name: g.scheduler.state_dict() for g in self.groups},
             "group_steps": {g.name: g.steps for g in self.groups},
             "handlers": {getattr(h, "name", type(h).__name__): h.state_dict() for h in self.handlers},
@@ -497,9 +503,10 @@ class Trainer:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.state.load_state_dict(sd["state"])
         for group in self.groups:
-            if group.network is not None:
-                group.network.load_state_dict(sd["networks"][group.name])
-            group.optimizer.load_state_dict(sd["optimizers"][group.name])
+            if not self.engine.sharded:  # sharded: ``load_checkpoint`` read them with ``engine.load_shards``
+                if group.network is not None:
+                    group.network.load_state_dict(sd["networks"][group.name])
+                group.optimizer.load_state_dict(sd["optimizers"][group.name])
             resume_lr_scheduler(group.scheduler, sd["schedulers"][group.name])  # the config's schedule, saved step
             group.steps = int(sd.get("group_steps", {}).get(group.name, 0))
         for handler in self.handlers:
@@ -521,8 +528,23 @@ class Trainer:
         self._iter = None
         self._epoch_len = len(self.loader)
 
+    def write_shards(self, folder: Path) -> None:
+        """The sharded part of a state folder (FSDP: trained weights and optimiser state; every process calls
+        it); nothing for the other engines, whose ``state_dict`` holds them."""
+        if self.engine.sharded:
+            self.engine.save_shards(folder, [g.optimizer for g in self.groups])
+
     def _check_resumable(self, sd: dict[str, Any], folder: Path) -> None:
         """A ``UserError`` naming the options when the saved networks do not fit the ones this config built."""
+        saved_engine = sd.get("engine", "ddp")
+        if saved_engine != self.engine.name:
+            raise UserError(
+                f"`resume`: {folder} was saved with distributed_engine = \"{saved_engine}\" and this run uses "
+                f"\"{self.engine.name}\" ({self.world_size} process(es)); resume with the engine and process count "
+                "of the run that saved it"
+            )
+        if self.engine.sharded:
+            return  # the shards' names and shapes are checked by torch.distributed.checkpoint when loading
         saved, own = sd["networks"], self.networks
         if set(saved) != set(own):
             raise UserError(
@@ -548,6 +570,8 @@ class Trainer:
         sd = state_from_payload(payload, self.rank)
         self._check_resumable(sd, folder)
         try:
+            if self.engine.sharded:
+                self.engine.load_shards(folder, [g.optimizer for g in self.groups])
             self.load_state_dict(sd)
         except (KeyError, ValueError, RuntimeError) as exc:
             raise UserError(

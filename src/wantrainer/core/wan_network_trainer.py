@@ -18,6 +18,7 @@ from ..common.logger import get_logger, setup_logging
 from ..config_parser import WanTrainerConfig, load_config
 from ..errors import UserError
 from .checkpoint_io import find_latest_state
+from .fsdp import make_engine
 from .experts import DEFAULT, Experts, RegimeSampler, load_experts, plan_experts
 from .run_folder import claim_output_folder, refuse_or_clear_earlier_run
 from .signals import StopRequest
@@ -127,6 +128,20 @@ def build_experts(cfg: WanTrainerConfig, device: torch.device) -> Experts:
     # on the CPU whatever offload_inactive_dit says.
     experts.capture_stores(offload=m.offload_inactive_dit or m.blocks_to_swap > 0)
     return experts
+
+
+def shard_experts(cfg: WanTrainerConfig, experts: Experts, engine: Any) -> None:
+    """FSDP (``distributed_engine = "fsdp"``): shard the DiT before the full fine-tune takes its parameters."""
+    if not engine.sharded:
+        return
+    from ..networks.full import select_parameters
+
+    if experts.is_dual:
+        raise UserError('network_module = "full" trains one Wan 2.2 expert at a time: set min_timestep / '
+                        "max_timestep on one side of the boundary (or give only that expert's DiT)")
+    trained = select_parameters(experts.model, cfg.network.trainable_blocks)
+    engine.prepare_model(experts.model, trained, _PRECISION[cfg.model.mixed_precision])
+    experts.capture_stores(offload=False)  # the store is the sharded model's own tensors (frees the full ones)
 
 
 def build_networks(cfg: WanTrainerConfig, experts: Experts, device: torch.device) -> dict[str, Any]:
@@ -261,7 +276,9 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     enhancements = build_enhancements(cfg)
     loader = build_loader(cfg, specs, accelerator, model_type,
                           tuple(cache for enh in enhancements for cache in enh.item_caches()))
+    engine = make_engine(cfg.training.distributed_engine, accelerator)
     experts = build_experts(cfg, device)
+    shard_experts(cfg, experts, engine)
     regimes = RegimeSampler(TimestepSampler.from_config(cfg.timesteps), experts.names, experts.boundary,
                             seq_len=typical_seq_len(specs[0]))
     total = total_steps_for(cfg.training, len(loader))
@@ -271,7 +288,16 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     for enh in enhancements:
         enh.setup_hooks(run)
     extra = enhancement_param_groups(enhancements, cfg.optimizer.learning_rate)
+    if engine.sharded:
+        if extra:
+            raise UserError('distributed_engine = "fsdp" shards the DiT only: an enhancement with its own trainable '
+                            "parameters is on (" + ", ".join(e.name for e in enhancements if list(e.trainable_params()))
+                            + '); turn it off or use distributed_engine = "ddp"')
+        for network in networks.values():
+            network.shard_with(engine)
     groups = build_groups(cfg, networks, regimes, extra, total, accelerator)
+    if engine.sharded:
+        engine.report_shards(groups[0].params)
     config_text = cfg.to_toml()
     handlers = build_handlers(cfg, accelerator, config_text, specs[0].resolution, model_type)
     handlers += list(extra_handlers or [])
@@ -297,6 +323,7 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
         resume_from=resume_from,
         stop=stop,
         objective=objective,
+        engine=engine,
     )
 
 

@@ -181,3 +181,32 @@ def full_model_problems(model_cfg: Any, network_cfg: Any) -> list[str]:
         problems.append('`blocks_to_swap` is not available with network_module = "full" (the optimiser holds every '
                         "trained weight on the device); set it to 0 and use gradient_checkpointing")
     return problems
+
+
+FSDP_OPTIMIZERS = ("adamw", "adafactor")
+"""Optimisers whose step runs on FSDP's DTensor shards (the others' kernels expect plain tensors or are untested)."""
+
+
+def engine_problems(cfg: Any) -> list[str]:
+    """``distributed_engine = "fsdp"`` with options it cannot honour (``cfg``: the whole config)."""
+    if cfg.training.distributed_engine != "fsdp":
+        return []
+    problems = []
+    if cfg.network.network_module not in FULL_MODULES:
+        problems.append('`distributed_engine = "fsdp"` shards a full fine-tune: set network_module = "full", or use '
+                        'distributed_engine = "ddp" for an adapter (LoRA, LoHa, LoKr, DoRA)')
+    optimizer = cfg.optimizer.optimizer_type
+    if optimizer.lower() not in FSDP_OPTIMIZERS and not optimizer.startswith("torch.optim."):
+        problems.append(f'`optimizer_type` = "{optimizer}" is not available with distributed_engine = "fsdp" (its '
+                        'step does not run on sharded DTensor parameters); use "adamw", "adafactor" or a '
+                        '"torch.optim." class')
+    v, sp = cfg.validation, cfg.sampling
+    if v.validate_every_n_steps or v.validate_on_epoch_end:
+        problems.append('`validate_every_n_steps` / `validate_on_epoch_end` are not available with distributed_engine '
+                        '= "fsdp" (the processes would hold unequal numbers of validation batches, and every sharded '
+                        "forward pass needs all of them); remove them and evaluate the saved DiT")
+    if sp.sample_at_first or sp.sample_every_n_steps or sp.sample_every_n_epochs:
+        problems.append('sampling during training is not available with distributed_engine = "fsdp" (it runs on the '
+                        "main process only and a sharded model needs every process); remove sample_at_first / "
+                        "sample_every_n_steps / sample_every_n_epochs and run `wantrainer sample` on the saved DiT")
+    return problems

@@ -47,6 +47,9 @@ def select_parameters(dit: nn.Module, patterns: list[str]) -> list[str]:
 class FullNetwork(nn.Module):
     """The trained parameters of one DiT, with float32 masters; never holds the DiT as a submodule."""
 
+    collective_save = False
+    """True under FSDP: ``save_weights`` gathers the shards, so every process calls it."""
+
     def __init__(self, dit: nn.Module, patterns: list[str], *, save_precision: str = "bf16",
                  comfyui_prefix: bool = True):
         super().__init__()
@@ -68,6 +71,7 @@ class FullNetwork(nn.Module):
         self._dit: list[nn.Module] = []  # the applied DiT (a list, so it is not a submodule)
         self._handles: list[Any] = []
         self._dirty = True  # the masters changed since the DiT's weights were refreshed
+        self._engine: Any = None  # the FSDP engine once the DiT is sharded (``shard_with``)
         count = sum(params[n].numel() for n in self.names)
         logger.info("full fine-tuning: %d tensors (%.2fM of %.2fM parameters), float32 %s", len(self.names),
                     count / 1e6, sum(p.numel() for p in dit.parameters()) / 1e6,
@@ -122,6 +126,13 @@ class FullNetwork(nn.Module):
             params[name].copy_(self._masters[name].to(params[name].device))
         self._dirty = False
 
+    def shard_with(self, engine: Any) -> None:
+        """The DiT is sharded by ``engine`` (``core.fsdp``): the masters are its float32 shards; saving gathers."""
+        if self._copies:
+            raise RuntimeError("an FSDP-sharded DiT trains float32 shards; it has no master copies")
+        self._engine = engine
+        self.collective_save = True
+
     def set_multiplier(self, multiplier: float) -> None:
         if float(multiplier) != 1.0:
             raise UserError("a full fine-tune has no multiplier (it is the model itself); use 1.0")
@@ -158,18 +169,26 @@ class FullNetwork(nn.Module):
     # -- saving -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def full_state(self) -> dict[str, torch.Tensor]:
-        """The DiT's state dict with the trained weights at float32 precision (from the masters)."""
+        """The DiT's state dict with the trained weights at float32 precision (from the masters); under FSDP the
+        gathered state on the main process (an empty dict on the others), which every process must call."""
         if not self._dit:
             raise RuntimeError("the network has not been applied to a DiT")
+        if self._engine is not None:  # FSDP: gathered on the main process's CPU (a collective)
+            return self._engine.gather_full_state()
         state = {k: v.detach() for k, v in self._dit[0].state_dict().items()}
         state.update(self.state_dict())
         return state
 
     def save_weights(self, path: str | Path, metadata: dict[str, str], precision: str | None = None) -> None:
-        """Write the fine-tuned DiT (original layout; ``full_save_precision``, prefix as configured)."""
+        """Write the fine-tuned DiT (original layout; ``full_save_precision``, prefix as configured). Under FSDP
+        every process calls it and the main process writes."""
         from ..models.wan.convert import save_dit_state
+
+        state = self.full_state()
+        if self._engine is not None and not self._engine.accelerator.is_main_process:
+            return
 
         metadata = dict(metadata)
         if "modelspec.architecture" in metadata:  # a whole model, not an adapter: "wan2.1", "wan2.2"
             metadata["modelspec.architecture"] = metadata["modelspec.architecture"].removesuffix("/lora")
-        save_dit_state(self.full_state(), path, self.save_precision, self.comfyui_prefix, metadata)
+        save_dit_state(state, path, self.save_precision, self.comfyui_prefix, metadata)

@@ -95,6 +95,9 @@ class LoRAModule(AdapterModule):
 class LoRANetwork(nn.Module):
     """All LoRA modules of one DiT; ``state_dict()`` uses kohya keys (``lora_unet_...``)."""
 
+    collective_save = False
+    """The main process alone writes a LoRA file (every process holds the whole network)."""
+
     def __init__(
         self,
         dit: nn.Module,

@@ -111,19 +111,23 @@ class CheckpointHandler(Handler):
             self._save(trainer, step=step, epoch=epoch, with_state=with_state)
 
     def _save(self, trainer: Any, *, step: int | None, epoch: int | None, with_state: bool) -> None:
-        if trainer.accelerator.is_main_process:
-            for group in trainer.groups:
-                if group.network is None:
-                    continue
-                suffix = "" if len(trainer.groups) == 1 else f"_{group.name}"
-                name = io.save_name(self.saving.output_name, step=step, epoch=epoch, suffix=suffix)
-                path = self.output_dir / f"{name}.safetensors"
-                metadata = self.metadata(trainer, group.name, name)
-                with self._disk_errors(path):
-                    group.network.save_weights(path, metadata, self.network_cfg.save_precision)
-                self.written.append(path)
-                logger.info("saved %s", path)
-                self._save_extras(trainer, SaveRequest(group.name, name, trainer.state.step), metadata)
+        main = trainer.accelerator.is_main_process
+        for group in trainer.groups:
+            # A sharded network (FSDP) gathers its weights with a collective: every process calls save_weights,
+            # the main process writes the file.
+            if group.network is None or not (main or group.network.collective_save):
+                continue
+            suffix = "" if len(trainer.groups) == 1 else f"_{group.name}"
+            name = io.save_name(self.saving.output_name, step=step, epoch=epoch, suffix=suffix)
+            path = self.output_dir / f"{name}.safetensors"
+            metadata = self.metadata(trainer, group.name, name)
+            with self._disk_errors(path):
+                group.network.save_weights(path, metadata, self.network_cfg.save_precision)
+            if not main:
+                continue
+            self.written.append(path)
+            logger.info("saved %s", path)
+            self._save_extras(trainer, SaveRequest(group.name, name, trainer.state.step), metadata)
         if with_state:
             self.save_state(trainer, io.save_name(self.saving.output_name, step=step, epoch=epoch))
         trainer.accelerator.wait_for_everyone()
@@ -142,7 +146,8 @@ class CheckpointHandler(Handler):
                 logger.info("saved %s", path)
 
     def save_state(self, trainer: Any, name: str) -> Path:
-        """Write ``{name}-state/`` atomically (every process adds its own random state and data position)."""
+        """Write ``{name}-state/`` atomically (every process adds its own random state and data position, and its
+        FSDP shard)."""
         final = self.output_dir / f"{name}-state"
         sd = trainer.state_dict()
         accelerator = trainer.accelerator
@@ -154,6 +159,7 @@ class CheckpointHandler(Handler):
         accelerator.wait_for_everyone()
         with self._disk_errors(final):
             io.write_rank_part(tmp, trainer.rank, sd["rank"])
+            trainer.write_shards(tmp)  # FSDP: every process writes its shard (a collective)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             with self._disk_errors(final):
