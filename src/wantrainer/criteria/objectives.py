@@ -61,9 +61,10 @@ class TI2VObjective:
     seed: int
     name = "ti2v"
 
-    def image_rows(self, batch: dict[str, Any], epoch: int, frames: int) -> torch.Tensor:
-        """[B] bool: which samples of the batch are image-to-video."""
-        size = len(batch["keys"]) if "keys" in batch else int(batch["latents"].shape[0])
+    def image_rows(self, batch: dict[str, Any], epoch: int, frames: int, size: int | None = None) -> torch.Tensor:
+        """[B] bool: which of the ``size`` samples of the batch (default: its keys) are image-to-video."""
+        if size is None:
+            size = len(batch["keys"]) if "keys" in batch else int(batch["latents"].shape[0])
         if frames < 2 or self.image_ratio <= 0:
             return torch.zeros(size, dtype=torch.bool)
         position = int(batch.get("batch_index", 0))
@@ -74,7 +75,7 @@ class TI2VObjective:
 
     def model_inputs(self, latents: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor,
                      batch: dict[str, Any], epoch: int, patch: tuple[int, int, int]) -> ModelInputs:  # fmt: skip
-        rows = self.image_rows(batch, epoch, latents.shape[2]).to(latents.device)
+        rows = self.image_rows(batch, epoch, latents.shape[2], latents.shape[0]).to(latents.device)
         if not bool(rows.any()):
             return ModelInputs(noisy, timesteps)
         return first_frame_inputs(latents, noisy, timesteps, rows, patch)
