@@ -400,3 +400,19 @@ def test_doctor_warns_about_clips_that_are_not_the_5b_rate(ti2v_workspace, tmp_p
     text = capsys.readouterr().out
     assert "WARNING: 4 video(s) are not 24 fps (16 fps" in text and "resample them to 24 fps" in text
     assert "fast motion (1.5x faster than real time at the model's 24 fps)" in text
+
+
+def test_cache_text_reads_the_clips_at_the_5b_rate(ti2v_workspace, tmp_path, tiny_kit):
+    """With source_fps, a clip too short for the window at 16 fps is long enough at the 5B's 24 fps: its caption is
+    cached for the 5B (and not for a Wan 2.1 run, which has no item for it)."""
+    from wantrainer.caching.cache_text_encoder_outputs import cache_text
+
+    entry = {**ti2v_workspace.config(tmp_path)["datasets"]["train"][0], "source_fps": 32.0,
+             "cache_directory": str(tmp_path / "cache")}  # fmt: skip
+    five_b = cache_text(load(write_config(tmp_path / "5b.toml", ti2v_workspace.config(
+        tmp_path, datasets={"train": [entry]}))))  # fmt: skip
+    shutil.rmtree(tmp_path / "cache")
+    wan21 = cache_text(load(write_config(tmp_path / "21.toml", ti2v_workspace.config(
+        tmp_path, dit=str(tiny_kit.dit_wan21), target_model="wan21", vae=str(tiny_kit.vae),
+        datasets={"train": [entry]}))))  # fmt: skip
+    assert five_b.cached > wan21.cached

@@ -110,8 +110,11 @@ def cache_text(cfg, progress: Progress | None = None) -> CacheSummary:
     """Encode the captions of every train / val dataset of ``cfg`` (a ``WanTrainerConfig``)."""
     settings = cfg.datasets.text_encoder_cache
     progress = progress or NoProgress()
+    from ..models.wan.conditioning import run_model_type
+
+    # the model type decides which windows a clip gives (the TI2V-5B's 24 fps, with source_fps): their captions
     job = start_run("text", cfg.datasets, settings.device, "datasets.text_encoder_cache.device",
-                    lambda item: item.text_cache_path)
+                    lambda item: item.text_cache_path, run_model_type(cfg.model))
     summary = job.summary
     captions: dict[Path, str] = {}
     for item in job.items:
