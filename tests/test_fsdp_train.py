@@ -31,11 +31,12 @@ def scalars(log_dir, tag):
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-def fsdp_config(ws, folder, batch_size, **values):
-    """The 4 distinct training images, ``batch_size`` per process, a full fine-tune (without the LoRA keys)."""
+def fsdp_config(ws, folder, batch_size, *, val=False, **values):
+    """The 4 distinct training images, ``batch_size`` per process, a full fine-tune (without the LoRA keys); with
+    ``val`` the 3 validation images in one batch (which does not split evenly over 2 processes)."""
     datasets = {"train": [{"image_directory": str(ws.train_media), "cache_directory": str(ws.train_cache),
                            "resolution": [64, 64], "batch_size": batch_size, "caption_dropout_rate": 0.3}]}
-    config = ws.config(folder / "out", max_train_steps=4, datasets=datasets, **{**FULL, **values})
+    config = ws.config(folder / "out", val=val, max_train_steps=4, datasets=datasets, **{**FULL, **values})
     for key in ADAPTER_KEYS:
         config.pop(key)
     return write_config(folder / "config.toml", config)
@@ -55,7 +56,8 @@ def torchrun(config, nproc=2, *, check=True):
 def test_fsdp_two_processes_follow_one_process_and_export_the_dit(train_workspace, tmp_path):
     # SGD: the step is linear in the gradient, so the runs differ by summation order only (Adam divides tiny
     # gradient elements by their own size and amplifies that noise)
-    sgd = dict(optimizer_type="torch.optim.SGD", learning_rate=0.05, gradient_checkpointing=True)
+    sgd = dict(optimizer_type="torch.optim.SGD", learning_rate=0.05, gradient_checkpointing=True, val=True,
+               validate_every_n_steps=2)
     trainer = build_trainer(load(fsdp_config(train_workspace, tmp_path / "single", batch_size=2, **sgd)))
     assert trainer.train() == "completed"
     proc = torchrun(fsdp_config(train_workspace, tmp_path / "fsdp", batch_size=1, distributed_engine="fsdp",
@@ -77,6 +79,11 @@ def test_fsdp_two_processes_follow_one_process_and_export_the_dit(train_workspac
     norm_two = scalars(tmp_path / "fsdp" / "out" / "logs", "grad_norm")
     assert [v for _, v in norm_two] == pytest.approx([v for _, v in norm_one], rel=1e-5)
     assert all(v > 0.5 for _, v in norm_one)  # clipping to max_grad_norm = 0.5 took part
+    # every process validates on the whole val set (a sharded forward needs them all): the same mean
+    val_one = scalars(tmp_path / "single" / "out" / "logs", "val/loss")
+    val_two = scalars(tmp_path / "fsdp" / "out" / "logs", "val/loss")
+    assert [s for s, _ in val_one] == [s for s, _ in val_two] == [2, 4]
+    assert [v for _, v in val_two] == pytest.approx([v for _, v in val_one], rel=1e-5)
     # 3. the exported DiT: the original layout, loads in our loader, equals the 1-process fine-tune
     path = tmp_path / "fsdp" / "out" / "lora.safetensors"
     got, want = load_file(str(path)), load_file(str(tmp_path / "single" / "out" / "lora.safetensors"))
@@ -126,7 +133,6 @@ def test_fsdp_resume_is_bit_identical_and_needs_the_same_process_count(train_wor
     [
         ({"network_module": "networks.lora_wan"}, 'set network_module = "full"'),
         ({"optimizer_type": "adamw8bit"}, "optimizer_type"),
-        ({"validate_every_n_steps": 5}, "validate_every_n_steps"),
         ({"sample_every_n_steps": 5, "sample_prompts": [{"text": "a cat"}]}, "sampling during training"),
         ({"blocks_to_swap": 1}, "blocks_to_swap"),
         ({"fp8_base": True}, "fp8_base"),

@@ -209,9 +209,13 @@ def enhancement_param_groups(enhancements: list[Any], lr: float) -> list[dict[st
 
 
 def build_handlers(
-    cfg: WanTrainerConfig, accelerator: Any, config_text: str, resolution: tuple[int, int], model_type: str = "t2v"
+    cfg: WanTrainerConfig, accelerator: Any, config_text: str, resolution: tuple[int, int], model_type: str = "t2v",
+    *, sharded: bool = False,
 ) -> list[Any]:
-    """Metrics first, checkpointing last (so a saved state includes the other handlers' latest state)."""
+    """Metrics first, checkpointing last (so a saved state includes the other handlers' latest state).
+
+    ``sharded`` (FSDP): every forward pass needs every process, so each process validates on the whole val set
+    (the same batches in the same order; the summed sums and counts give the same mean) instead of its slice."""
     from ..dataset.blueprint import resolve_datasets
     from .handlers.checkpointing import CheckpointHandler
     from .handlers.metrics import MetricsHandler
@@ -219,9 +223,9 @@ def build_handlers(
     from .handlers.validation import ValidationHandler
 
     handlers: list[Any] = [MetricsHandler()]
+    rank, world = (0, 1) if sharded else (accelerator.process_index, accelerator.num_processes)
     val = ValidationHandler.from_config(cfg.validation, resolve_datasets(cfg.datasets, "val", model_type), cfg.loss,
-                                        cfg.timesteps, rank=accelerator.process_index,
-                                        world_size=accelerator.num_processes, model_type=model_type,
+                                        cfg.timesteps, rank=rank, world_size=world, model_type=model_type,
                                         ti2v_image_ratio=cfg.model.ti2v_image_ratio)
     sampling = SamplingHandler.from_config(cfg.sampling, cfg.model, cfg.saving, model_type)
     handlers.extend(h for h in (val, sampling) if h is not None)
@@ -299,7 +303,7 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     if engine.sharded:
         engine.report_shards(groups[0].params)
     config_text = cfg.to_toml()
-    handlers = build_handlers(cfg, accelerator, config_text, specs[0].resolution, model_type)
+    handlers = build_handlers(cfg, accelerator, config_text, specs[0].resolution, model_type, sharded=engine.sharded)
     handlers += list(extra_handlers or [])
     logger.info("training %s for %d steps (%d batches per epoch per process, %d process(es), accumulation %d)",
                 "/".join(experts.names), total, len(loader), accelerator.num_processes,

@@ -200,11 +200,7 @@ def engine_problems(cfg: Any) -> list[str]:
         problems.append(f'`optimizer_type` = "{optimizer}" is not available with distributed_engine = "fsdp" (its '
                         'step does not run on sharded DTensor parameters); use "adamw", "adafactor" or a '
                         '"torch.optim." class')
-    v, sp = cfg.validation, cfg.sampling
-    if v.validate_every_n_steps or v.validate_on_epoch_end:
-        problems.append('`validate_every_n_steps` / `validate_on_epoch_end` are not available with distributed_engine '
-                        '= "fsdp" (the processes would hold unequal numbers of validation batches, and every sharded '
-                        "forward pass needs all of them); remove them and evaluate the saved DiT")
+    sp = cfg.sampling
     if sp.sample_at_first or sp.sample_every_n_steps or sp.sample_every_n_epochs:
         problems.append('sampling during training is not available with distributed_engine = "fsdp" (it runs on the '
                         "main process only and a sharded model needs every process); remove sample_at_first / "
