@@ -416,3 +416,37 @@ def test_cache_text_reads_the_clips_at_the_5b_rate(ti2v_workspace, tmp_path, tin
         tmp_path, dit=str(tiny_kit.dit_wan21), target_model="wan21", vae=str(tiny_kit.vae),
         datasets={"train": [entry]}))))  # fmt: skip
     assert five_b.cached > wan21.cached
+
+
+def test_loss_masks_are_cached_on_the_5b_latent_grid(tiny_kit, tmp_path):
+    """Per-item loss masks follow the Wan 2.2 VAE's 16 x 16 cells: a left-half mask covers 2 of 4 latent columns."""
+    import numpy as np
+    from PIL import Image
+
+    from wantrainer.config_parser import parse_config
+    from wantrainer.dataset.blueprint import resolve_datasets
+    from wantrainer.dataset.sources import scan_dataset
+    from wantrainer.devkit.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path, seed=2, num_images=2, num_videos=0)
+    (tmp_path / "masks").mkdir()
+    for path in sorted(data.image_dir.glob("*.png")):
+        width, height = Image.open(path).size
+        mask = np.zeros((height, width), np.uint8)
+        mask[:, : width // 2] = 255
+        Image.fromarray(mask, mode="L").save(tmp_path / "masks" / path.name)
+    cfg = parse_config({"dit": str(tiny_kit.dit_wan22_ti2v), "vae": str(tiny_kit.vae22),
+                        "use_masked_training_with_prior": True, "datasets": {"general": {"resolution": 64}, "train": [
+                            {"image_directory": "images", "cache_directory": "c", "mask_directory": "masks"}]}},
+                       config_dir=tmp_path)  # fmt: skip
+    summary = cache_latents(cfg)
+    assert summary.failed == [] and summary.masks_cached == 2
+    for item in scan_dataset(resolve_datasets(cfg.datasets, "train", "ti2v")[0]).items:
+        with safe_open(str(item.mask_cache_path), framework="pt") as f:
+            (key,) = list(f.keys())
+            mask = f.get_tensor(key).float()
+        assert key.startswith("mask_1x4x4_") and mask.shape == (1, 4, 4)
+        if Image.open(item.path).size[0] == 64:  # uncropped: the white half is exactly the 2 left cell columns
+            expected = torch.zeros(1, 4, 4)
+            expected[..., :2] = 1.0
+            torch.testing.assert_close(mask, expected, rtol=0, atol=1e-3)
