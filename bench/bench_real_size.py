@@ -13,7 +13,8 @@ the cache format; no VAE or text encoder runs). Then, for each mode, a fresh chi
 - train: the peak process-tree PSS while training, the median s/step after ``--warmup`` steps, and the median
   bare forward + backward of the same model, LoRA and batch, timed after each step in the same run
   (``bench_trainer.StepClock``);
-- ratios against the first mode (fp32 by default) and step / bare.
+- the same per step in CPU time of the trainer process (all threads): steadier than wall time on a busy machine;
+- ratios against the first mode (fp32 by default) and step / bare. A mode named twice runs twice.
 
 A mode is a name and the config keys it sets (``MODES``); ``--set key=value`` adds keys to every mode, so more
 modes (another engine's keys) are one line each. Needs about 12 GB of free RAM at 1.3B (fp32 weights 5.7 GB).
@@ -175,9 +176,38 @@ class MemorySampler(threading.Thread):
         self.sample()
 
 
+def cpu_clock(bare: Any) -> Any:
+    """``bench_trainer.StepClock`` that also records this process's CPU time (all threads) of each step and bare
+    pass: on a machine busy with other work it moves less than the wall time."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_trainer import StepClock
+
+    class CpuStepClock(StepClock):
+        def __init__(self) -> None:
+            super().__init__(bare)
+            self.cpus: list[float] = []
+            self.bare_cpus: list[float] = []
+            self._last_cpu = 0.0
+
+        def on_train_start(self, trainer) -> None:
+            super().on_train_start(trainer)
+            self._last_cpu = time.process_time()
+
+        def on_step_end(self, trainer) -> None:
+            now, cpu = time.perf_counter(), time.process_time()
+            self.walls.append(now - self._last)
+            self.cpus.append(cpu - self._last_cpu)
+            self.data.append(trainer.last_step.timings["data"])
+            self.bare_times.append(self.bare(trainer))
+            self.bare_cpus.append(time.process_time() - cpu)
+            self._last, self._last_cpu = time.perf_counter(), time.process_time()
+
+    return CpuStepClock()
+
+
 def run_mode(config: Path, steps: int, warmup: int, device: str) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_trainer import BareForwardBackward, StepClock, for_benchmark
+    from bench_trainer import BareForwardBackward, for_benchmark
     from wantrainer.config_parser import load_config
     from wantrainer.core.wan_network_trainer import build_loader, build_trainer, train_specs
     from wantrainer.utils.memory import peak_rss_bytes
@@ -190,7 +220,7 @@ def run_mode(config: Path, steps: int, warmup: int, device: str) -> dict[str, An
     plain = load_config(config)
     plain.training = plain.training.model_copy(update={"max_data_loader_n_workers": 0})
     first_batch = next(iter(build_loader(plain, train_specs(plain), Accelerator(cpu=device == "cpu"))))
-    clock = StepClock(BareForwardBackward(first_batch))
+    clock = cpu_clock(BareForwardBackward(first_batch))
     start = time.perf_counter()
     trainer = build_trainer(cfg, extra_handlers=[clock])
     load_s = time.perf_counter() - start
@@ -205,6 +235,7 @@ def run_mode(config: Path, steps: int, warmup: int, device: str) -> dict[str, An
     result = {
         "load_s": load_s, "load_pss": sampler.peaks.get("load", 0), "train_pss": sampler.peaks.get("train", 0),
         "load_vmhwm": load_hwm, "step_s": statistics.median(walls), "bare_s": statistics.median(bare),
+        "step_cpu_s": statistics.median(clock.cpus[warmup:]), "bare_cpu_s": statistics.median(clock.bare_cpus[warmup:]),
         "steps": len(walls), "tokens": int(first_batch["latents"][0, 0].numel() // 4),
     }  # fmt: skip
     if device == "cuda":
@@ -238,14 +269,16 @@ def report(results: dict[str, dict[str, Any]], header: str) -> str:
     ref = results[ref_name]
     lines = [header, "",
              f"| mode | load s | peak PSS load GiB | peak PSS train GiB | s/step | bare fwd+bwd s | step / bare | "
-             f"load peak / {ref_name} | train peak / {ref_name} | s/step / {ref_name} |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"CPU s/step | CPU step / bare | load peak / {ref_name} | train peak / {ref_name} | s/step / {ref_name} "
+             f"| CPU s/step / {ref_name} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for mode, r in results.items():
         lines.append(
             f"| {mode} | {r['load_s']:.1f} | {r['load_pss'] / GiB:.2f} | {r['train_pss'] / GiB:.2f} | "
-            f"{r['step_s']:.2f} | {r['bare_s']:.2f} | {r['step_s'] / r['bare_s']:.3f} | "
-            f"{r['load_pss'] / ref['load_pss']:.2f} | {r['train_pss'] / ref['train_pss']:.2f} | "
-            f"{r['step_s'] / ref['step_s']:.2f} |")  # fmt: skip
+            f"{r['step_s']:.2f} | {r['bare_s']:.2f} | {r['step_s'] / r['bare_s']:.3f} | {r['step_cpu_s']:.2f} | "
+            f"{r['step_cpu_s'] / r['bare_cpu_s']:.3f} | {r['load_pss'] / ref['load_pss']:.2f} | "
+            f"{r['train_pss'] / ref['train_pss']:.2f} | {r['step_s'] / ref['step_s']:.2f} | "
+            f"{r['step_cpu_s'] / ref['step_cpu_s']:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -265,6 +298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], help="key=value added to every mode's config")
     parser.add_argument("--dir", default=None, help="working folder, kept for reruns (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--prepare-only", action="store_true", help="write the checkpoint and caches, run nothing")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -283,11 +317,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_real_size_"))
     root.mkdir(parents=True, exist_ok=True)
     values = prepare(root, args)
+    if args.prepare_only:
+        print(f"prepared {root}")
+        return {}
     results = {}
-    for mode in args.modes.split(","):
-        print(f"mode {mode} ...", flush=True)
-        results[mode] = run_child(mode, values, root, args)
-        print(f"  {results[mode]}", flush=True)
+    for mode in args.modes.split(","):  # a mode named twice runs twice (run-to-run spread)
+        label = mode if mode not in results else f"{mode} (run {sum(k.split()[0] == mode for k in results) + 1})"
+        print(f"mode {label} ...", flush=True)
+        results[label] = run_child(mode, values, root, args)
+        print(f"  {results[label]}", flush=True)
     width, height = args.resolution
     header = (f"size {args.size}, {width}x{height} x {args.frames} frame(s), LoRA rank {args.rank}, AdamW, gradient "
               f"checkpointing, {args.threads} threads, {args.workers} workers, {args.device}; median of {args.steps} "
