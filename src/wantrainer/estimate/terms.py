@@ -73,7 +73,8 @@ class Estimate:
     knobs: Knobs
     terms: list[Term] = field(default_factory=list)
     load_ram: int = 0
-    """Peak RAM while the DiT is read (the mapped file plus the tensors being built)."""
+    """Peak RAM while the DiT is read: the tensors being built and the file pages of the one being read (the
+    loader lets each tensor's pages go before the next)."""
 
     @property
     def vram(self) -> int:
@@ -86,7 +87,7 @@ class Estimate:
 
     @property
     def ram(self) -> int:
-        """Peak RSS: training, or loading when the mapped file pages (reclaimable) make that higher."""
+        """Peak RSS: training, or loading when building the weights in RAM makes that higher."""
         return max(self.train_ram, self.load_ram)
 
 
@@ -188,7 +189,8 @@ def estimate(shapes: ModelShapes, knobs: Knobs, text_tokens: int = 512) -> Estim
     add(Term("process (Python, torch, libraries)", ram=PROCESS_BASE_BYTES, note="measured on the CPU"))
     # a single expert without block swap is read straight onto the GPU; otherwise every expert is built in RAM
     direct = gpu and knobs.experts == 1 and not swapped
-    est.load_ram = PROCESS_BASE_BYTES + shapes.file_bytes + (0 if direct else dit_bytes * knobs.experts)
+    largest = 4 * shapes.dim * shapes.ffn_dim  # the largest tensor (an ffn weight), fp32 at most in the file
+    est.load_ram = PROCESS_BASE_BYTES + largest + (0 if direct else dit_bytes * knobs.experts)
     return est
 
 
