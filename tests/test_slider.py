@@ -142,3 +142,25 @@ def test_slider_resume_is_bit_identical(train_workspace, tmp_path, slider_cache)
 
     a, b = (lora_tensors(tmp_path / n / "out" / "lora.safetensors") for n in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_process_slider_matches_one_process(train_workspace, tmp_path, slider_cache):
+    """Noise latents drawn for the global batch: 2 processes x 1 train the LoRA of 1 process x 2."""
+    from test_ddp_train import distinct_config, torchrun_train
+
+    from train_support import TrainWorkspace, lora_tensors
+
+    ws = TrainWorkspace.__new__(TrainWorkspace)
+    ws.kit, ws.train_media, ws.train_cache = train_workspace.kit, train_workspace.train_media, slider_cache
+    kit = ws.kit
+    values = dict(log_with="none", slider_pairs=[PAIR], slider_latents="noise", slider_guidance_strength=20.0,
+                  t5=str(kit.t5), t5_tokenizer=str(kit.tokenizer_dir))
+    single = load(distinct_config(ws, tmp_path / "single", batch_size=2, **values))
+    cache_text(single)
+    assert build_trainer(single).train() == "completed"
+    torchrun_train(distinct_config(ws, tmp_path / "ddp", batch_size=1, **values))
+    a = lora_tensors(tmp_path / "single" / "out" / "lora.safetensors")
+    b = lora_tensors(tmp_path / "ddp" / "out" / "lora.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)

@@ -60,6 +60,7 @@ class SliderHelper(BaseEnhancement):
         self.networks: dict[str, Any] = {}
         self.embeds: dict[str, torch.Tensor] = {}
         self.rank = 0
+        self.world_size = 1
         self.last: dict[str, float] = {}
 
     @classmethod
@@ -82,6 +83,7 @@ class SliderHelper(BaseEnhancement):
         self.embeds = {k: v.to(run.device) for k, v in load_prompt_set(run.cfg, self.prompt_set()).items()}
         self.networks = run.networks
         self.rank = run.accelerator.process_index if run.accelerator is not None else 0
+        self.world_size = run.accelerator.num_processes if run.accelerator is not None else 1
         logger.info("concept slider: %d prompt pair(s), guidance strength %g, on %s latents",
                     len(self.cfg.slider_pairs), self.cfg.slider_guidance_strength, self.cfg.slider_latents)
 
@@ -91,9 +93,14 @@ class SliderHelper(BaseEnhancement):
     def _inputs(self, ctx: StepContext) -> torch.Tensor:
         if self.cfg.slider_latents == "dataset":
             return ctx.noisy
-        # Gaussian "latents" in place of the data, from a generator of (seed, step, rank): the same on resume.
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.step * 7919 + self.rank)
-        fake = torch.randn(ctx.latents.shape, generator=gen).to(ctx.noise)
+        # Gaussian "latents" in place of the data, drawn for the global batch from (seed, step, batch position) and
+        # sliced as the trainer slices its noise: the same on resume and for N processes x B as for 1 x N*B.
+        b = ctx.latents.shape[0]
+        index = int(ctx.batch.get("batch_index", 0))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.step * 7919 + index)
+        lo = int(ctx.batch.get("share_offset", self.rank * b))
+        total = int(ctx.batch.get("global_batch_size", b * self.world_size))
+        fake = torch.randn((total, *ctx.latents.shape[1:]), generator=gen)[lo:lo + b].to(ctx.noise)
         t = ctx.t.view(-1, *([1] * (fake.ndim - 1)))
         return (1.0 - t) * fake + t * ctx.noise
 
