@@ -148,7 +148,6 @@ def test_slider_resume_is_bit_identical(train_workspace, tmp_path, slider_cache)
 def test_two_process_slider_matches_one_process(train_workspace, tmp_path, slider_cache):
     """Noise latents drawn for the global batch: 2 processes x 1 train the LoRA of 1 process x 2."""
     from test_ddp_train import distinct_config, torchrun_train
-
     from train_support import TrainWorkspace, lora_tensors
 
     ws = TrainWorkspace.__new__(TrainWorkspace)
