@@ -36,7 +36,7 @@ def fsdp_config(ws, folder, batch_size, *, val=False, **values):
     ``val`` the 3 validation images in one batch (which does not split evenly over 2 processes)."""
     datasets = {"train": [{"image_directory": str(ws.train_media), "cache_directory": str(ws.train_cache),
                            "resolution": [64, 64], "batch_size": batch_size, "caption_dropout_rate": 0.3}]}
-    config = ws.config(folder / "out", val=val, max_train_steps=4, datasets=datasets, **{**FULL, **values})
+    config = ws.config(folder / "out", val=val, datasets=datasets, **{"max_train_steps": 4, **FULL, **values})
     for key in ADAPTER_KEYS:
         config.pop(key)
     return write_config(folder / "config.toml", config)
@@ -156,3 +156,18 @@ def test_lora_keeps_ddp_and_fsdp_with_one_process_is_the_plain_path():
 
     assert parse_config({}).training.distributed_engine == "ddp"
     assert isinstance(make_engine("fsdp", Accelerator(cpu=True)), DataParallelEngine)  # nothing to shard
+
+
+def test_a_state_of_the_other_engine_is_refused(train_workspace, tmp_path):
+    """A state folder records its engine: DDP's whole-network files and FSDP's shards do not mix."""
+    common = dict(max_train_steps=2, save_every_n_steps=1, save_state=True, log_with="none")
+    build_trainer(load(fsdp_config(train_workspace, tmp_path / "a", batch_size=2, **common))).train()
+    state = tmp_path / "a" / "out" / "lora-step00000001-state"
+    info = json.loads((state / "trainer_state.json").read_text())
+    assert info["engine"] == "ddp"
+    info["engine"] = "fsdp"  # as a 1-process run would see a sharded state of the same process count
+    (state / "trainer_state.json").write_text(json.dumps(info))
+    trainer = build_trainer(load(fsdp_config(train_workspace, tmp_path / "b", batch_size=2, resume=str(state),
+                                             **common)))
+    with pytest.raises(UserError, match='saved with distributed_engine = "fsdp" and this run uses "ddp"'):
+        trainer.train()
