@@ -20,7 +20,8 @@ from wantrainer.estimate.terms import GiB, estimate
 
 SHORT = {"gradient_checkpointing": "GC", "dit_weight_dtype": "fp8", "optimizer_type": "8-bit AdamW",
          "gradient_checkpointing_cpu_offload": "GC offload"}
-MODELS = [("Wan 2.1 1.3B", "wan21_t2v_1.3b"), ("Wan 2.1 14B", "wan21_t2v_14b"), ("Wan 2.2 A14B", "wan22_t2v_a14b")]
+MODELS = [("Wan 2.1 1.3B", "wan21_t2v_1.3b"), ("Wan 2.1 14B", "wan21_t2v_14b"), ("Wan 2.2 A14B", "wan22_t2v_a14b"),
+          ("Wan 2.2 TI2V 5B", "wan22_ti2v_5b")]
 BATCHES = [("512x512 image", (512, 512), 1), ("832x480x33", (832, 480), 33), ("832x480x81", (832, 480), 81)]
 BUDGETS = (12, 16, 24, 48, 80)
 
@@ -60,7 +61,9 @@ def main() -> None:
     for label, preset in MODELS:
         shapes_for = functools.partial(_shapes_from_config, cfg, preset=preset)
         for text, size, frames in BATCHES:
-            knobs = knobs_from_config(cfg, "cuda", _tokens(size, frames, 1), 1, 2 if preset.startswith("wan22") else 1)
+            step = 32 if preset == "wan22_ti2v_5b" else 16  # the Wan 2.2 VAE's 16x cells, patchified by 2
+            experts = 2 if preset == "wan22_t2v_a14b" else 1
+            knobs = knobs_from_config(cfg, "cuda", _tokens(size, frames, 1, step), 1, experts)
             print(f"| {label} | {text} | " + " | ".join(cell(shapes_for, knobs, v) for v in BUDGETS) + " |")
 
 

@@ -450,3 +450,12 @@ def test_loss_masks_are_cached_on_the_5b_latent_grid(tiny_kit, tmp_path):
             expected = torch.zeros(1, 4, 4)
             expected[..., :2] = 1.0
             torch.testing.assert_close(mask, expected, rtol=0, atol=1e-3)
+
+
+def test_estimate_takes_the_5b_preset_on_its_grid(ti2v_workspace, tmp_path, capsys):
+    config = ti2v_workspace.write(tmp_path, dit=str(tmp_path / "not_downloaded.safetensors"))
+    code = cli_main(["estimate", "--config", str(config), "--model", "wan22_ti2v_5b", "--resolution", "832x480",
+                     "--frames", "81", "--vram", "24"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0 and "wan22_ti2v_5b, 30 blocks" in text
+    assert f"{21 * (480 // 32) * (832 // 32)} tokens" in text  # 21 latent frames x 15 x 26 (16x VAE, patch 2)

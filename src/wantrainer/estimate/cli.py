@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import UserError
 from .terms import Estimate, GiB, Knobs, ModelShapes, caching_terms, estimate, model_shapes
 
-PRESETS = ("wan21_t2v_1.3b", "wan21_t2v_14b", "wan22_t2v_a14b")
+PRESETS = ("wan21_t2v_1.3b", "wan21_t2v_14b", "wan22_t2v_a14b", "wan22_ti2v_5b")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,14 +49,16 @@ def _shapes_from_config(cfg: Any, knobs: Knobs, preset: str | None) -> ModelShap
     return model_shapes(config, cfg.network, knobs, size, known_config_name(config) or Path(cfg.model.dit).name)
 
 
-def largest_batch_tokens(cfg: Any, resolution: str | None, frames: int | None) -> tuple[int, int, str]:
+def largest_batch_tokens(cfg: Any, resolution: str | None, frames: int | None,
+                         model_type: str | None = None) -> tuple[int, int, str]:  # fmt: skip
     """(tokens, batch size, description) of the largest batch of [[datasets.train]] (or the given size); the
-    TI2V-5B's Wan 2.2 VAE compresses 16x, so a frame gives a quarter of the tokens."""
+    TI2V-5B's Wan 2.2 VAE compresses 16x, so a frame gives a quarter of the tokens. ``model_type``: a ``--model``
+    preset's (default: read from `dit`)."""
     from ..dataset.blueprint import resolve_datasets
     from ..models.wan.conditioning import run_model_type
     from ..models.wan.latent_space import latent_space
 
-    model_type = run_model_type(cfg.model)
+    model_type = model_type or run_model_type(cfg.model)
     step = latent_space(model_type).pixel_step
     candidates = []
     specs = list(resolve_datasets(cfg.datasets, "train", model_type)) if (resolution is None or frames is None) else []
@@ -168,7 +170,10 @@ def run(args: argparse.Namespace) -> int:
     from ..config_parser import load_config_for_command
 
     cfg = load_config_for_command(args)
-    tokens, batch, batch_text = largest_batch_tokens(cfg, args.resolution, args.frames)
+    from ..models.wan.configs import WAN_CONFIGS
+
+    preset_type = WAN_CONFIGS[args.model].model_type if args.model else None
+    tokens, batch, batch_text = largest_batch_tokens(cfg, args.resolution, args.frames, preset_type)
     two = (args.model == "wan22_t2v_a14b") if args.model else (
         cfg.model.target_model == "wan22" and cfg.model.dit_high_noise is not None)
     knobs = knobs_from_config(cfg, args.device, tokens, batch, 2 if two else 1)
