@@ -45,6 +45,7 @@ MODES: dict[str, dict[str, Any]] = {
     "fp16": {"dit_weight_dtype": "fp16"},
     "fp8": {"dit_weight_dtype": "fp8"},
     "fp8_scaled": {"dit_weight_dtype": "fp8_scaled"},
+    "tread": {"tread_selection_ratio": 0.5},  # TREAD over the default middle span (blocks 2 .. -2)
 }
 """Mode name -> the config keys it sets on top of the base run."""
 

@@ -46,7 +46,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800
 """Dense bf16 tensor-core peak (TFLOP/s) by a part of the device name; the first match wins."""
 
 EXTRA_CHECKS: list[tuple[str, dict[str, Any], str]] = [
-    ("TREAD 0.5", {"tread_ratio": 0.5}, "long"),
+    ("TREAD 0.5", {"tread_selection_ratio": 0.5}, "long"),
     ("compile_blocks", {"compile_blocks": True}, "long"),
 ]
 """(row name, config keys, clip) rows run only when the schema has the keys (features of other builds)."""
@@ -69,11 +69,13 @@ class Scale:
     precision: str
     cache_clips: int
     sample_steps: int = 4
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Row name -> keys this scale adds to the row (e.g. a TREAD span that fits the kit's 2 blocks)."""
 
 
 GPU = Scale("cuda", "wan21_t2v_1.3b", 832, 480, 81, 33, 32, 3, 1, 15, "bf16", 3)
-DRY = Scale("cpu", None, 64, 64, 9, 5, 4, 2, 1, 1, "no", 2)
+DRY = Scale("cpu", None, 64, 64, 9, 5, 4, 2, 1, 1, "no", 2,
+            extra={"TREAD 0.5": {"tread_start_layer_idx": 1, "tread_end_layer_idx": 1}})
 
 
 class StepTimer(Handler):
@@ -182,6 +184,7 @@ def training_checks(scale: Scale) -> list[tuple[str, dict[str, Any], str, str | 
     ]
     for name, values, clip in EXTRA_CHECKS:
         missing = sorted(set(values) - keys)
+        values = {**values, **scale.extra.get(name, {})}
         rows.append((name, values, clip, f"this build has no {', '.join(missing)}" if missing else None))
     return rows
 
