@@ -363,6 +363,8 @@ class Trainer:
             batch = enh.modify_inputs(batch)
         ctx = self._noised_inputs(batch, expert)
         ctx.backward = lambda term: self.accelerator.backward(term * scale)
+        for enh in self.enhancements:
+            enh.modify_noised(ctx)
         ctx.pred = self.call_model(self.model, ctx.noisy, ctx.timesteps, batch["text_embeds"],
                                    batch.get("conditioning"))
         loss, metrics = self.compute_loss(ctx)

@@ -12,6 +12,8 @@ and the loss never name one. Every hook has a no-op default in ``BaseEnhancement
 2. ``setup_hooks(run)`` once, after the DiT and the network(s) are built (keep references, register taps);
 3. ``trainable_params()`` once: its own parameters for the first network's optimiser;
 4. ``modify_inputs(batch)`` on every micro-batch, before noise is added;
+   ``modify_noised(ctx)`` on every micro-batch, after noise and timesteps are drawn and before the forward pass:
+   may replace the model's inputs and the target in ``ctx`` (e.g. self-correction's rolled-out states);
 5. ``loss_weight(ctx)`` on every micro-batch, after the forward pass: a per-element weight broadcastable to the
    prediction [B, C, F, H, W], multiplied into the criterion's element loss before its reduction (the weights
    of several enhancements multiply); ``None`` for no weight;
@@ -374,6 +376,8 @@ class Enhancement(Protocol):
 
     def modify_inputs(self, batch: dict[str, Any]) -> dict[str, Any]: ...
 
+    def modify_noised(self, ctx: StepContext) -> None: ...
+
     def loss_weight(self, ctx: StepContext) -> torch.Tensor | None: ...
 
     def loss(self, ctx: StepContext) -> tuple[torch.Tensor | None, dict[str, float]]: ...
@@ -421,6 +425,9 @@ class BaseEnhancement:
 
     def modify_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return batch
+
+    def modify_noised(self, ctx: StepContext) -> None:
+        return None
 
     def loss_weight(self, ctx: StepContext) -> torch.Tensor | None:
         return None

@@ -95,20 +95,71 @@ def make_scheduler(solver: str, flow_shift: float) -> FlowMatchEulerDiscreteSche
     raise ValueError(f"unknown sample_solver {solver!r}; choose one of {', '.join(SOLVERS)}")
 
 
+def _contexts(context: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(context) if isinstance(context, (list, tuple)) else [context]
+
+
 def guided_prediction(
     model_fn: ModelFn,
     latents: torch.Tensor,
     timestep: torch.Tensor,
-    context: torch.Tensor,
-    negative_context: torch.Tensor | None,
+    context: torch.Tensor | list[torch.Tensor],
+    negative_context: torch.Tensor | list[torch.Tensor] | None,
     cfg_scale: float,
 ) -> torch.Tensor:
-    """One flow prediction with classifier-free guidance: uncond + scale * (cond - uncond)."""
-    cond = model_fn(latents, timestep, [context]).float()
+    """One flow prediction with classifier-free guidance: uncond + scale * (cond - uncond). ``context``: one
+    prompt's embeddings [L, D], or a list with one per batch item."""
+    cond = model_fn(latents, timestep, _contexts(context)).float()
     if negative_context is None or cfg_scale == 1.0:
         return cond
-    uncond = model_fn(latents, timestep, [negative_context]).float()
+    uncond = model_fn(latents, timestep, _contexts(negative_context)).float()
     return uncond + cfg_scale * (cond - uncond)
+
+
+Step = tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+"""One solver step: (the model's timestep for it, ``advance(prediction, latents) -> latents``)."""
+
+
+def denoise(
+    model_fn: ModelFn,
+    latents: torch.Tensor,
+    steps: Sequence[Step],
+    context: torch.Tensor | list[torch.Tensor],
+    negative_context: torch.Tensor | list[torch.Tensor] | None = None,
+    cfg_scale: float = 1.0,
+    *,
+    keep: torch.Tensor | None = None,
+    fixed: torch.Tensor | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> torch.Tensor:
+    """The project's one denoising loop: for each step, the (guided) flow prediction at its timestep, then the
+    solver's update. ``keep``: 1 where the latents are denoised, 0 where the model input holds ``fixed`` instead
+    (a given clean first frame). Sampling runs it over a diffusers scheduler's steps (``generate_latents``),
+    self-correction over a short per-item Euler stretch (``flow_euler_steps``)."""
+    for index, (timestep, advance) in enumerate(steps):
+        model_input = latents if keep is None else (1 - keep) * fixed + keep * latents
+        prediction = guided_prediction(model_fn, model_input, timestep, context, negative_context, cfg_scale)
+        latents = advance(prediction, latents).float()
+        if on_step is not None:
+            on_step(index, float(timestep.max()))
+    return latents
+
+
+def flow_euler_steps(sigmas: torch.Tensor, timestep_for: Callable[[torch.Tensor], torch.Tensor] | None = None
+                     ) -> list[Step]:  # fmt: skip
+    """Euler steps of the flow ODE along per-item noise levels ``sigmas`` [K + 1, B] in [0, 1] (decreasing):
+    x <- x + (sigma_{k+1} - sigma_k) * v(x, 1000 sigma_k), as diffusers' ``FlowMatchEulerDiscreteScheduler`` steps.
+    ``timestep_for(sigma [B]) -> timestep`` (default 1000 sigma) may give per-token timesteps."""
+    timestep_for = timestep_for or (lambda sigma: sigma * NUM_TRAIN_TIMESTEPS)
+    steps: list[Step] = []
+    for k in range(sigmas.shape[0] - 1):
+        delta = (sigmas[k + 1] - sigmas[k]).view(-1, 1, 1, 1, 1)
+
+        def advance(prediction: torch.Tensor, latents: torch.Tensor, delta: torch.Tensor = delta) -> torch.Tensor:
+            return latents + delta.to(latents) * prediction
+
+        steps.append((timestep_for(sigmas[k]), advance))
+    return steps
 
 
 @torch.no_grad()
@@ -146,16 +197,18 @@ def generate_latents(
     scheduler.set_timesteps(settings.steps, device=device)
     context = context.to(device)
     negative = negative_context.to(device) if (settings.uses_cfg and negative_context is not None) else None
-    for index, t in enumerate(scheduler.timesteps):
+    steps: list[Step] = []
+    for t in scheduler.timesteps:
         timestep = t.to(device=device, dtype=torch.float32).expand(latents.shape[0])
-        model_input = latents
         if keep is not None:
-            model_input = (1 - keep) * first_frame + keep * latents
             timestep = (keep[:1, 0, :, ::2, ::2] * timestep[0]).flatten(1).expand(latents.shape[0], -1)  # [B, L]
-        prediction = guided_prediction(model_fn, model_input, timestep, context, negative, settings.cfg_scale)
-        latents = scheduler.step(prediction, t, latents, return_dict=False)[0].float()
-        if on_step is not None:
-            on_step(index, float(t))
+
+        def advance(prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
+            return scheduler.step(prediction, t, x, return_dict=False)[0]
+
+        steps.append((timestep, advance))
+    latents = denoise(model_fn, latents, steps, context, negative, settings.cfg_scale, keep=keep, fixed=first_frame,
+                      on_step=on_step)
     if keep is not None:
         latents = (1 - keep) * first_frame + keep * latents
     return latents
