@@ -28,7 +28,7 @@ VARIANTS: dict[str, dict] = {
     "repa": {"enable_repa": True, "repa_alignment_depth": 1, "repa_projector_hidden_dim": 256},
     "repa+crepa": {"enable_repa": True, "repa_alignment_depth": 1, "repa_projector_hidden_dim": 256,
                    "crepa_enabled": True},
-    "self_correction": {"enable_self_correction": True, "self_correction_every": 1,
+    "self_correction": {"self_correction_enabled": True, "self_correction_every": 1,
                         "self_correction_batch_ratio": 0.5, "self_correction_rollout_steps": 2},
 }
 

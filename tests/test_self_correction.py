@@ -1,0 +1,136 @@
+"""Self-correction on the kit: the rolled-out states (sampler drift measured, a hand-written Euler rollout as the
+reference, the target leading back to the clean latents), the held-out loss on rolled-out states, resume, and the
+steps without a rollout unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from train_support import load, lora_tensors, write_config
+from wantrainer.config_parser import ConfigError
+from wantrainer.core.handlers.base import Handler
+from wantrainer.core.wan_network_trainer import build_trainer
+
+SC = dict(self_correction_enabled=True, self_correction_batch_ratio=0.5, self_correction_rollout_steps=2,
+          self_correction_rollout_span=0.3)
+
+
+class Losses(Handler):
+    name = "losses"
+
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, trainer):
+        self.seen.append((trainer.last_step.loss, dict(trainer.last_step.metrics)))
+
+
+def trainer_for(ws, tmp, handlers=(), val_as_train=False, **values):
+    config = ws.config(tmp / "out", log_with="none", **values)
+    if val_as_train:
+        config["datasets"]["train"] = [{"image_directory": str(ws.val_media), "cache_directory": str(ws.val_cache),
+                                        "resolution": [64, 64], "batch_size": 3}]
+    return build_trainer(load(write_config(tmp / "c.toml", config)), extra_handlers=list(handlers))
+
+
+def noised(trainer, batch, seed):
+    trainer.noise_gen.manual_seed(seed)
+    trainer.timestep_gen.manual_seed(seed)
+    return trainer._noised_inputs(trainer._to_device(batch), trainer.experts.names[0])
+
+
+def test_rolled_out_states_are_the_samplers_and_the_target_leads_back_to_the_clean_latents(train_workspace,
+                                                                                          tmp_path):
+    trainer = trainer_for(train_workspace, tmp_path, max_train_steps=1, **SC)
+    sc = next(e for e in trainer.enhancements if e.name == "self_correction")
+    batch = next(iter(trainer.loader))
+    ctx = noised(trainer, batch, 5)
+    before = {k: getattr(ctx, k).clone() for k in ("noisy", "t", "timesteps", "target", "noise")}
+    sc.modify_noised(ctx)
+    idx = ctx.extras["self_correction"]["index"]
+    assert idx.tolist() == [0]  # ceil(0.5 * 2) items, the first with t >= min_t
+    others = [i for i in range(ctx.latents.shape[0]) if i not in idx.tolist()]
+    for key, value in before.items():
+        assert torch.equal(getattr(ctx, key)[others], value[others])  # the other items are untouched
+    t0 = before["t"][idx]
+    torch.testing.assert_close(ctx.t[idx], 0.7 * t0)
+    torch.testing.assert_close(ctx.timesteps[idx], 1000 * 0.7 * t0)
+    # the reference: two Euler steps of the flow ODE with the model, written out by hand
+    x, s = before["noisy"][idx], [t0, 0.85 * t0, 0.7 * t0]
+    text = [batch["text_embeds"][int(i)] for i in idx]
+    with torch.no_grad():
+        for k in range(2):
+            v = trainer.call_model(trainer.model, x, 1000 * s[k], text)
+            x = x + (s[k + 1] - s[k]).view(-1, 1, 1, 1, 1) * v
+    torch.testing.assert_close(ctx.noisy[idx], x, rtol=0, atol=1e-6)
+    x0 = ctx.latents[idx]
+    t1 = ctx.t[idx].view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(ctx.noisy[idx] - t1 * ctx.target[idx], x0, rtol=0, atol=1e-5)  # back to x0
+    ideal = (1 - t1) * x0 + t1 * before["noise"][idx]  # the data noised at t' with the same noise
+    drift = float((ctx.noisy[idx] - ideal).pow(2).mean().sqrt())
+    scale = float((ideal - x0).pow(2).mean().sqrt())
+    print(f"sampler drift {drift:.4f} (RMS; the noise at t' has RMS {scale:.4f})")
+    assert drift > 1e-3
+    assert sc.get_self_correction_metrics() == {"drift": pytest.approx(drift, rel=1e-5), "items": 1.0}
+
+
+def test_steps_without_a_rollout_train_exactly_as_without_the_feature(train_workspace, tmp_path):
+    plain, every2 = Losses(), Losses()
+    trainer_for(train_workspace, tmp_path / "a", [plain], max_train_steps=3).train()
+    trainer_for(train_workspace, tmp_path / "b", [every2], max_train_steps=3, self_correction_every=2,
+                **SC).train()
+    assert plain.seen[0][0] == every2.seen[0][0]  # step 1: no rollout, the same loss bit for bit
+    assert every2.seen[0][1]["self_correction/items"] == 0.0
+    assert every2.seen[1][1]["self_correction/items"] == 1.0 and every2.seen[1][1]["self_correction/drift"] > 0
+    assert plain.seen[1][0] != every2.seen[1][0]  # step 2 trains on a rolled-out state
+
+
+def _held_out_loss(ws, tmp, lora=None):
+    """Mean flow loss on rolled-out states of the held-out images (fixed noise and t per batch), the LoRA of
+    ``lora`` loaded; the rollout is the evaluated model's own."""
+    trainer = trainer_for(ws, tmp, val_as_train=True, max_train_steps=1,
+                          **{**SC, "self_correction_batch_ratio": 1.0, "self_correction_min_t": 0.2})
+    if lora is not None:
+        trainer.networks["default"].load_weights(lora)
+    sc = next(e for e in trainer.enhancements if e.name == "self_correction")
+    losses = []
+    with torch.no_grad():
+        for repeat in range(4):
+            for index, batch in enumerate(trainer.loader):
+                ctx = noised(trainer, batch, 100 * repeat + index)
+                sc.modify_noised(ctx)
+                idx = ctx.extras["self_correction"]["index"]
+                pred = trainer.call_model(trainer.model, ctx.noisy, ctx.timesteps, ctx.batch["text_embeds"])
+                losses.append(float((pred[idx] - ctx.target[idx]).pow(2).mean()))
+    trainer.remove_hooks()
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.slow
+def test_held_out_loss_on_rolled_out_states_falls_more_with_self_correction(train_workspace, tmp_path,
+                                                                            torch_one_thread):
+    common = dict(max_train_steps=40, learning_rate=1e-2)
+    trainer_for(train_workspace, tmp_path / "without", **common).train()
+    trainer_for(train_workspace, tmp_path / "with", **common, **{**SC, "self_correction_batch_ratio": 1.0}).train()
+    start = _held_out_loss(train_workspace, tmp_path / "e0")
+    without = _held_out_loss(train_workspace, tmp_path / "e1", tmp_path / "without" / "out" / "lora.safetensors")
+    with_sc = _held_out_loss(train_workspace, tmp_path / "e2", tmp_path / "with" / "out" / "lora.safetensors")
+    print(f"held-out loss on rolled-out states: {start:.4f} at the start, {without:.4f} after 40 steps without "
+          f"self-correction, {with_sc:.4f} with")
+    assert start - with_sc > start - without
+
+
+def test_self_correction_resume_is_bit_identical(train_workspace, tmp_path):
+    common = dict(max_train_steps=6, save_every_n_steps=3, save_state=True, learning_rate=1e-2,
+                  self_correction_every=2, **SC)
+    trainer_for(train_workspace, tmp_path / "a", **common).train()
+    state = tmp_path / "a" / "out" / "lora-step00000003-state"
+    trainer_for(train_workspace, tmp_path / "b", resume=str(state), **common).train()
+    a, b = (lora_tensors(tmp_path / n / "out" / "lora.safetensors") for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_self_correction_keys_without_the_switch_are_refused(train_workspace, tmp_path):
+    with pytest.raises(ConfigError, match="self_correction_every.*self_correction_enabled"):
+        trainer_for(train_workspace, tmp_path, self_correction_every=3)
