@@ -46,6 +46,17 @@ def make_engine(engine: str, accelerator: Any) -> Any:
     return FullyShardedEngine(accelerator)
 
 
+@torch.no_grad()
+def _to_float32(module: nn.Module, prefix: str, trained: Sequence[str]) -> None:
+    """The ``trained`` parameters of ``module`` (not yet sharded) in float32."""
+    from torch.distributed.tensor import DTensor
+
+    names = set(trained)
+    for name, param in module.named_parameters(prefix=prefix.rstrip(".")):
+        if name in names and not isinstance(param, DTensor) and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimiser inside accelerate's ``AcceleratedOptimizer``."""
     return optimizer.optimizer if hasattr(optimizer, "optimizer") and not isinstance(optimizer, torch.optim.Optimizer) \
@@ -69,16 +80,15 @@ class FullyShardedEngine:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         device = self.accelerator.device
-        trained = set(trained)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in trained and param.dtype != torch.float32:
-                    param.data = param.data.float()
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         gathered = compute_dtype if device.type == "cuda" else torch.float32
         policy = MixedPrecisionPolicy(param_dtype=gathered, reduce_dtype=torch.float32)
-        for block in model.blocks:
+        # Unit by unit: the trained weights become float32 just before their unit is moved to the device and
+        # sharded, so neither the device nor the CPU ever holds the whole model in float32.
+        for index, block in enumerate(model.blocks):
+            _to_float32(block, f"blocks.{index}.", trained)
             fully_shard(block, mesh=mesh, mp_policy=policy)
+        _to_float32(model, "", trained)
         fully_shard(model, mesh=mesh, mp_policy=policy)
         self.model = model
         logger.info("FSDP over %d processes: %d block units + the root, gathered in %s, gradients reduced in "
@@ -87,8 +97,9 @@ class FullyShardedEngine:
     def report_shards(self, params: Sequence[nn.Parameter]) -> list[int]:
         """Trained parameter elements each process holds (one all-gather; logged by the main process)."""
         local = sum(p.to_local().numel() for p in params)
-        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
-        dist.all_gather(counts, torch.tensor([local], dtype=torch.int64))
+        device = self.accelerator.device  # NCCL reduces device tensors only
+        counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+        dist.all_gather(counts, torch.tensor([local], dtype=torch.int64, device=device))
         held = [int(c) for c in counts]
         total = sum(p.numel() for p in params)
         logger.info("FSDP shards of the %d trained parameters: %s elements per process (%s of the total)",

@@ -95,8 +95,10 @@ def enable_fp8_matmul(model: Any, device: torch.device) -> None:
     logger.info("fp8_matmul: %d block Linear(s) run their forward matmul in fp8 (torch._scaled_mm)", layers)
 
 
-def build_experts(cfg: WanTrainerConfig, device: torch.device) -> Experts:
-    """Load the DiT expert(s), place the model on ``device`` and set the memory features."""
+def build_experts(cfg: WanTrainerConfig, device: torch.device, *, place: bool = True) -> Experts:
+    """Load the DiT expert(s), place the model on ``device`` and set the memory features. ``place = False``
+    (FSDP): the model stays on the CPU, and sharding moves each unit's shards to ``device``, so no device ever
+    holds the whole model."""
     from ..models.wan.attention import check_attn_mode
     from ..models.wan.token_routing import TokenRoute
 
@@ -105,7 +107,8 @@ def build_experts(cfg: WanTrainerConfig, device: torch.device) -> Experts:
     if device.type == "cpu" and m.mixed_precision != "no":
         logger.warning('mixed_precision = "%s" on the CPU is very slow; use mixed_precision = "no" there',
                        m.mixed_precision)
-    experts = load_experts(m, plan_experts(m, cfg.timesteps), _PRECISION[m.mixed_precision], device)
+    experts = load_experts(m, plan_experts(m, cfg.timesteps), _PRECISION[m.mixed_precision],
+                           device if place else torch.device("cpu"))
     model = experts.model
     model.requires_grad_(False)
     if m.fp8_matmul:
@@ -116,7 +119,7 @@ def build_experts(cfg: WanTrainerConfig, device: torch.device) -> Experts:
                             f"blocks; use at most {model.config.num_layers - 1}")
         model.enable_block_swap(m.blocks_to_swap, device)
         model.move_to_device_except_swap_blocks(device)
-    else:
+    elif place:
         model.to(device)
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing(cpu_offload=m.gradient_checkpointing_cpu_offload)
@@ -281,7 +284,7 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     loader = build_loader(cfg, specs, accelerator, model_type,
                           tuple(cache for enh in enhancements for cache in enh.item_caches()))
     engine = make_engine(cfg.training.distributed_engine, accelerator)
-    experts = build_experts(cfg, device)
+    experts = build_experts(cfg, device, place=not engine.sharded)
     shard_experts(cfg, experts, engine)
     regimes = RegimeSampler(TimestepSampler.from_config(cfg.timesteps), experts.names, experts.boundary,
                             seq_len=typical_seq_len(specs[0]))
