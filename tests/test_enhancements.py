@@ -320,7 +320,7 @@ def test_full_finetune_cannot_be_switched_off():
         pass
 
 
-@pytest.mark.parametrize("feature", ["ema", "dop", "slider"])
+@pytest.mark.parametrize("feature", ["ema", "dop", "slider", "repa", "self_correction"])
 def test_each_feature_leaves_the_model_as_it_found_it(train_workspace, tmp_path, feature):
     """After a run with the feature on, the DiT is bit-identical, no hook is left and the multiplier is back at 1."""
     kit = train_workspace.kit
@@ -328,7 +328,10 @@ def test_each_feature_leaves_the_model_as_it_found_it(train_workspace, tmp_path,
               "dop": dict(enable_dop=True, dop_prompt="blank"),
               "slider": dict(slider_pairs=[{"target": "a shape", "positive": "a red circle",
                                             "negative": "a blue square"}], t5=str(kit.t5),
-                             t5_tokenizer=str(kit.tokenizer_dir))}[feature]
+                             t5_tokenizer=str(kit.tokenizer_dir)),
+              "repa": dict(enable_repa=True, repa_encoder_name=str(kit.dinov2), repa_alignment_depth=1,
+                           repa_projector_hidden_dim=32, crepa_enabled=True, vae=str(kit.vae)),
+              "self_correction": dict(self_correction_enabled=True, self_correction_batch_ratio=1.0)}[feature]
     val = values.pop("val", False)
     data = train_workspace.config(tmp_path / "out", val=val, max_train_steps=2, learning_rate=5e-2, log_with="none",
                                   **values)
@@ -339,6 +342,10 @@ def test_each_feature_leaves_the_model_as_it_found_it(train_workspace, tmp_path,
         from wantrainer.caching.cache_text_encoder_outputs import cache_text
 
         cache_text(cfg)
+    if feature == "repa":
+        from wantrainer.caching.cache_latents import cache_latents
+
+        cache_latents(cfg)  # the encoder features
     trainer = build_trainer(cfg)
     model = trainer.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
