@@ -93,6 +93,19 @@ def test_an_encoder_that_is_not_cached_offline_is_a_clear_error(train_workspace,
         cache_latents(load(write_config(tmp_path / "d.toml", values)))
 
 
+def test_validate_says_cache_latents_needs_the_encoder(train_workspace, tmp_path):
+    from wantrainer.preflight import command_problems
+
+    values = repa_values(train_workspace, tmp_path / "o", train_workspace.train_cache)
+    assert command_problems(load(write_config(tmp_path / "a.toml", values)), "cache-latents") == []
+    for name, words in (("facebook/dinov2-no-such-model", "not in the local Hugging Face cache"),
+                        (str(tmp_path / "nowhere"), "no such folder"), (str(tmp_path), "no config.json")):
+        cfg = load(write_config(tmp_path / "b.toml", {**values, "repa_encoder_name": name}))
+        problems = command_problems(cfg, "cache-latents")
+        assert len(problems) == 1 and "repa_encoder_name" in problems[0] and words in problems[0]
+        assert command_problems(cfg, "train") == []  # training reads the cached features only
+
+
 def test_config_mistakes_name_the_key(train_workspace, tmp_path):
     from wantrainer.config_parser import ConfigError
 

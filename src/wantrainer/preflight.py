@@ -7,6 +7,8 @@ command runs its own before it loads anything (one function, so ``validate`` say
   datasets it works on;
 - ``train``: the network section (``network_module``, ``network_args``), the optimiser (``optimizer_type``,
   ``optimizer_args``, ``lr_scheduler``) and the Wan 2.2 expert plan (which experts the timestep range reaches);
+- every command: an enhancement section's own ``command_problems(cfg, command)`` (e.g. REPA's encoder for
+  cache-latents);
 - with ``scan_media``: every dataset gives at least one item (what was found, and what to change, when not).
 """
 
@@ -91,6 +93,10 @@ def command_problems(cfg: Any, command: str, *, scan_media: bool = False) -> lis
         problems.append("no [[sample_prompts]] table: add one with the prompt text")
     if command == "train":
         problems += training_checks(cfg)
+    for section in getattr(cfg, "features", {}).values():  # an enhancement's own checks of a command
+        check = getattr(section, "command_problems", None)
+        if check is not None:
+            problems += list(check(cfg, command))
     if scan_media and command in ("cache-latents", "cache-text", "train") and cfg.datasets.train:
         problems += dataset_item_problems(cfg, ("train", "val"))
     return problems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -59,6 +60,27 @@ class RepaConfig(Section):
             problems.append(f"`{crepa_keys[0]}` is set but `crepa_enabled` is false; set crepa_enabled = true or "
                             "remove it")
         return problems
+
+    def command_problems(self, cfg: Any, command: str) -> list[str]:
+        """cache-latents loads the encoder: its folder must exist, or its hub id be in the local cache."""
+        name = self.repa_encoder_name.strip()
+        if command != "cache-latents" or not self.enable_repa or not name:
+            return []
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return [] if (path / "config.json").is_file() else [
+                f"`repa_encoder_name` = {name!r} has no config.json: give a transformers model folder"]
+        if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") != 1:
+            return [f"`repa_encoder_name` = {name!r}: no such folder; give a folder holding the encoder's "
+                    "config.json and weights (e.g. a download of facebook/dinov2-base), or a cached hub id"]
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover - transformers depends on it
+            return []
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return [f"`repa_encoder_name` = {name!r} is not in the local Hugging Face cache: download it once "
+                    f"(`huggingface-cli download {name}`) or set it to a local folder"]
+        return []
 
 
 SECTION = RepaConfig
