@@ -200,9 +200,4 @@ def engine_problems(cfg: Any) -> list[str]:
         problems.append(f'`optimizer_type` = "{optimizer}" is not available with distributed_engine = "fsdp" (its '
                         'step does not run on sharded DTensor parameters); use "adamw", "adafactor" or a '
                         '"torch.optim." class')
-    sp = cfg.sampling
-    if sp.sample_at_first or sp.sample_every_n_steps or sp.sample_every_n_epochs:
-        problems.append('sampling during training is not available with distributed_engine = "fsdp" (it runs on the '
-                        "main process only and a sharded model needs every process); remove sample_at_first / "
-                        "sample_every_n_steps / sample_every_n_epochs and run `wantrainer sample` on the saved DiT")
     return problems

@@ -224,12 +224,16 @@ def render_samples(
     before_decode: Callable[[], None] | None = None,
     conditions: Sequence[dict[str, torch.Tensor] | None] | None = None,
     latent_space: Any = None,
+    write: bool = True,
 ) -> list[SampleResult]:
     """Generate and write every prompt. ``before_decode`` runs between denoising and decoding (e.g. to
     move an offloadable DiT out of the way of the VAE); ``latent_space``: the model's
-    (``models.wan.latent_space``; default the Wan 2.1 VAE's)."""
+    (``models.wan.latent_space``; default the Wan 2.1 VAE's). ``write = False``: denoise only (the other
+    processes of a sharded model, whose every forward pass needs them all), nothing decoded or returned."""
     space = (16, 8) if latent_space is None else (latent_space.channels, latent_space.spatial_stride)
     latents = generate_all_latents(model_fn, prompts, embeds, device, conditions, latent_space=space)
+    if not write:
+        return []
     if before_decode is not None:
         before_decode()
     return decode_and_write(latents, prompts, vae_path, device, Path(out_dir), name, step)

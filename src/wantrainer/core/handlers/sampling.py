@@ -88,7 +88,7 @@ class SamplingHandler(Handler):
     # -- triggers --------------------------------------------------------------------------------
 
     def on_train_start(self, trainer: Any) -> None:
-        if trainer.is_main_process:
+        if trainer.is_main_process or trainer.engine.sharded:  # a sharded model samples on every process
             self.embeds = encode_sample_prompts(self.model_cfg, self.prompts, trainer.device)
             self.conditions = encode_sample_conditions(self.model_cfg, self.model_type, self.prompts, trainer.device)
         if self.cfg.sample_at_first and trainer.state.step == 0:
@@ -137,13 +137,17 @@ class SamplingHandler(Handler):
             return []  # two triggers on the same step: sample once
         self._last_step = step
         results: list[SampleResult] = []
-        if trainer.is_main_process:
+        main = trainer.is_main_process
+        # FSDP: every forward pass of the sharded model needs every process, so all of them denoise the same
+        # prompts with the same seeds; the main process decodes and writes.
+        if main or trainer.engine.sharded:
             if self.embeds is None:
                 self.embeds = encode_sample_prompts(self.model_cfg, self.prompts, trainer.device)
             if self.conditions is None:
                 self.conditions = encode_sample_conditions(self.model_cfg, self.model_type, self.prompts,
                                                            trainer.device)
-            logger.info("step %d: generating %d sample(s)", step, len(self.prompts))
+            if main:
+                logger.info("step %d: generating %d sample(s)", step, len(self.prompts))
             variants = [("", contextlib.nullcontext)]
             variants += [(f"-{v.label}", v.applied) for v in evaluation_variants(trainer, "sampling")]
             for suffix, applied in variants:  # the trained weights, then each enhancement's (EMA, slider strengths)
@@ -151,7 +155,7 @@ class SamplingHandler(Handler):
                     rendered = render_samples(
                         self.model_fn(trainer), self.prompts, self.embeds, vae_path=self.model_cfg.vae,
                         device=trainer.device, out_dir=self.out_dir, name=f"{self.output_name}{suffix}", step=step,
-                        conditions=self.conditions, latent_space=latent_space(self.model_type),
+                        conditions=self.conditions, latent_space=latent_space(self.model_type), write=main,
                     )  # fmt: skip
                 for result in rendered:
                     trainer.metrics.log_image(f"sample{suffix.replace('-', '_')}/p{result.prompt_index:02d}",
