@@ -163,3 +163,18 @@ def test_two_process_slider_matches_one_process(train_workspace, tmp_path, slide
     b = lora_tensors(tmp_path / "ddp" / "out" / "lora.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)
+
+
+def test_a_slider_step_runs_three_forward_passes(train_workspace, tmp_path, slider_cache):
+    """One batched no-grad pass of the three base prompts and one pass at +1 and -1: no dataset forward pass."""
+    cfg = _config(train_workspace, tmp_path, slider_cache, max_train_steps=2, gradient_accumulation_steps=2)
+    cache_text(cfg)
+    trainer = build_trainer(cfg)
+    calls = []
+    handle = trainer.model.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+    try:
+        assert trainer.train() == "completed"
+    finally:
+        handle.remove()
+    assert calls == [6, 2, 2] * 4  # 2 steps x 2 micro-batches of 2 items
+    assert "loss/flow_matching" not in trainer.last_step.metrics

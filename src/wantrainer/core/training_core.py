@@ -365,12 +365,13 @@ class Trainer:
         ctx.backward = lambda term: self.accelerator.backward(term * scale)
         for enh in self.enhancements:
             enh.modify_noised(ctx)
-        ctx.pred = self.call_model(self.model, ctx.noisy, ctx.timesteps, batch["text_embeds"],
-                                   batch.get("conditioning"))
+        if not any(enh.replaces_training_loss for enh in self.enhancements):
+            ctx.pred = self.call_model(self.model, ctx.noisy, ctx.timesteps, batch["text_embeds"],
+                                       batch.get("conditioning"))
         loss, metrics = self.compute_loss(ctx)
         self._sync_device()
         timings["forward"] += time.perf_counter() - start
-        if torch.isfinite(loss):
+        if torch.isfinite(loss) and loss.requires_grad:  # terms that ran their own ctx.backward are detached
             start = time.perf_counter()
             self.accelerator.backward(loss * scale)
             self._sync_device()
@@ -379,13 +380,17 @@ class Trainer:
 
     def compute_loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         """The training criterion (its element loss weighted by the product of the enhancements' ``loss_weight``)
-        plus every enhancement's term; all share one call shape."""
-        for enh in self.enhancements:
-            weight = enh.loss_weight(ctx)
-            if weight is not None:
-                ctx.element_weight = weight if ctx.element_weight is None else ctx.element_weight * weight
-        loss, metrics = self.loss_fn(ctx.pred, ctx.target, ctx.batch, ctx)
-        metrics = {k: float(v) for k, v in dict(metrics or {}).items()}
+        plus every enhancement's term; all share one call shape. Without a prediction (an enhancement
+        ``replaces_training_loss``) only the enhancements' terms count."""
+        if ctx.pred is None:
+            loss, metrics = torch.zeros((), device=self.device), {}
+        else:
+            for enh in self.enhancements:
+                weight = enh.loss_weight(ctx)
+                if weight is not None:
+                    ctx.element_weight = weight if ctx.element_weight is None else ctx.element_weight * weight
+            loss, metrics = self.loss_fn(ctx.pred, ctx.target, ctx.batch, ctx)
+            metrics = {k: float(v) for k, v in dict(metrics or {}).items()}
         for enh in self.enhancements:
             extra, extra_metrics = enh.loss(ctx)
             if extra is not None:

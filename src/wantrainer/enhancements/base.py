@@ -356,6 +356,7 @@ def network_disabled(network: Any) -> Iterator[None]:
 @runtime_checkable
 class Enhancement(Protocol):
     name: str
+    replaces_training_loss: bool
 
     @classmethod
     def from_config(cls, cfg: WanTrainerConfig) -> Enhancement | None: ...
@@ -397,6 +398,9 @@ class BaseEnhancement:
     """No-op defaults: an enhancement overrides only the hooks it needs."""
 
     name = "enhancement"
+    replaces_training_loss = False
+    """True: the run trains only this enhancement's terms (a concept slider): the trainer skips the training forward
+    pass and the criterion, ``ctx.pred`` is ``None`` and ``loss_weight`` is not called."""
 
     @classmethod
     def from_config(cls, cfg: WanTrainerConfig) -> BaseEnhancement | None:

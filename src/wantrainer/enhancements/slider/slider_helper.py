@@ -11,8 +11,8 @@ of the step (the ``[[slider_pairs]]`` tables in turn) and with the base model (L
 
 where eps_{m} is the model with the LoRA at multiplier m and eta = ``slider_guidance_strength``. Unlike
 Takenoko, the targets are not re-normalised to the neutral prediction's mean and std, and there is no anchor
-term. The flow-matching loss on the dataset is weighted 0 (``loss_weight``): a slider learns a direction, not
-the dataset. The LoRA file is an ordinary LoRA: in ComfyUI its strength is the multiplier (-1 .. +1 and beyond).
+term. There is no flow-matching loss on the dataset (``replaces_training_loss``: the trainer skips its forward
+pass): a slider learns a direction, not the dataset. The LoRA file is an ordinary LoRA: in ComfyUI its strength is the multiplier (-1 .. +1 and beyond).
 Samples during training are made at +1 (the plain names) and also at 0 and -1 (``-zero`` / ``-minus1``).
 """
 
@@ -54,6 +54,8 @@ def slider_targets(eps_pos: torch.Tensor, eps_neg: torch.Tensor, eps_neutral: to
 class SliderHelper(BaseEnhancement):
     """``[[slider_pairs]]``: the slider objective of the module docstring."""
 
+    replaces_training_loss = True
+
     def __init__(self, cfg: SliderConfig, seed: int):
         self.cfg = cfg
         self.seed = seed
@@ -86,9 +88,6 @@ class SliderHelper(BaseEnhancement):
         self.world_size = run.accelerator.num_processes if run.accelerator is not None else 1
         logger.info("concept slider: %d prompt pair(s), guidance strength %g, on %s latents",
                     len(self.cfg.slider_pairs), self.cfg.slider_guidance_strength, self.cfg.slider_latents)
-
-    def loss_weight(self, ctx: StepContext) -> torch.Tensor:
-        return torch.zeros((), device=ctx.pred.device if ctx.pred is not None else None)
 
     def _inputs(self, ctx: StepContext) -> torch.Tensor:
         if self.cfg.slider_latents == "dataset":
