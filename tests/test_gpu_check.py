@@ -21,7 +21,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {r["row"]: r for r in json.loads((tmp_path / "gpu_check.json").read_text())["rows"]}
     trained = [r for r in rows.values() if "s_per_step" in r]
-    assert len(trained) >= 5 and all(r["status"] == "ok" and r["s_per_step"] > 0 for r in trained), rows
+    assert len(trained) == 6 and all(r["status"] == "ok" and r["s_per_step"] > 0 for r in trained), rows
+    assert "TREAD 0.5" in rows and rows["compile_blocks"]["status"].startswith("skipped: not in the dry run")
     assert rows["fp8_scaled + fp8_matmul"]["status"].startswith("skipped: it needs a CUDA GPU")
     assert rows["GC off x5"]["tflop_per_step"] < rows["fp32 x5 (GC on)"]["tflop_per_step"]  # one forward less
     cache = next(r for r in rows.values() if r["row"].startswith("cache-latents"))

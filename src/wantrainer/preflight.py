@@ -52,6 +52,13 @@ def training_checks(cfg: Any) -> list[str]:
         from .models.wan.conditioning import run_model_type
 
         _collect(problems, lambda: objective_for(run_model_type(cfg.model), cfg.model.ti2v_image_ratio, 0))
+    if cfg.model.compile_blocks:  # the compiler search only; train also compiles a tiny function first
+        import torch
+
+        from .models.wan.compile import require_compiler
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        _collect(problems, lambda: require_compiler(device, probe=False))
     return problems
 
 

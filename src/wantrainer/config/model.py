@@ -47,6 +47,8 @@ class ModelConfig(Section):
     """TREAD: first block of the routed span (negative counts from the end: -1 is the last block)."""
     tread_end_layer_idx: int = -2
     """TREAD: last block of the routed span, included; the routed tokens rejoin after it (negative counts from the end)."""
+    compile_blocks: bool = False
+    """torch.compile (inductor) each DiT block for faster training steps; the first steps compile (slow). Needs Triton on CUDA or a C++ compiler on the CPU, checked when the run starts. Training only (validation and samples of the run use the compiled blocks too)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     """Compute precision of the DiT. "no" computes in fp32 (use this on CPU)."""
     attn_mode: AttnMode = "sdpa"

@@ -104,6 +104,10 @@ def build_experts(cfg: WanTrainerConfig, device: torch.device, *, place: bool = 
 
     m = cfg.model
     check_attn_mode(m.attn_mode, for_training=True)  # e.g. sage_attn has no backward: fail before loading
+    if m.compile_blocks:  # a platform that cannot compile fails here, not inside the first step
+        from ..models.wan.compile import require_compiler
+
+        require_compiler(device)
     if device.type == "cpu" and m.mixed_precision != "no":
         logger.warning('mixed_precision = "%s" on the CPU is very slow; use mixed_precision = "no" there',
                        m.mixed_precision)
@@ -125,6 +129,10 @@ def build_experts(cfg: WanTrainerConfig, device: torch.device, *, place: bool = 
         model.enable_gradient_checkpointing(cpu_offload=m.gradient_checkpointing_cpu_offload)
     model.enable_token_routing(TokenRoute.from_keys(m.tread_selection_ratio, m.tread_start_layer_idx,
                                                     m.tread_end_layer_idx, model.config.num_layers))
+    if m.compile_blocks:
+        from ..models.wan.compile import compile_blocks
+
+        compile_blocks(model.blocks)
     model.train()
     # Block swap moves block weights between the CPU and the device on its own: a device-side store of the
     # active expert would keep the swapped blocks' device copies alive, so with block swap the stores stay

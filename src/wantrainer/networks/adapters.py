@@ -19,8 +19,8 @@ Updates (``scale = alpha / rank``), in the tensor names of the saved files (thos
 
 from __future__ import annotations
 
-import functools
 import math
+import types
 from collections.abc import Callable
 
 import torch
@@ -52,6 +52,16 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return best
 
 
+_WRAP = "_adapter_wrap"  # attribute of a wrapped Linear: (adapter, the forward it wraps)
+
+
+def _adapted_forward(base: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The forward of a wrapped Linear: one function bound to each (not a closure per layer), so torch.compile
+    of the blocks reuses one graph for every block instead of recompiling per wrapped layer."""
+    adapter, org_forward = base.__dict__[_WRAP]
+    return adapter._forward(base, org_forward, x, *args, **kwargs)
+
+
 class AdapterModule(nn.Module):
     """Base class: ``scaled_delta()`` gives ``scale * dW`` (float, [out, in]); subclasses may override ``delta``."""
 
@@ -62,7 +72,7 @@ class AdapterModule(nn.Module):
         self.multiplier = 1.0
         self.module_dropout = module_dropout
         self.dora_scale: nn.Parameter | None = None
-        self._wrapped: list[tuple[nn.Module, Callable]] = []  # (base Linear, its original forward)
+        self._wrapped: list[tuple[nn.Module, dict]] = []  # (base Linear, its attributes before wrapping)
 
     # -- the update ---------------------------------------------------------------------------------------
     def scaled_delta(self) -> torch.Tensor:
@@ -109,13 +119,17 @@ class AdapterModule(nn.Module):
         return out
 
     def wrap(self, base: nn.Module) -> None:
-        org_forward = base.forward
-        base.forward = functools.partial(self._forward, base, org_forward)
-        self._wrapped.append((base, org_forward))
+        """Route ``base``'s forward through this adapter (on top of any adapter already wrapping it)."""
+        saved = {k: base.__dict__[k] for k in ("forward", _WRAP) if k in base.__dict__}
+        base.__dict__[_WRAP] = (self, base.forward)
+        base.forward = types.MethodType(_adapted_forward, base)
+        self._wrapped.append((base, saved))
 
     def unwrap(self) -> None:
-        for base, org_forward in self._wrapped:
-            base.forward = org_forward
+        for base, saved in reversed(self._wrapped):
+            for key in ("forward", _WRAP):
+                base.__dict__.pop(key, None)
+            base.__dict__.update(saved)
         self._wrapped.clear()
 
     @torch.no_grad()
