@@ -233,3 +233,20 @@ def test_wan22_experts_and_image_to_video_train_with_routing(train_workspace, i2
     trainer = build_trainer(cfg)
     assert trainer.train() == "completed" and trainer.model.token_route == TokenRoute(0.5, 0, 1)
     assert torch.isfinite(torch.tensor(trainer.last_step.loss))
+
+
+def test_ti2v_per_token_timesteps_follow_the_kept_tokens(ti2v_workspace, tmp_path):
+    """TI2V-5B (per-token timesteps, clean first frame): block 0 sees half the tokens with their own per-token
+    modulation, block 1 the full sequence again."""
+    trainer = build_trainer(load(ti2v_workspace.write(tmp_path, log_with="none", max_train_steps=2,
+                                                      tread_selection_ratio=0.5, tread_start_layer_idx=0,
+                                                      tread_end_layer_idx=0)))
+    seen: dict[int, list[tuple[int, tuple[int, ...]]]] = {0: [], 1: []}
+    for index in (0, 1):
+        trainer.model.blocks[index].register_forward_pre_hook(
+            lambda module, args, i=index: seen[i].append((args[0].shape[1], tuple(args[1].shape))))
+    assert trainer.train() == "completed" and torch.isfinite(torch.tensor(trainer.last_step.loss))
+    assert seen[0] and len(seen[0]) == len(seen[1])
+    for (kept, e_kept), (full, e_full) in zip(seen[0], seen[1]):
+        assert kept == TokenRoute(0.5, 0, 0).kept_count(full) and kept < full
+        assert len(e_kept) == 4 and e_kept[1] == kept and e_full[1] == full  # [B, tokens, 6, dim]
