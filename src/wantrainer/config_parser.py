@@ -356,7 +356,11 @@ def cross_field_problems(cfg: WanTrainerConfig) -> list[str]:
     if isinstance(warm, float) and not warm.is_integer() and warm >= 1:
         problems.append(f"`lr_warmup_steps` = {warm}: use an integer step count or a fraction below 1")
     problems.extend(unused_setting_problems(cfg))
-    from .networks.args import engine_problems, full_model_problems, network_problems  # the checks `train` makes
+    from .networks.args import (  # the checks `train` makes
+        engine_problems,
+        full_model_problems,
+        network_problems,
+    )
 
     problems.extend(network_problems(cfg.network))
     problems.extend(full_model_problems(cfg.model, cfg.network))

@@ -18,8 +18,8 @@ from ..common.logger import get_logger, setup_logging
 from ..config_parser import WanTrainerConfig, load_config
 from ..errors import UserError
 from .checkpoint_io import find_latest_state
-from .fsdp import make_engine
 from .experts import DEFAULT, Experts, RegimeSampler, load_experts, plan_experts
+from .fsdp import make_engine
 from .run_folder import claim_output_folder, refuse_or_clear_earlier_run
 from .signals import StopRequest
 from .state import seeded_generator
