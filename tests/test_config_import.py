@@ -314,3 +314,21 @@ def test_takenoko_masked_training(tmp_path, monkeypatch, capsys):
     assert data["unmasked_weight"] == 0.1 and data["masked_prior_preservation_weight"] == 0.5
     assert data["normalize_masked_area_loss"] is True
     assert "Takenoko's default" in out
+
+
+def test_takenoko_tread_routes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "t.toml", 'enable_tread = true\ntread_mode = "full"\n'
+           'tread_config_route1 = "selection_ratio=0.5; start_layer_idx=2; end_layer_idx=-2"\n'
+           'tread_config_route2 = "selection_ratio=0.25; start_layer_idx=9; end_layer_idx=11"\n')
+    assert main(["config", "import", "t.toml", "--from", "takenoko", "-o", "out/new.toml"]) == 0
+    dropped = _dropped(capsys.readouterr().out)
+    assert set(dropped) == {"tread_config_route2"} and "tread_config_route1 was taken" in dropped["tread_config_route2"]
+    data = tomllib.loads((tmp_path / "out" / "new.toml").read_text(encoding="utf-8"))
+    assert (data["tread_selection_ratio"], data["tread_start_layer_idx"], data["tread_end_layer_idx"]) == (0.5, 2, -2)
+    _write(tmp_path / "off.toml", 'tread_config_route1 = "selection_ratio=0.1; start_layer_idx=2; end_layer_idx=-2"\n')
+    assert main(["config", "import", "off.toml", "--from", "takenoko", "-o", "out/off.toml"]) == 0
+    assert "enable_tread = false" in _dropped(capsys.readouterr().out)["tread_config_route1"]
+    _write(tmp_path / "frames.toml", 'enable_tread = true\ntread_mode = "frame_stride"\n')
+    assert main(["config", "import", "frames.toml", "--from", "takenoko", "-o", "out/frames.toml"]) == 0
+    assert "frame / row routing" in _dropped(capsys.readouterr().out)["tread_mode"]

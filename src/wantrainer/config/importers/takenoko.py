@@ -98,6 +98,44 @@ def _top_level(key: str, value: Any, source: str, cwd: Path, output_dir: Path, r
         result.drop(source, key, value, "no equivalent setting here")
 
 
+_TREAD_KEYS = {"selection_ratio": "tread_selection_ratio", "start_layer_idx": "tread_start_layer_idx",
+               "end_layer_idx": "tread_end_layer_idx"}
+
+
+def _tread(data: dict[str, Any], source: str, result: ImportResult) -> None:
+    """Takenoko's TREAD keys (``enable_tread``, ``tread_mode``, ``tread_config_routeN`` strings of
+    ``key=value; ...``) -> our one route; taken out of ``data``. Takenoko's ratio is the share of tokens routed
+    around the span and its end block is included, as here."""
+    routes = sorted((k for k in data if re.fullmatch(r"tread_config_route\d+", k)), key=lambda k: int(k[18:]))
+    enabled, mode = data.pop("enable_tread", False), data.pop("tread_mode", "full")
+    values = {k: data.pop(k) for k in routes}
+    if not enabled:
+        for key, value in values.items():
+            result.drop(source, key, value, "TREAD is off in this file (enable_tread = false)")
+        return
+    if mode != "full":
+        result.drop(source, "tread_mode", mode, 'only random token routing (tread_mode = "full") exists here; '
+                    "frame / row routing has no equivalent")
+        return
+    if not values:
+        result.drop(source, "enable_tread", enabled, "no tread_config_route1 to take the route from")
+        return
+    first, *others = routes
+    try:
+        pairs = dict(part.split("=", 1) for part in str(values[first]).replace(" ", "").split(";") if part)
+        route = {_TREAD_KEYS[k]: (float(v) if k == "selection_ratio" else int(v)) for k, v in pairs.items()
+                 if k in _TREAD_KEYS}
+    except ValueError:
+        route = {}
+    if len(route) != 3:
+        result.drop(source, first, values[first], "not of the form selection_ratio=R; start_layer_idx=S; "
+                    "end_layer_idx=E")
+        return
+    result.data.update(route)
+    for key in others:
+        result.drop(source, key, values[key], f"one TREAD route here: {first} was taken")
+
+
 def convert(files: list[Path], output_dir: Path) -> ImportResult:
     if len(files) != 1:
         raise UserError("--from takenoko takes one config file (its datasets are inside it)")
@@ -105,6 +143,7 @@ def convert(files: list[Path], output_dir: Path) -> ImportResult:
     data = read_toml(path)
     result = ImportResult()
     cwd = Path.cwd()
+    _tread(data, path.name, result)
     for key, value in data.items():
         if key == "datasets" and isinstance(value, dict):
             _datasets(value, path.name, cwd, output_dir, result)
