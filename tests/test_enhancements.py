@@ -96,6 +96,7 @@ def test_two_classes_cannot_take_one_name():
 class _Probe(BaseEnhancement):
     """Exercises every hook; what it does is set per test through class attributes."""
 
+    save_suffixes = ("-probe",)
     weight: float | None = None
     extra_cache: ItemCache | None = None
     pixel_cache: PixelCache | None = None
@@ -245,6 +246,15 @@ def test_metrics_extra_saves_and_state(train_workspace, tmp_path, probe):
     resumed = build_trainer(cfg2)
     resumed.load_checkpoint(state)
     assert resumed.enhancements[0].steps == 2
+    # an earlier run's extra files count as its saves (a fresh run over them is refused, overwrite deletes them)
+    from wantrainer.core.run_folder import earlier_saves
+
+    (out / "lora-probe.safetensors").rename(out / "lora-step00000009-probe.safetensors")
+    for path in [*out.glob("lora*.safetensors"), *out.glob("lora*-state")]:
+        if "probe" not in path.name:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert [p.name for p in earlier_saves(out, "lora")] == ["lora-step00000002-probe.safetensors",
+                                                            "lora-step00000009-probe.safetensors"]
 
 
 def test_item_caches_reach_the_batch_and_missing_files_skip_items(train_workspace, tmp_path, probe):

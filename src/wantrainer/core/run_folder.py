@@ -173,8 +173,12 @@ def earlier_saves(output_dir: Path, output_name: str) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
+    from ..enhancements.registry import extra_save_suffixes
+
     name = re.escape(output_name)
-    pattern = re.compile(rf"^{name}{_EXPERT_SUFFIX}(?:-[A-Za-z]*\d+)?(?:-ema)?(?:\.safetensors|-state)$")
+    extras = "|".join(re.escape(s) for s in extra_save_suffixes())
+    extra = f"(?:{extras})?" if extras else ""
+    pattern = re.compile(rf"^{name}{_EXPERT_SUFFIX}(?:-[A-Za-z]*\d+)?{extra}(?:\.safetensors|-state)$")
     return sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
 
 

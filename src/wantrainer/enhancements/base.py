@@ -398,6 +398,9 @@ class BaseEnhancement:
     """No-op defaults: an enhancement overrides only the hooks it needs."""
 
     name = "enhancement"
+    save_suffixes: tuple[str, ...] = ()
+    """The suffixes of the files ``extra_saves`` writes (``("-ema",)``): the run-folder checks read them to know
+    an earlier run's saves, whatever features that run had on."""
     replaces_training_loss = False
     """True: the run trains only this enhancement's terms (a concept slider): the trainer skips the training forward
     pass and the criterion, ``ctx.pred`` is ``None`` and ``loss_weight`` is not called."""

@@ -87,6 +87,11 @@ def registered() -> dict[str, type]:
     return dict(_REGISTRY)
 
 
+def extra_save_suffixes() -> tuple[str, ...]:
+    """Every registered feature's ``save_suffixes`` (files beside a LoRA save), sorted."""
+    return tuple(sorted({s for cls in registered().values() for s in getattr(cls, "save_suffixes", ())}))
+
+
 def build_enhancements(cfg: WanTrainerConfig) -> list[Any]:
     """Every registered enhancement whose ``from_config`` returns an instance, in the order of their names."""
     active = []

@@ -138,6 +138,9 @@ class CheckpointHandler(Handler):
             for extra in enh.extra_saves(request):
                 if not _EXTRA_SUFFIX.fullmatch(extra.suffix):
                     raise ValueError(f"{enh.name}: extra save suffix {extra.suffix!r} must match {_EXTRA_SUFFIX.pattern}")
+                if extra.suffix not in type(enh).save_suffixes:
+                    raise ValueError(f"{enh.name}: extra save suffix {extra.suffix!r} is not in its save_suffixes "
+                                     f"{type(enh).save_suffixes} (the run-folder checks read them)")
                 path = self.output_dir / f"{request.name}{extra.suffix}.safetensors"
                 meta = {**metadata, **extra.metadata}
                 with self._disk_errors(path):

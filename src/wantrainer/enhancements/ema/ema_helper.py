@@ -79,6 +79,7 @@ class NetworkEma:
 
 @register("ema")
 class EmaHelper(BaseEnhancement):
+    save_suffixes = ("-ema",)
     """``enable_ema``: the EMA of every trained network (see the module docstring)."""
 
     def __init__(self, cfg: EmaConfig):
