@@ -80,3 +80,52 @@ def test_compiled_blocks_train_like_eager(train_workspace, tmp_path, torch_one_t
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert list(trainer.model.state_dict())[0] == "patch_embedding.weight"  # names unchanged by compiling
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CANNOT_COMPILE is not None, reason=f"this machine cannot compile: {CANNOT_COMPILE}")
+def test_compiled_blocks_with_token_routing_match_eager(torch_one_thread):
+    """4 blocks, TREAD over blocks 1..2 with per-token timesteps, checkpointing, block swap and LoRA: the compiled
+    model's output and LoRA gradients are the eager ones; 3 graphs serve the 4 blocks (input without grad, full
+    sequence, routed tokens) and nothing breaks the graphs."""
+    from torch._dynamo.utils import counters
+
+    from wantrainer.config.training import NetworkConfig
+    from wantrainer.models.wan.configs import WanModelConfig
+    from wantrainer.models.wan.token_routing import TokenRoute
+    from wantrainer.models.wan.transformer import WanModel
+    from wantrainer.networks.lora_wan import create_network
+
+    def build():
+        torch.manual_seed(0)
+        model = WanModel(WanModelConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=4, text_dim=64))
+        model.requires_grad_(False)
+        network = create_network(NetworkConfig(network_dim=4, network_alpha=4.0), model)
+        network.apply_to(model)
+        with torch.no_grad():
+            for module in network.lora_modules:
+                module.lora_up.weight.normal_(0, 0.01)
+        model.enable_gradient_checkpointing()
+        model.enable_token_routing(TokenRoute(0.5, 1, 2))
+        model.enable_block_swap(1, "cpu")
+        return model.train(), network
+
+    gen = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 16, 2, 16, 16, generator=gen), torch.rand(2, 2 * 8 * 8, generator=gen) * 1000
+    context = [torch.randn(5, 64, generator=gen), torch.randn(9, 64, generator=gen)]
+
+    def step(model, network):
+        torch.manual_seed(3)  # the same routed subsets
+        out = model(x, t, context)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in network.parameters()]
+
+    want, want_grads = step(*build())
+    model, network = build()
+    wan_compile.compile_blocks(model.blocks)
+    torch._dynamo.reset()
+    counters.clear()
+    got, grads = step(model, network)
+    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
+    assert max(float((a - b).norm() / b.norm()) for a, b in zip(grads, want_grads)) < 1e-4
+    assert counters["stats"]["unique_graphs"] == 3 and sum(counters["graph_break"].values()) == 0
