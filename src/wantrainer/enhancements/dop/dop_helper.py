@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ...common.logger import get_logger
+from ...criteria.training_loss import masked_per_sample_mean
 from ...errors import UserError
 from ..base import BaseEnhancement, ItemCache, RunContext, StepContext, TextVariant
 from ..registry import register
@@ -100,7 +101,8 @@ class DopHelper(BaseEnhancement):
         with torch.no_grad(), ctx.network_disabled():
             base = ctx.predict(x, timesteps=t, text_embeds=prompts, conditioning=conditioning)
         pred = ctx.predict(x, timesteps=t, text_embeds=prompts, conditioning=conditioning)
-        per_item = (pred.float() - base.float()).square().reshape(len(rows), -1).mean(dim=1)  # [rows]
+        mask = None if ctx.loss_mask is None else ctx.loss_mask.index_select(0, index)  # TI2V: not the given frame
+        per_item = masked_per_sample_mean((pred.float() - base.float()).square(), mask)  # [rows]
         loss = self.cfg.dop_weight * per_item.sum() / ctx.noisy.shape[0]
         self.last = {"loss": float(per_item.mean().detach()), "items": float(len(rows))}
         return loss, {"dop/loss": loss.detach()}

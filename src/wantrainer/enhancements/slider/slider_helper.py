@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ...common.logger import get_logger
+from ...criteria.training_loss import masked_per_sample_mean
 from ..base import (
     BaseEnhancement,
     EvaluationVariant,
@@ -120,7 +121,7 @@ class SliderHelper(BaseEnhancement):
         for name, multiplier, target in (("plus", 1.0, up), ("minus", -1.0, down)):
             with _multiplier(network, multiplier):
                 pred = ctx.predict(x, text_embeds=prompt["target"])
-                term = 0.5 * (pred.float() - target.float()).square().mean()
+                term = 0.5 * masked_per_sample_mean((pred.float() - target.float()).square(), ctx.loss_mask).mean()
                 ctx.backward(term)  # now: gradient checkpointing recomputes with this multiplier
             terms[name] = float(term.detach())
         loss = torch.tensor(terms["plus"] + terms["minus"], device=ctx.noisy.device)
