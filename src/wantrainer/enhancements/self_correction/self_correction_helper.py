@@ -1,5 +1,10 @@
 """Self-correction: train on states the current model's sampler actually visits, not only on the ideal path.
 
+Two variants (``self_correction_variant``): "rollout" (below) and "generated": every ``self_correction_every``-th
+step the current model samples short clips of the batch's prompts and shape (``generate_latents``) into
+``{output_dir}/self_correction_cache`` (``self_correction_cache_size`` clips, the oldest removed), which replace
+the first items of later batches of the same shape as clean latents with their prompts (docs/enhancements.md).
+
 On every ``self_correction_every``-th optimiser step, for the first ``ceil(self_correction_batch_ratio * B)`` items
 of each micro-batch whose t is at least ``self_correction_min_t`` (the loader shuffles the batches): starting from
 the data noised at t, x_t = (1 - t) x0 + t n, the current model (the trained network on, no gradient) takes
@@ -22,14 +27,23 @@ as without the feature. Frames the objective keeps clean (TI2V-5B image-to-video
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-from ...sampling.generate import denoise, flow_euler_steps
-from ..base import BaseEnhancement, RunContext, StepContext
+from ...core.state import seeded_generator
+from ...errors import UserError
+from ...sampling.generate import GenerationSettings, denoise, flow_euler_steps, generate_latents
+from ...utils.atomic import save_safetensors_atomic
+from ..base import BaseEnhancement, PromptSet, RunContext, StepContext, load_prompt_set
 from ..registry import register
 from .config import SelfCorrectionConfig
+
+GENERATED_FLOW_SHIFT = 5.0
+NEGATIVE = PromptSet("_wtself_correction_prompts.safetensors", {"negative": ""})
+CACHE_FOLDER = "self_correction_cache"
 
 
 def _rms(x: torch.Tensor) -> float:
@@ -40,20 +54,43 @@ def _rms(x: torch.Tensor) -> float:
 class SelfCorrectionHelper(BaseEnhancement):
     """``self_correction_enabled``: see the module docstring."""
 
-    def __init__(self, cfg: SelfCorrectionConfig):
+    def __init__(self, cfg: SelfCorrectionConfig, seed: int = 0, output_dir: Path | None = None,
+                 run_cfg: Any = None):
         self.cfg = cfg
+        self.run_cfg = run_cfg
         self.boundary: float | None = None
         self._drifts: list[float] = []
         self._items = 0
         self.last = {"drift": 0.0, "items": 0.0}
+        self.generated = cfg.self_correction_variant == "generated"
+        # variant "generated": its own seeded stream (the clips' seeds, which cached clips are mixed in)
+        self.gen = seeded_generator(seed + 15)
+        self.cache_dir = Path(output_dir or ".") / CACHE_FOLDER
+        self.entries: list[str] = []  # cache file names, oldest first
+        self.counter = 0  # clips generated so far
+        self._done_step = -1
+        self._generated = self._mixed = 0
+        self.negative: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> SelfCorrectionHelper | None:
         section: SelfCorrectionConfig = cfg.self_correction
-        return cls(section) if section.self_correction_enabled else None
+        if not section.self_correction_enabled:
+            return None
+        return cls(section, cfg.training.seed, Path(cfg.saving.output_dir), cfg)
+
+    def text_cache_prompts(self) -> list[PromptSet]:
+        return [NEGATIVE] if self.generated and self.cfg.self_correction_guidance_scale != 1.0 else []
 
     def setup_hooks(self, run: RunContext) -> None:
         self.boundary = getattr(run.experts, "boundary", None)
+        if not self.generated:
+            return
+        if getattr(run.experts, "is_dual", False):
+            raise UserError("self_correction_variant = \"generated\" needs a model with one DiT (the clips are "
+                            "sampled with the expert a step trains); use the \"rollout\" variant with Wan 2.2 A14B")
+        if self.cfg.self_correction_guidance_scale != 1.0:
+            self.negative = load_prompt_set(self.run_cfg, NEGATIVE)["negative"]
 
     def rolls_out(self, step: int) -> bool:
         """Whether the optimiser step after ``step`` steps (``ctx.step``) rolls out."""
@@ -99,6 +136,9 @@ class SelfCorrectionHelper(BaseEnhancement):
         return rolled if keep is None else (1 - keep) * start + keep * rolled
 
     def modify_noised(self, ctx: StepContext) -> None:
+        if self.generated:
+            self.generate_and_mix(ctx)
+            return
         if not self.rolls_out(ctx.step):
             return
         idx = self.chosen(ctx.t)
@@ -125,7 +165,100 @@ class SelfCorrectionHelper(BaseEnhancement):
         self._drifts.append(_rms(rolled - ideal))
         self._items += int(idx.numel())
 
+    # variant "generated" ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, ctx: StepContext) -> None:
+        """Clips of the first ceil(ratio * B) prompts of the batch at its bucket shape, sampled by the current model
+        from seeds of this helper's stream, written to the cache (the oldest beyond the cache size removed)."""
+        latents = ctx.latents
+        _, channels, frames, height, width = latents.shape
+        if frames > self.cfg.self_correction_clip_len:
+            return
+        want = max(1, math.ceil(self.cfg.self_correction_batch_ratio * latents.shape[0]))
+        scale = self.cfg.self_correction_guidance_scale
+
+        def model_fn(x: torch.Tensor, timestep: torch.Tensor, context: list[torch.Tensor]) -> torch.Tensor:
+            return ctx.predict(x, timesteps=timestep, text_embeds=context)
+
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(min(want, latents.shape[0])):
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen))
+            settings = GenerationSettings(width=width * 8, height=height * 8, frames=(frames - 1) * 4 + 1, seed=seed,
+                                          steps=self.cfg.self_correction_sample_steps, cfg_scale=scale,
+                                          flow_shift=GENERATED_FLOW_SHIFT, solver="euler")
+            text = ctx.batch["text_embeds"][i]
+            clip = generate_latents(model_fn, text, self.negative, settings, latents.device, channels=channels)
+            name = f"clip_{self.counter:06d}.safetensors"
+            save_safetensors_atomic({"latents": clip[0].to(latents.dtype).cpu(), "text_embeds": text.cpu()},
+                                    self.cache_dir / name, metadata={"step": str(ctx.step + 1), "seed": str(seed)})
+            self.entries.append(name)
+            self.counter += 1
+            self._generated += 1
+            while len(self.entries) > self.cfg.self_correction_cache_size:
+                (self.cache_dir / self.entries.pop(0)).unlink(missing_ok=True)
+
+    def mix(self, ctx: StepContext) -> None:
+        """Replace the first ceil(ratio * B) items by cached clips of the batch's shape (drawn from this helper's
+        stream): their clean latents and prompts, noised with the item's noise and t."""
+        shape = tuple(ctx.latents.shape[1:])
+        fits = []
+        for name in self.entries:
+            entry = load_file(str(self.cache_dir / name))
+            if tuple(entry["latents"].shape) == shape:
+                fits.append(entry)
+        if not fits:
+            return
+        want = max(1, math.ceil(self.cfg.self_correction_batch_ratio * ctx.latents.shape[0]))
+        order = torch.randperm(len(fits), generator=self.gen)[:want].tolist()
+        latents, texts = ctx.latents.clone(), list(ctx.batch["text_embeds"])
+        for i, j in enumerate(order):
+            latents[i] = fits[j]["latents"].to(latents)
+            texts[i] = fits[j]["text_embeds"].to(texts[i])
+        view = (-1, 1, 1, 1, 1)
+        t = ctx.t.view(view)
+        ctx.latents = latents
+        ctx.batch["latents"] = latents
+        ctx.batch["text_embeds"] = texts
+        ctx.noisy = ((1 - t) * latents + t * ctx.noise).to(ctx.noisy.dtype)
+        ctx.target = (ctx.noise - latents).to(ctx.target.dtype)
+        ctx.extras["self_correction"] = {"index": torch.arange(len(order)), "mixed": [fits[j] for j in order]}
+        self._mixed += len(order)
+
+    def generate_and_mix(self, ctx: StepContext) -> None:
+        if ctx.batch.get("conditioning") is not None or ctx.timesteps.ndim == 2:
+            raise UserError("self_correction_variant = \"generated\" supports text-to-video training only (this "
+                            "batch has image conditioning or a clean first frame); use the \"rollout\" variant")
+        if self.rolls_out(ctx.step) and self._done_step != ctx.step:  # once per step, on its first micro-batch
+            self._done_step = ctx.step
+            self.generate(ctx)
+        self.mix(ctx)
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.generated:
+            return {}
+        return {"gen": self.gen.get_state(), "counter": self.counter, "done_step": self._done_step,
+                "entries": [(name, load_file(str(self.cache_dir / name))) for name in self.entries]}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if not self.generated or not sd:
+            return
+        self.gen.set_state(sd["gen"])
+        self.counter, self._done_step = int(sd["counter"]), int(sd["done_step"])
+        # the cache as it was at the save (a later run may have replaced entries, or the folder is new)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.cache_dir.glob("clip_*.safetensors"):
+            old.unlink()
+        self.entries = []
+        for name, tensors in sd["entries"]:
+            save_safetensors_atomic(tensors, self.cache_dir / name)
+            self.entries.append(name)
+
     def get_self_correction_metrics(self) -> dict[str, float]:
+        if self.generated:
+            out = {"generated": float(self._generated), "mixed": float(self._mixed), "cache": float(len(self.entries))}
+            self._generated = self._mixed = 0
+            return out
         if self._drifts:
             self.last = {"drift": sum(self._drifts) / len(self._drifts), "items": float(self._items)}
         else:
