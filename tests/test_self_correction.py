@@ -266,3 +266,15 @@ def test_generated_guidance_uses_the_cached_empty_prompt_and_changes_the_clip(tr
 def test_generated_variant_keys_are_refused_with_the_rollout_variant(train_workspace, tmp_path):
     with pytest.raises(ConfigError, match="self_correction_cache_size.*variant"):
         trainer_for(train_workspace, tmp_path, self_correction_enabled=True, self_correction_cache_size=3)
+
+
+def test_generated_variant_refuses_batches_with_per_item_caches(train_workspace, tmp_path):
+    from wantrainer.errors import UserError
+
+    trainer = trainer_for(train_workspace, tmp_path, max_train_steps=1, **GEN)
+    sc = next(e for e in trainer.enhancements if e.name == "self_correction")
+    ctx = noised(trainer, next(iter(trainer.loader)), 5)
+    ctx.batch["item_extras"] = {"mask": torch.ones(2, 1, 1, 8, 8)}
+    with pytest.raises(UserError, match="per-item caches \\(mask"):
+        sc.modify_noised(ctx)
+    trainer.remove_hooks()

@@ -229,6 +229,12 @@ class SelfCorrectionHelper(BaseEnhancement):
         if ctx.batch.get("conditioning") is not None or ctx.timesteps.ndim == 2:
             raise UserError("self_correction_variant = \"generated\" supports text-to-video training only (this "
                             "batch has image conditioning or a clean first frame); use the \"rollout\" variant")
+        extras = sorted(k for k, v in (ctx.batch.get("item_extras") or {}).items()
+                        if v is not None and not (isinstance(v, list) and all(x is None for x in v)))
+        if extras:
+            raise UserError(f"self_correction_variant = \"generated\" cannot mix its clips into batches with per-item "
+                            f"caches ({', '.join(extras)}: masks, REPA features, DOP prompts belong to the data "
+                            "items, not to the clips); turn those features off or use the \"rollout\" variant")
         if self.rolls_out(ctx.step) and self._done_step != ctx.step:  # once per step, on its first micro-batch
             self._done_step = ctx.step
             self.generate(ctx)
