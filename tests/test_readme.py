@@ -59,6 +59,8 @@ NOT_KEYS = {
     "pos_embed_seq_len",
     "add_v_proj",  # diffusers WanTransformer3DModel names
     "expand_timesteps",  # diffusers Wan pipeline argument (TI2V-5B)
+    "enable_tread",
+    "tread_config_route1",  # Takenoko's TREAD keys, read by `config import --from takenoko`
     "noisy",
     "s",
     "t",  # names in formulas
