@@ -278,3 +278,16 @@ def test_generated_variant_refuses_batches_with_per_item_caches(train_workspace,
     with pytest.raises(UserError, match="per-item caches \\(mask"):
         sc.modify_noised(ctx)
     trainer.remove_hooks()
+
+
+def test_generated_variant_refuses_several_processes(train_workspace, tmp_path):
+    import types
+
+    from wantrainer.errors import UserError
+
+    trainer = trainer_for(train_workspace, tmp_path, max_train_steps=1, **GEN)
+    sc = next(e for e in trainer.enhancements if e.name == "self_correction")
+    run = types.SimpleNamespace(experts=trainer.experts, accelerator=types.SimpleNamespace(num_processes=2))
+    with pytest.raises(UserError, match="runs on one process"):
+        sc.setup_hooks(run)
+    trainer.remove_hooks()

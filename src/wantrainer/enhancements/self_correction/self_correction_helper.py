@@ -89,6 +89,10 @@ class SelfCorrectionHelper(BaseEnhancement):
         if getattr(run.experts, "is_dual", False):
             raise UserError("self_correction_variant = \"generated\" needs a model with one DiT (the clips are "
                             "sampled with the expert a step trains); use the \"rollout\" variant with Wan 2.2 A14B")
+        if run.accelerator is not None and run.accelerator.num_processes > 1:
+            raise UserError("self_correction_variant = \"generated\" runs on one process (its clip cache in the "
+                            f"output folder is not shared between the {run.accelerator.num_processes} processes); "
+                            "train on one process, or use the \"rollout\" variant, which works with several")
         if self.cfg.self_correction_guidance_scale != 1.0:
             self.negative = load_prompt_set(self.run_cfg, NEGATIVE)["negative"]
 
