@@ -62,7 +62,7 @@ def prepare(root: Path, size: str) -> Path:
     cache = root / "cache"
     values = {"dit": str(dit), "vae": str(kit.vae), "mixed_precision": "no", "max_train_steps": 2, "seed": 1,
               "network_dim": 32, "network_alpha": 32.0, "max_data_loader_n_workers": 0, "log_with": "none",
-              "output_dir": str(root / "out"), "output_name": "bench", "gradient_checkpointing": False,
+              "output_dir": str(root / "out"), "output_name": "bench", "overwrite_output": True, "gradient_checkpointing": False,
               "datasets": {"train": [{"image_directory": str(media), "cache_directory": str(cache),
                                       "resolution": [64, 64], "batch_size": 1}]}}
     config = root / "bench.toml"
