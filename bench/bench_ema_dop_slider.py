@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 from wantrainer.caching.cache_latents import cache_latents
 from wantrainer.caching.cache_text_encoder_outputs import cache_text
 from wantrainer.config.toml_writer import dump_toml
 from wantrainer.config_parser import load_config
-from wantrainer.core.handlers.base import Handler
-from wantrainer.core.wan_network_trainer import build_trainer
 from wantrainer.devkit.synthetic import make_synthetic_dataset
 from wantrainer.devkit.tiny_kit import make_tiny_model_kit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_trainer import step_walls  # noqa: E402
 
 FEATURES = {
     "plain": {},
@@ -32,22 +34,6 @@ FEATURES = {
     "dop": {"enable_dop": True, "dop_trigger_word": "sks", "dop_class_word": "shape"},
     "slider": {"slider_pairs": [{"target": "a shape", "positive": "a red circle", "negative": "a blue square"}]},
 }
-
-
-class StepClock(Handler):
-    name = "step_clock"
-
-    def __init__(self) -> None:
-        self.walls: list[float] = []
-        self._last = 0.0
-
-    def on_train_start(self, trainer) -> None:
-        self._last = time.perf_counter()
-
-    def on_step_end(self, trainer) -> None:
-        now = time.perf_counter()
-        self.walls.append(now - self._last)
-        self._last = now
 
 
 def _config(root: Path, kit, media: Path, name: str, args: argparse.Namespace, extra: dict):
@@ -85,11 +71,9 @@ def main() -> None:
         walls: dict[str, list[float]] = {name: [] for name in configs}
         for round_index in range(args.rounds):
             for name, cfg in configs.items():
-                clock = StepClock()
                 out = Path(cfg.saving.output_dir)
                 cfg.saving.output_name = f"r{round_index}"
-                build_trainer(cfg, extra_handlers=[clock]).train()
-                walls[name] += clock.walls[args.warmup:]
+                walls[name] += step_walls(cfg, args.warmup)
                 assert out.is_dir()
         medians = {name: statistics.median(times) for name, times in walls.items()}
         for name, median in medians.items():

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 from wantrainer.config.toml_writer import dump_toml
 from wantrainer.config_parser import load_config
-from wantrainer.core.handlers.base import Handler
-from wantrainer.core.wan_network_trainer import build_trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_trainer import step_walls  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     "baseline": {},
@@ -31,24 +33,6 @@ VARIANTS: dict[str, dict] = {
     "self_correction": {"self_correction_enabled": True, "self_correction_every": 1,
                         "self_correction_batch_ratio": 0.5, "self_correction_rollout_steps": 2},
 }
-
-
-class StepClock(Handler):
-    name = "step_clock"
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.walls: list[float] = []
-        self._last = 0.0
-
-    def on_train_start(self, trainer) -> None:
-        self._last = time.perf_counter()
-
-    def on_step_end(self, trainer) -> None:
-        now = time.perf_counter()
-        if trainer.state.step > self.warmup:
-            self.walls.append(now - self._last)
-        self._last = now
 
 
 def workspace(root: Path) -> dict:
@@ -83,10 +67,7 @@ def seconds_per_step(root: Path, values: dict, variant: str, steps: int, warmup:
         run.pop("repa_encoder_name")
     path = root / f"{variant}_{round_}.toml"
     path.write_text(dump_toml(run), encoding="utf-8")
-    clock = StepClock(warmup)
-    trainer = build_trainer(load_config(path), extra_handlers=[clock])
-    trainer.train()
-    return statistics.median(clock.walls)
+    return statistics.median(step_walls(load_config(path), warmup))
 
 
 def main(argv: list[str] | None = None) -> None:

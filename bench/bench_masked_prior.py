@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,26 +23,12 @@ from wantrainer.caching.cache_latents import cache_latents
 from wantrainer.caching.cache_text_encoder_outputs import cache_text
 from wantrainer.config.toml_writer import dump_toml
 from wantrainer.config_parser import load_config
-from wantrainer.core.handlers.base import Handler
-from wantrainer.core.wan_network_trainer import build_trainer
 from wantrainer.devkit.synthetic import make_synthetic_dataset
 from wantrainer.devkit.tiny_kit import make_tiny_model_kit
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-class StepClock(Handler):
-    name = "step_clock"
-
-    def __init__(self) -> None:
-        self.walls: list[float] = []
-        self._last = 0.0
-
-    def on_train_start(self, trainer) -> None:
-        self._last = time.perf_counter()
-
-    def on_step_end(self, trainer) -> None:
-        now = time.perf_counter()
-        self.walls.append(now - self._last)
-        self._last = now
+from bench_trainer import step_walls  # noqa: E402
 
 
 def _values(root: Path, kit, media: Path, size: int, batch: int, steps: int, masks: Path | None,
@@ -94,10 +80,7 @@ def main() -> None:
         walls: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.rounds):
             for name, cfg in configs.items():
-                clock = StepClock()
-                trainer = build_trainer(cfg, extra_handlers=[clock])
-                trainer.train()
-                walls[name] += clock.walls[args.warmup:]
+                walls[name] += step_walls(cfg, args.warmup)
         medians = {name: statistics.median(times) for name, times in walls.items()}
         for name, median in medians.items():
             print(f"{name:>15}: {median * 1000:8.1f} ms per step, {median / medians['plain']:.2f}x plain")

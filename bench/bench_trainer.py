@@ -55,6 +55,31 @@ class StepClock(Handler):
         self._last = time.perf_counter()
 
 
+class WallClock(Handler):
+    """Wall time between consecutive step ends (everything the loop does per step)."""
+
+    name = "wall_clock"
+
+    def __init__(self) -> None:
+        self.walls: list[float] = []
+        self._last = 0.0
+
+    def on_train_start(self, trainer) -> None:
+        self._last = time.perf_counter()
+
+    def on_step_end(self, trainer) -> None:
+        now = time.perf_counter()
+        self.walls.append(now - self._last)
+        self._last = now
+
+
+def step_walls(cfg: WanTrainerConfig, warmup: int) -> list[float]:
+    """Train ``cfg`` and return the wall time of each step after the first ``warmup``."""
+    clock = WallClock()
+    build_trainer(cfg, extra_handlers=[clock]).train()
+    return clock.walls[warmup:]
+
+
 def synthetic_config(root: Path, size: int, batch: int) -> WanTrainerConfig:
     from wantrainer.caching.cache_latents import cache_latents
     from wantrainer.caching.cache_text_encoder_outputs import cache_text
