@@ -36,7 +36,7 @@ from ..dataset.cache_format import (
     save_latent_cache,
 )
 from ..dataset.sources import MediaItem
-from ..dataset.windows import source_key, window_pixels
+from ..dataset.windows import window_pixels
 from ..errors import UserError
 from ..models.wan.conditioning import cache_compatible, require_clip_path, run_model_type
 from ..models.wan.latent_space import latent_space
@@ -51,7 +51,9 @@ from .common import (
     encode_todo,
     finish,
     is_finite,
+    per_source,
     require_file,
+    source_groups,
     start_run,
     stream_prefetch,
 )
@@ -72,34 +74,13 @@ def load_vae(vae_path: Path, settings: LatentCacheConfig, device: torch.device, 
     return vae
 
 
-def _sources(items: list[MediaItem]) -> list[list[MediaItem]]:
-    """Items grouped by source file in first-seen order: all the windows of a video are decoded in one pass."""
-    groups: dict[tuple, list[MediaItem]] = {}
-    for item in items:
-        groups.setdefault(source_key(item), []).append(item)
-    return list(groups.values())
-
-
-def _source_pixels(items: list[MediaItem]) -> Iterator[tuple[MediaItem, torch.Tensor | Exception]]:
-    """``window_pixels`` of one source; an unexpected failure is reported for the items not yet returned."""
-    done: set[str] = set()
-    try:
-        for item, result in window_pixels(items):
-            done.add(item.key)
-            yield item, result
-    except Exception as exc:  # one bad file never stops the run
-        for item in items:
-            if item.key not in done:
-                yield item, exc
-
-
 def _loaded_batches(items: list[MediaItem], batch_size: int, workers: int, summary: CacheSummary,
                     progress: Progress) -> Iterator[tuple[list[MediaItem], torch.Tensor]]:
     """(items, pixels [B, 3, F, H, W]) batches of one (bucket, frames) each; unreadable items are recorded in
     ``summary`` and dropped. Each source file is decoded once (``workers`` threads decode the next ones ahead),
     and a batch goes out as soon as it is full, so memory holds at most a batch per shape."""
     pending: dict[tuple, tuple[list[MediaItem], list[torch.Tensor]]] = {}
-    for item, result in stream_prefetch(_sources(items), _source_pixels, workers):
+    for item, result in stream_prefetch(source_groups(items), per_source(window_pixels), workers):
         if isinstance(result, Exception):
             summary.failed.append((item.path, f"{item.key}: {result}"))
             logger.warning("cannot read %s: %s", item.path, result)

@@ -20,8 +20,7 @@ from ..common.logger import get_logger
 from ..dataset.cache_format import MASK_NAME, save_mask_cache
 from ..dataset.masks import latent_masks, mask_cache_state, mask_signature, rule_text
 from ..dataset.sources import MediaItem
-from ..dataset.windows import source_key
-from .common import CacheRun, clean_orphans, stream_prefetch
+from .common import CacheRun, clean_orphans, per_source, source_groups, stream_prefetch
 
 logger = get_logger(__name__)
 
@@ -46,26 +45,6 @@ def _ones(item: MediaItem) -> torch.Tensor:
     return torch.ones(item.latent_shape)
 
 
-def _source_masks(items: list[MediaItem]):
-    """``latent_masks`` of one source; an unexpected failure is reported for the items not yet returned."""
-    done: set[str] = set()
-    try:
-        for item, result in latent_masks(items):
-            done.add(item.key)
-            yield item, result
-    except Exception as exc:  # one bad mask never stops the run
-        for item in items:
-            if item.key not in done:
-                yield item, exc
-
-
-def _sources(items: list[MediaItem]) -> list[list[MediaItem]]:
-    groups: dict[tuple, list[MediaItem]] = {}
-    for item in items:
-        groups.setdefault(source_key(item), []).append(item)
-    return list(groups.values())
-
-
 def cache_masks(run: CacheRun, skip_existing: bool, keep_cache: bool, workers: int) -> MaskOutcome:
     """Write the mask caches of ``run``'s items and clean the mask caches no current item produces. Problems go to
     ``run.summary``."""
@@ -81,7 +60,7 @@ def cache_masks(run: CacheRun, skip_existing: bool, keep_cache: bool, workers: i
             outcome.cached += 1
         else:
             todo.append(item)
-    for item, result in stream_prefetch(_sources(todo), _source_masks, workers):
+    for item, result in stream_prefetch(source_groups(todo), per_source(latent_masks), workers):
         if not isinstance(result, Exception):
             _write(item, result, hashes)
             outcome.cached += 1

@@ -20,6 +20,7 @@ from ..config.datasets import DatasetsConfig
 from ..dataset.blueprint import DatasetSpec, resolve_datasets
 from ..dataset.cache_format import LATENT_NAME, TEXT_SUFFIX
 from ..dataset.sources import MediaItem, no_items_reason, scan_dataset
+from ..dataset.windows import source_key
 from ..errors import UserError
 
 logger = get_logger(__name__)
@@ -212,6 +213,33 @@ def media_stem(path: Path) -> str:
 
 def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
+
+
+def source_groups(items: list[MediaItem]) -> list[list[MediaItem]]:
+    """Items grouped by source file in first-seen order: all the windows of a video are decoded in one pass."""
+    groups: dict[tuple, list[MediaItem]] = {}
+    for item in items:
+        groups.setdefault(source_key(item), []).append(item)
+    return list(groups.values())
+
+
+def per_source(read: Callable[[list[MediaItem]], Iterable[tuple[MediaItem, R]]]
+               ) -> Callable[[list[MediaItem]], Iterator[tuple[MediaItem, R | Exception]]]:
+    """``read`` for one source's items, made safe: an unexpected failure is reported as the result of every item
+    not yet returned (one bad file never stops the run)."""
+
+    def produce(items: list[MediaItem]) -> Iterator[tuple[MediaItem, R | Exception]]:
+        done: set[str] = set()
+        try:
+            for item, result in read(items):
+                done.add(item.key)
+                yield item, result
+        except Exception as exc:
+            for item in items:
+                if item.key not in done:
+                    yield item, exc
+
+    return produce
 
 
 def stream_prefetch(sources: Sequence[T], produce: Callable[[T], Iterable[R]], workers: int, depth: int = 4
