@@ -31,6 +31,22 @@ def torchrun_train(config):
     assert "2 process(es)" in proc.stderr
 
 
+def assert_runs_match(single_out, ddp_out, steps):
+    """A 2-process run equals the 1-process run of the same global batch: the loss at every step (1e-6) and the
+    saved LoRA (1e-3 / 1e-4: Adam amplifies summation-order noise). Returns the 1-process losses."""
+    one = scalars(single_out / "logs", "loss/current")
+    two = scalars(ddp_out / "logs", "loss/current")
+    assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, steps + 1))
+    for (_, a), (_, b) in zip(one, two):
+        assert b == pytest.approx(a, rel=1e-6, abs=1e-7)
+    a = lora_tensors(single_out / "lora.safetensors")
+    b = lora_tensors(ddp_out / "lora.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)
+    return one, a
+
+
 def distinct_config(ws, folder, batch_size, *, num_repeats=1, val=False, **values):
     """The 4 distinct training images (3 epochs' worth of shuffles in 5 steps, captions dropped at random) and,
     with ``val``, 3 distinct validation images (the last global batch does not split over 2 processes: one takes
@@ -59,21 +75,12 @@ def test_two_process_cpu_run_matches_one_process(train_workspace, tmp_path):
     assert build_trainer(load(single)).train() == "completed"
     torchrun_train(distinct_config(train_workspace, tmp_path / "ddp", batch_size=1, val=True))
 
-    one = scalars(tmp_path / "single" / "out" / "logs", "loss/current")
-    two = scalars(tmp_path / "ddp" / "out" / "logs", "loss/current")
-    assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3, 4, 5]
+    one, a = assert_runs_match(tmp_path / "single" / "out", tmp_path / "ddp" / "out", steps=5)
     assert len({round(v, 6) for _, v in one}) == 5  # distinct images: the batches differ from step to step
-    for (_, a), (_, b) in zip(one, two):
-        assert b == pytest.approx(a, rel=1e-6, abs=1e-7)
     val_one = scalars(tmp_path / "single" / "out" / "logs", "val/loss")
     val_two = scalars(tmp_path / "ddp" / "out" / "logs", "val/loss")
     assert [s for s, _ in val_one] == [s for s, _ in val_two] == [5]
     assert val_two[0][1] == pytest.approx(val_one[0][1], rel=1e-6)
-    a = lora_tensors(tmp_path / "single" / "out" / "lora.safetensors")
-    b = lora_tensors(tmp_path / "ddp" / "out" / "lora.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)  # Adam amplifies summation-order noise
     assert any(a[k].abs().sum() > 0 for k in a if "lora_up" in k)
 
 
