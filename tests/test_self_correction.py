@@ -137,14 +137,19 @@ def test_training_on_rolled_out_states_lowers_the_held_out_loss_on_them(train_wo
     assert start - after > 0.08 * start
 
 
-def test_self_correction_resume_is_bit_identical(train_workspace, tmp_path):
+def assert_resume_is_bit_identical(ws, tmp_path, **variant):
+    """6 steps straight (a) against 3 steps, then resumed from that state (b): the same LoRA bit for bit."""
     common = dict(max_train_steps=6, save_every_n_steps=3, save_state=True, learning_rate=1e-2,
-                  self_correction_every=2, **SC)
-    trainer_for(train_workspace, tmp_path / "a", **common).train()
+                  self_correction_every=2, **variant)
+    trainer_for(ws, tmp_path / "a", **common).train()
     state = tmp_path / "a" / "out" / "lora-step00000003-state"
-    trainer_for(train_workspace, tmp_path / "b", resume=str(state), **common).train()
+    trainer_for(ws, tmp_path / "b", resume=str(state), **common).train()
     a, b = (lora_tensors(tmp_path / n / "out" / "lora.safetensors") for n in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_self_correction_resume_is_bit_identical(train_workspace, tmp_path):
+    assert_resume_is_bit_identical(train_workspace, tmp_path, **SC)
 
 
 def test_self_correction_keys_without_the_switch_are_refused(train_workspace, tmp_path):
@@ -219,13 +224,7 @@ def test_generated_variant_trains_as_the_baseline_until_its_first_clip(train_wor
 
 
 def test_generated_variant_resume_is_bit_identical(train_workspace, tmp_path):
-    common = dict(max_train_steps=6, save_every_n_steps=3, save_state=True, learning_rate=1e-2,
-                  self_correction_every=2, **GEN)
-    trainer_for(train_workspace, tmp_path / "a", **common).train()
-    state = tmp_path / "a" / "out" / "lora-step00000003-state"
-    trainer_for(train_workspace, tmp_path / "b", resume=str(state), **common).train()
-    a, b = (lora_tensors(tmp_path / n / "out" / "lora.safetensors") for n in ("a", "b"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bit_identical(train_workspace, tmp_path, **GEN)
     names = sorted(p.name for p in (tmp_path / "a" / "out" / "self_correction_cache").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "b" / "out" / "self_correction_cache").iterdir())
 
