@@ -242,3 +242,49 @@ def test_crepa_differs_from_repa_only_on_video_items(video_cache, tmp_path):
     for (a, ma), (b, mb) in zip(repa["video"], crepa["video"]):
         assert mb["crepa/loss"] < -1e-3 and b == pytest.approx(a + mb["crepa/loss"], rel=1e-5)
         assert ma["repa/loss"] == mb["repa/loss"]
+
+
+def test_separate_wan22_loras_train_one_projector_each(train_workspace, repa_cache, tmp_path):
+    """With dual_lora_mode = "separate" each expert's LoRA has its own projector in its own optimiser: a step of one
+    expert moves that expert's projector only (the two DiTs' hidden states differ); resume restores both."""
+    from wantrainer.core.handlers.base import Handler
+
+    cache, _ = repa_cache
+    kit = train_workspace.kit
+
+    class Projectors(Handler):
+        name = "projectors"
+
+        def __init__(self):
+            self.seen = []
+
+        def on_step_end(self, trainer):
+            repa = next(e for e in trainer.enhancements if e.name == "repa")
+            self.seen.append((trainer.last_step.expert, {n: [p.detach().clone() for p in m.parameters()]
+                                                         for n, m in repa.projectors.items()}))
+
+    wan22 = dict(target_model="wan22", dit=str(kit.dit_wan22_low), dit_high_noise=str(kit.dit_wan22_high),
+                 timestep_boundary=500, dual_lora_mode="separate", learning_rate=1e-2, max_train_steps=6,
+                 save_every_n_steps=3, save_state=True)
+    seen = Projectors()
+    whole = run(train_workspace, tmp_path / "a", cache, [seen], **wan22)
+    repa = whole.enhancements[0]
+    assert sorted(repa.projectors) == ["high_noise", "low_noise"]
+    initial = {n: [p.detach().clone() for p in m.parameters()] for n, m in
+               build_trainer(load(write_config(tmp_path / "i.toml", repa_values(train_workspace, tmp_path / "i", cache,
+                                                                                **wan22)))).enhancements[0]
+               .projectors.items()}  # fmt: skip
+    previous = initial
+    experts = []
+    for expert, now in seen.seen:
+        experts.append(expert)
+        for name in now:
+            moved = any(not torch.equal(a, b) for a, b in zip(now[name], previous[name]))
+            assert moved == (name == expert), (expert, name)
+        previous = now
+    assert sorted(set(experts)) == ["high_noise", "low_noise"]
+    resumed = run(train_workspace, tmp_path / "b", cache, resume=str(tmp_path / "a" / "out" / "lora-step00000003-state"),
+                  **wan22)
+    for name, projector in repa.projectors.items():
+        other = resumed.enhancements[0].projectors[name].state_dict()
+        assert all(torch.equal(v, other[k]) for k, v in projector.state_dict().items())

@@ -179,7 +179,7 @@ def build_groups(
     cfg: WanTrainerConfig,
     networks: dict[str, Any],
     regimes: RegimeSampler,
-    extra_params: list[dict[str, Any]],
+    extra_params: dict[str | None, list[dict[str, Any]]],
     total_steps: int,
     accelerator: Any,
 ) -> list[TrainGroup]:
@@ -195,9 +195,9 @@ def build_groups(
         group_cfg = opt_cfg
         if steps != total_steps and isinstance(opt_cfg.lr_warmup_steps, int) and opt_cfg.lr_warmup_steps:
             group_cfg = opt_cfg.model_copy(update={"lr_warmup_steps": max(1, round(opt_cfg.lr_warmup_steps * share))})
-        param_groups = network.prepare_optimizer_params(opt_cfg.learning_rate)
+        param_groups = network.prepare_optimizer_params(opt_cfg.learning_rate) + extra_params.get(name, [])
         if index == 0:
-            param_groups = param_groups + extra_params
+            param_groups = param_groups + extra_params.get(None, [])
         optimizer = create_optimizer(group_cfg, param_groups)
         network.attach_optimizer(optimizer)
         scheduler = create_lr_scheduler(group_cfg, optimizer, steps)
@@ -208,14 +208,24 @@ def build_groups(
     return groups
 
 
-def enhancement_param_groups(enhancements: list[Any], lr: float) -> list[dict[str, Any]]:
-    groups: list[dict[str, Any]] = []
-    for enh in enhancements:
-        params = list(enh.trainable_params())
+def enhancement_param_groups(enhancements: list[Any], lr: float) -> dict[str | None, list[dict[str, Any]]]:
+    """The enhancements' own parameters as optimiser groups, by the network whose optimiser steps them (None: the
+    first network's). ``trainable_params()`` gives a list (parameters or groups) or a dict network name -> list."""
+    groups: dict[str | None, list[dict[str, Any]]] = {}
+
+    def add(name: str | None, params: list[Any]) -> None:
         if params and isinstance(params[0], dict):
-            groups.extend({"lr": lr, **g, "params": list(g["params"])} for g in params)
+            groups.setdefault(name, []).extend({"lr": lr, **g, "params": list(g["params"])} for g in params)
         elif params:
-            groups.append({"params": params, "lr": lr})
+            groups.setdefault(name, []).append({"params": params, "lr": lr})
+
+    for enh in enhancements:
+        params = enh.trainable_params()
+        if isinstance(params, dict):
+            for name, part in params.items():
+                add(name, list(part))
+        else:
+            add(None, list(params))
     return groups
 
 
@@ -306,7 +316,7 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     if engine.sharded:
         if extra:
             raise UserError('distributed_engine = "fsdp" shards the DiT only: an enhancement with its own trainable '
-                            "parameters is on (" + ", ".join(e.name for e in enhancements if list(e.trainable_params()))
+                            "parameters is on (" + ", ".join(e.name for e in enhancements if e.trainable_params())
                             + '); turn it off or use distributed_engine = "ddp"')
         for network in networks.values():
             network.shard_with(engine)

@@ -10,7 +10,8 @@ and the loss never name one. Every hook has a no-op default in ``BaseEnhancement
 1. ``item_caches()`` when the data loader is built: extra per-item cache files read into every batch
    (``batch["item_extras"][name]``), e.g. masks beside the latent cache or a second text cache;
 2. ``setup_hooks(run)`` once, after the DiT and the network(s) are built (keep references, register taps);
-3. ``trainable_params()`` once: its own parameters for the first network's optimiser;
+3. ``trainable_params()`` once: its own parameters, a list for the first network's optimiser or a dict network
+   name -> list for each network's own (e.g. one REPA projector per separate Wan 2.2 expert LoRA);
 4. ``modify_inputs(batch)`` on every micro-batch, before noise is added;
    ``modify_noised(ctx)`` on every micro-batch, after noise and timesteps are drawn and before the forward pass:
    may replace the model's inputs and the target in ``ctx`` (e.g. self-correction's rolled-out states);
@@ -373,7 +374,9 @@ class Enhancement(Protocol):
 
     def remove_hooks(self) -> None: ...
 
-    def trainable_params(self) -> Iterable[torch.nn.Parameter] | list[dict[str, Any]]: ...
+    def trainable_params(
+        self,
+    ) -> Iterable[torch.nn.Parameter] | list[dict[str, Any]] | dict[str, list[torch.nn.Parameter]]: ...
 
     def modify_inputs(self, batch: dict[str, Any]) -> dict[str, Any]: ...
 

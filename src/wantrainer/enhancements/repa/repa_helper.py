@@ -127,7 +127,10 @@ class RepaHelper(BaseEnhancement):
     def __init__(self, cfg: RepaConfig, seed: int = 0):
         self.cfg = cfg
         self.seed = seed
-        self.projector: nn.Sequential | None = None
+        self.projectors: dict[str, nn.Sequential] = {}
+        """Network name -> its projector: one per trained network ("default", or one per separate Wan 2.2 expert
+        LoRA, whose hidden states differ), trained by that network's optimiser."""
+        self._network_of: dict[str, str] = {}  # expert -> the name of the network it trains
         self.tap: BlockTap | None = None
         self.model: nn.Module | None = None
         self._cos_sum = 0.0
@@ -159,14 +162,32 @@ class RepaHelper(BaseEnhancement):
             raise UserError(f"`repa_alignment_depth` = {depth}: this DiT has {len(blocks)} blocks (0 .. "
                             f"{len(blocks) - 1}); pick a block about a third of the way in")
         width = self._feature_width(run)
-        self.projector = build_projector(model.config.dim, self.cfg.repa_projector_hidden_dim, width,
-                                         self.cfg.repa_projector_layers, self.seed + 7331).to(run.device)
+        networks = dict(run.networks) or {"default": None}
+        self.projectors = {
+            name: build_projector(model.config.dim, self.cfg.repa_projector_hidden_dim, width,
+                                  self.cfg.repa_projector_layers, self.seed + 7331 + index).to(run.device)
+            for index, name in enumerate(networks)
+        }
+        first = next(iter(networks))
+        self._network_of = {}
+        for expert in getattr(run.experts, "names", []):
+            network = run.experts.network_for(expert)
+            self._network_of[expert] = next((n for n, net in networks.items() if net is network), first)
         self.model = model
         self.tap = BlockTap(blocks[depth])
-        count = sum(p.numel() for p in self.projector.parameters())
-        logger.info("REPA: block %d of %d aligned with %s features (width %d), projector %.2fM parameters%s", depth,
-                    len(blocks), self.cfg.repa_encoder_name, width, count / 1e6,
-                    ", CREPA on" if self.cfg.crepa_enabled else "")
+        count = sum(p.numel() for projector in self.projectors.values() for p in projector.parameters())
+        logger.info("REPA: block %d of %d aligned with %s features (width %d), %s %.2fM parameters%s", depth,
+                    len(blocks), self.cfg.repa_encoder_name, width,
+                    "projector" if len(self.projectors) == 1 else f"{len(self.projectors)} projectors (one per "
+                    "network)", count / 1e6, ", CREPA on" if self.cfg.crepa_enabled else "")
+
+    @property
+    def projector(self) -> nn.Sequential | None:
+        """The first network's projector (the only one unless separate Wan 2.2 expert LoRAs train)."""
+        return next(iter(self.projectors.values()), None)
+
+    def projector_for(self, expert: str) -> nn.Sequential:
+        return self.projectors.get(self._network_of.get(expert, ""), self.projector)
 
     @staticmethod
     def _feature_width(run: RunContext) -> int:
@@ -185,8 +206,8 @@ class RepaHelper(BaseEnhancement):
             self.tap.remove()
             self.tap = None
 
-    def trainable_params(self) -> list[nn.Parameter]:
-        return list(self.projector.parameters()) if self.projector is not None else []
+    def trainable_params(self) -> dict[str, list[nn.Parameter]]:
+        return {name: list(projector.parameters()) for name, projector in self.projectors.items()}
 
     # ----- the step ----------------------------------------------------------------------------------------------
     def modify_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -225,7 +246,8 @@ class RepaHelper(BaseEnhancement):
         if features.shape[1] != f:
             raise RuntimeError(f"REPA features hold {features.shape[1]} latent frames, the latents {f}")
         tokens = hidden.float().reshape(b, f, h, w, -1)  # [B, L, dim] -> [B, f, h, w, dim]
-        proj = self.projector(tokens.to(next(self.projector.parameters()).device))  # [B, f, h, w, D]
+        projector = self.projector_for(ctx.expert)
+        proj = projector(tokens.to(next(projector.parameters()).device))  # [B, f, h, w, D]
         grid = (min(h, features.shape[2]), min(w, features.shape[3]))
         proj = F.normalize(pool_to(proj, grid), dim=-1)
         target = F.normalize(pool_to(features.to(proj.device, torch.float32), grid), dim=-1)
@@ -252,17 +274,26 @@ class RepaHelper(BaseEnhancement):
 
     # ----- state -------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self.projector is None:
+        if not self.projectors:
             return {}
-        return {"projector": {k: v.detach().cpu().clone() for k, v in self.projector.state_dict().items()},
+        return {"projectors": {name: {k: v.detach().cpu().clone() for k, v in projector.state_dict().items()}
+                               for name, projector in self.projectors.items()},
                 "last_cosine": self.last_cosine}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.projector is not None and "projector" in state:
-            try:
-                self.projector.load_state_dict(state["projector"])
-            except RuntimeError as exc:
-                raise UserError(f"`resume`: the saved REPA projector does not fit this config ({str(exc).splitlines()[0]}); "
-                                "repa_projector_hidden_dim / repa_projector_layers / repa_encoder_name must be those "
-                                "of the run that saved it") from None
+        saved = state.get("projectors")
+        if saved is None and "projector" in state:  # a state with one projector
+            saved = {next(iter(self.projectors), "default"): state["projector"]}
+        if self.projectors and saved is not None:
+            if sorted(saved) != sorted(self.projectors):
+                raise UserError(f"`resume`: the saved state has REPA projectors for the network(s) {sorted(saved)}, "
+                                f"this run trains {sorted(self.projectors)}; resume with the dual_lora_mode of the run "
+                                "that saved it")
+            for name, projector in self.projectors.items():
+                try:
+                    projector.load_state_dict(saved[name])
+                except RuntimeError as exc:
+                    raise UserError(f"`resume`: the saved REPA projector does not fit this config "
+                                    f"({str(exc).splitlines()[0]}); repa_projector_hidden_dim / repa_projector_layers "
+                                    "/ repa_encoder_name must be those of the run that saved it") from None
         self.last_cosine = float(state.get("last_cosine", 0.0))
