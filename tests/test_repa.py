@@ -288,3 +288,15 @@ def test_separate_wan22_loras_train_one_projector_each(train_workspace, repa_cac
     for name, projector in repa.projectors.items():
         other = resumed.enhancements[0].projectors[name].state_dict()
         assert all(torch.equal(v, other[k]) for k, v in projector.state_dict().items())
+
+
+def test_validation_items_get_no_features(train_workspace, repa_cache, tmp_path):
+    """Validation measures the flow loss alone: cache-latents writes REPA features for the train items only."""
+    cache = shutil.copytree(repa_cache[0], tmp_path / "cache")
+    val = shutil.copytree(train_workspace.val_cache, tmp_path / "val")
+    values = repa_values(train_workspace, tmp_path / "o", cache)
+    values["datasets"]["val"] = [{"image_directory": str(train_workspace.val_media), "cache_directory": str(val),
+                                  "resolution": [64, 64], "batch_size": 3}]
+    summary = cache_latents(load(write_config(tmp_path / "c.toml", values)))
+    assert summary.extras["repa_features"] == {"cached": 0, "skipped": 4, "stale": 0}
+    assert len(list(val.glob("*x*_wan.safetensors"))) == 3 and not list(val.glob("*_wtrepa*"))

@@ -4,7 +4,8 @@ Every active enhancement's ``pixel_caches()`` (e.g. REPA's encoder features) get
 item's latent cache, ``{latent cache stem}{suffix}.safetensors``. This pass runs after the latents: it decodes the
 media again only for the items whose file is missing or stale (another encoder, input size or latent shape), loads
 each encoder only when some item needs it, and cleans the files of items that are gone (unless ``keep_cache``).
-Items whose latents could not be cached get no file.
+Items whose latents could not be cached get no file, nor do validation items (validation measures the flow loss
+alone, so their features would never be read).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def cache_pixel_features(cfg: Any, job: CacheRun, progress: Progress, dropped: s
         for item in job.items:
             if item.latent_cache_path in dropped or not item.latent_cache_path.is_file():
                 continue  # its latents could not be cached: nothing to align with
+            if item.latent_cache_path not in job.train_caches:
+                continue  # a validation item: the validation loss is the flow loss alone
             state = cache.state(cache.path_for(item.latent_cache_path), item.latent_shape)
             if state == "stale":
                 stale.add(item.latent_cache_path)

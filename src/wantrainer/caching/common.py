@@ -130,6 +130,8 @@ class CacheRun:
     """(dataset name, why it gave no item or None, the cache files of its items) for the final check."""
     mask_rules: dict[Path, str] = field(default_factory=dict)
     """Cache folder -> ``mask_missing`` of the datasets with masks."""
+    train_caches: set[Path] = field(default_factory=set)
+    """Latent cache paths of the train datasets' items (the rest are validation items only)."""
 
 
 def start_run(kind: str, datasets: DatasetsConfig, device: str, device_key: str,
@@ -152,6 +154,8 @@ def start_run(kind: str, datasets: DatasetsConfig, device: str, device_key: str,
         run.protected.setdefault(spec.cache_directory, set()).update(media_stem(s.path) for s in scan.skipped)
         run.expected.setdefault(spec.cache_directory, set()).update(cache_path(i).name for i in scan.items)
         run.items += scan.items
+        if spec.split == "train":
+            run.train_caches.update(i.latent_cache_path for i in scan.items)
         run.datasets.append((spec.name, no_items_reason(spec, scan), [cache_path(i) for i in scan.items]))
     return run
 
