@@ -14,7 +14,9 @@ the cache format; no VAE or text encoder runs). Then, for each mode, a fresh chi
   bare forward + backward of the same model, LoRA and batch, timed after each step in the same run
   (``bench_trainer.StepClock``);
 - the same per step in CPU time of the trainer process (all threads): steadier than wall time on a busy machine;
-- ratios against the first mode (fp32 by default) and step / bare. A mode named twice runs twice.
+- ratios against the first mode (fp32 by default) and step / bare (medians, and the fastest step against the
+  fastest bare pass: on a shared machine the minimum is the figure least moved by other work). A mode named
+  twice runs twice.
 
 A mode is a name and the config keys it sets (``MODES``); ``--set key=value`` adds keys to every mode, so more
 modes (another engine's keys) are one line each. Needs about 12 GB of free RAM at 1.3B (fp32 weights 5.7 GB).
@@ -36,8 +38,10 @@ from typing import Any
 
 import torch
 
-SIZES = {"1.3b": "wan21_t2v_1.3b", "14b": "wan21_t2v_14b", "tiny": None}
-"""--size -> a released shape of ``models.wan.configs.WAN_CONFIGS`` (tiny: the kit's 2-block DiT)."""
+SIZES = {"1.3b": "wan21_t2v_1.3b", "5b": "wan22_ti2v_5b", "14b": "wan21_t2v_14b", "tiny": None}
+"""--size -> a released shape of ``models.wan.configs.WAN_CONFIGS`` (tiny: the kit's 2-block DiT). The 5B is the
+Wan 2.2 TI2V-5B (48-channel latents of the Wan 2.2 VAE, 16x spatial; text-to-video items); its fp32 weights need
+about 20 GiB, its bf16 ones 10 GiB."""
 
 MODES: dict[str, dict[str, Any]] = {
     "fp32": {"dit_weight_dtype": "fp32"},
@@ -46,8 +50,12 @@ MODES: dict[str, dict[str, Any]] = {
     "fp8": {"dit_weight_dtype": "fp8"},
     "fp8_scaled": {"dit_weight_dtype": "fp8_scaled"},
     "tread": {"tread_selection_ratio": 0.5},  # TREAD over the default middle span (blocks 2 .. -2)
+    # freed blocks of 64 KiB and more returned to the system at once (utils.memory.release_freed_blocks)
+    "fp32-release": {"dit_weight_dtype": "fp32", "release_freed_memory": True},
+    "bf16-release": {"dit_weight_dtype": "bf16", "release_freed_memory": True},
+    "fp8-release": {"dit_weight_dtype": "fp8", "release_freed_memory": True},
 }
-"""Mode name -> the config keys it sets on top of the base run."""
+"""Mode name -> the config keys it sets on top of the base run (``env``: environment variables of its process)."""
 
 GiB = 1024**3
 TEXT_TOKENS = 24
@@ -76,8 +84,9 @@ def write_random_dit(path: Path, shape_name: str, seed: int = 0) -> None:
 
 
 def write_caches(media: Path, cache: Path, width: int, height: int, frames: int, items: int, text_dim: int,
-                 seed: int = 0) -> None:  # fmt: skip
-    """``items`` images (frames == 1) or clips with their latent and text caches written directly."""
+                 seed: int = 0, model_type: str = "t2v") -> None:  # fmt: skip
+    """``items`` images (frames == 1) or clips with their latent and text caches written directly, in the latent
+    space of ``model_type`` (TI2V-5B: the Wan 2.2 VAE's)."""
     import numpy as np
     from PIL import Image
 
@@ -89,7 +98,9 @@ def write_caches(media: Path, cache: Path, width: int, height: int, frames: int,
         text_cache_name,
     )
     from wantrainer.devkit.synthetic import write_mp4
+    from wantrainer.models.wan.latent_space import latent_space
 
+    space = latent_space(model_type)
     media.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -103,9 +114,10 @@ def write_caches(media: Path, cache: Path, width: int, height: int, frames: int,
         else:
             write_mp4(media / f"{stem}.mp4", [pixels] * frames)
             name = latent_cache_name(stem, width, height, 0, frames)
-        f, h, w = latent_shape(width, height, None if frames == 1 else frames)
-        latents = torch.randn(16, f, h, w, generator=generator).to(torch.bfloat16)
-        save_latent_cache(cache / name, latents, width, height, None if frames == 1 else frames)
+        f, h, w = latent_shape(width, height, None if frames == 1 else frames, space.spatial_stride)
+        latents = torch.randn(space.channels, f, h, w, generator=generator).to(torch.bfloat16)
+        save_latent_cache(cache / name, latents, width, height, None if frames == 1 else frames,
+                          model_type=model_type, vae_type=space.vae_type)
         save_text_cache(cache / text_cache_name(stem), torch.randn(TEXT_TOKENS, text_dim, generator=generator)
                         .to(torch.bfloat16), caption=f"item {index}")  # fmt: skip
         (media / f"{stem}.txt").write_text(f"item {index}", encoding="utf-8")
@@ -117,6 +129,7 @@ def prepare(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     width, height = args.resolution
     shape_name = SIZES[args.size]
+    model_type = "ti2v" if shape_name == "wan22_ti2v_5b" else "t2v"
     if shape_name is None:
         kit = make_tiny_model_kit(root / "kit", seed=0)
         dit, text_dim = kit.dit_wan21, 64
@@ -127,10 +140,10 @@ def prepare(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         if not dit.is_file():
             print(f"writing {dit} ...", flush=True)
             write_random_dit(dit, shape_name)
-    tag = f"{width}x{height}x{args.frames}_{args.items}_{text_dim}"
+    tag = f"{width}x{height}x{args.frames}_{args.items}_{text_dim}" + ("_ti2v" if model_type == "ti2v" else "")
     media, cache = root / f"media_{tag}", root / f"cache_{tag}"
     if not cache.is_dir():
-        write_caches(media, cache, width, height, args.frames, args.items, text_dim)
+        write_caches(media, cache, width, height, args.frames, args.items, text_dim, model_type=model_type)
     dataset: dict[str, Any] = {"cache_directory": str(cache), "resolution": [width, height], "batch_size": 1}
     if args.frames == 1:
         dataset["image_directory"] = str(media)
@@ -143,6 +156,8 @@ def prepare(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         "persistent_data_loader_workers": args.workers > 0, "log_with": "none", "timestep_sampling": "uniform",
         "output_dir": str(root / "out"), "output_name": "bench", "datasets": {"train": [dataset]},
     }  # fmt: skip
+    if model_type == "ti2v":
+        values.update(target_model="wan22", ti2v_image_ratio=0.0)  # text-to-video items: no image to condition
     for item in args.set:
         key, _, text = item.partition("=")
         values[key] = json.loads(text) if text[:1] in "[{0123456789-tf\"" and text not in ("-",) else text
@@ -238,6 +253,7 @@ def run_mode(config: Path, steps: int, warmup: int, device: str) -> dict[str, An
         "load_vmhwm": load_hwm, "step_s": statistics.median(walls), "bare_s": statistics.median(bare),
         "step_cpu_s": statistics.median(clock.cpus[warmup:]), "bare_cpu_s": statistics.median(clock.bare_cpus[warmup:]),
         "steps": len(walls), "tokens": int(first_batch["latents"][0, 0].numel() // 4),
+        "walls": walls, "bares": bare, "step_min_s": min(walls), "bare_min_s": min(bare),
     }  # fmt: skip
     if device == "cuda":
         result.update(max_allocated=torch.cuda.max_memory_allocated(), max_reserved=torch.cuda.max_memory_reserved())
@@ -253,8 +269,10 @@ def run_child(mode: str, values: dict[str, Any], root: Path, args: argparse.Name
     shutil.rmtree(folder, ignore_errors=True)  # a rerun starts clean (the run folder refuses earlier saves)
     folder.mkdir(parents=True)
     config = folder / "bench.toml"
-    config.write_text(dump_toml({**values, **MODES[mode], "output_dir": str(folder / "out")}), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    keys = {k: v for k, v in MODES[mode].items() if k != "env"}
+    config.write_text(dump_toml({**values, **keys, "output_dir": str(folder / "out")}), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           **MODES[mode].get("env", {})}
     command = [sys.executable, __file__, "--child", str(config), "--steps", str(args.steps), "--warmup",
                str(args.warmup), "--threads", str(args.threads), "--device", args.device]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -270,13 +288,15 @@ def report(results: dict[str, dict[str, Any]], header: str) -> str:
     ref = results[ref_name]
     lines = [header, "",
              f"| mode | load s | peak PSS load GiB | peak PSS train GiB | s/step | bare fwd+bwd s | step / bare | "
+             f"fastest step / fastest bare | "
              f"CPU s/step | CPU step / bare | load peak / {ref_name} | train peak / {ref_name} | s/step / {ref_name} "
              f"| CPU s/step / {ref_name} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for mode, r in results.items():
         lines.append(
             f"| {mode} | {r['load_s']:.1f} | {r['load_pss'] / GiB:.2f} | {r['train_pss'] / GiB:.2f} | "
-            f"{r['step_s']:.2f} | {r['bare_s']:.2f} | {r['step_s'] / r['bare_s']:.3f} | {r['step_cpu_s']:.2f} | "
+            f"{r['step_s']:.2f} | {r['bare_s']:.2f} | {r['step_s'] / r['bare_s']:.3f} | "
+            f"{r['step_min_s'] / r['bare_min_s']:.3f} | {r['step_cpu_s']:.2f} | "
             f"{r['step_cpu_s'] / r['bare_cpu_s']:.3f} | {r['load_pss'] / ref['load_pss']:.2f} | "
             f"{r['train_pss'] / ref['train_pss']:.2f} | {r['step_s'] / ref['step_s']:.2f} | "
             f"{r['step_cpu_s'] / ref['step_cpu_s']:.2f} |")  # fmt: skip

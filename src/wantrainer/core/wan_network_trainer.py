@@ -285,9 +285,13 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     from ..enhancements.registry import build_enhancements
     from ..preflight import require_ready
     from ..scheduling.timesteps import TimestepSampler
+    from ..utils.memory import release_freed_blocks
     from .handlers.metrics import MetricsLogger
 
     require_ready(cfg, "train")  # what `validate` checks, before anything is loaded
+    if cfg.model.release_freed_memory and not release_freed_blocks():
+        logger.warning("release_freed_memory = true has no effect here (it needs Linux with glibc); training goes on "
+                       "with the allocator's defaults")
     accelerator = accelerator or make_accelerator(cfg)
     resume_from = resume_point(cfg.saving, main_process=accelerator.is_main_process)  # refuses before loading
     metrics = MetricsLogger.from_config(cfg.logging, cfg.saving, enabled=accelerator.is_main_process)

@@ -24,6 +24,10 @@ ACT_PER_TOKEN_FFN = 8
 ACT_PER_TEXT_TOKEN_DIM = 16
 PROCESS_BASE_BYTES = int(0.38 * GiB)
 """Python, torch and the libraries `train` imports: the peak RSS (``VmHWM``) of a tiny CPU run minus its tensors."""
+FORKSERVER_BYTES = 100 * 1024**2
+WORKER_BYTES = 70 * 1024**2
+"""Data-loader workers: the forkserver they start from (Python, torch and the dataset code) and each worker, as
+PSS (their shared pages counted once), measured at the 1.3B size with 2 workers (docs/benchmarks.md)."""
 CUDA_CONTEXT_BYTES = int(0.6 * GiB)
 """CUDA context and allocator slack on the GPU: a typical figure, not measured here."""
 T5_PARAMS = 5_680_000_000
@@ -55,6 +59,9 @@ class Knobs:
     device: str
     weight_dtype: str = "auto"
     """``dit_weight_dtype`` (older keys folded in): "bf16" / "fp16" / "fp32" set the block Linear bytes."""
+    workers: int = 0
+    """``max_data_loader_n_workers``."""
+    release_freed_memory: bool = False
 
     def with_(self, **changes: Any) -> Knobs:
         return replace(self, **changes)
@@ -187,6 +194,12 @@ def estimate(shapes: ModelShapes, knobs: Knobs, text_tokens: int = 512) -> Estim
     if gpu:
         add(Term("CUDA context + allocator", vram=CUDA_CONTEXT_BYTES, note="typical, not measured here"))
     add(Term("process (Python, torch, libraries)", ram=PROCESS_BASE_BYTES, note="measured on the CPU"))
+    if not gpu and not knobs.release_freed_memory:
+        add(Term("allocator slack (not counted)", note="glibc keeps freed step tensors: +1.1-1.3 GiB measured at 1.3B, "
+                 "256 tokens; release_freed_memory = true returns them (slower steps)"))
+    if knobs.workers:
+        add(Term("data-loader workers", ram=FORKSERVER_BYTES + WORKER_BYTES * knobs.workers,
+                 note=f"{knobs.workers} worker(s) and their forkserver, measured on the CPU"))
     # a single expert without block swap is read straight onto the GPU; otherwise every expert is built in RAM
     direct = gpu and knobs.experts == 1 and not swapped
     largest = 4 * shapes.dim * shapes.ffn_dim  # the largest tensor (an ffn weight), fp32 at most in the file

@@ -7,7 +7,10 @@ unlike a sum of RSS it does not count shared pages (libraries, memory inherited 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import platform
 from pathlib import Path
 
 _PROC = Path("/proc")
@@ -72,4 +75,30 @@ def process_tree_pss(pid: int | None = None) -> int | None:
     return own + sum(pss_bytes(child) or 0 for child in child_pids(pid))
 
 
-__all__ = ["child_pids", "peak_rss_bytes", "process_tree_pss", "pss_bytes", "rss_bytes"]
+MMAP_THRESHOLD = 64 * 1024
+"""Blocks of at least this many bytes are mapped on their own by the C allocator (``release_freed_blocks``)."""
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def release_freed_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Make the C allocator give freed blocks of ``threshold`` bytes or more back to the system at once (glibc
+    only; True when applied): ``release_freed_memory``.
+
+    glibc serves a request of at least ``M_MMAP_THRESHOLD`` bytes with a mapping of its own, which ``free``
+    returns to the system; by default it raises that threshold (up to 32 MiB) each time such a block is freed, so
+    after the first steps the step's tensors are carved from the heap, whose freed holes stay resident. At the
+    1.3B size on the CPU (256 tokens: most activations 64 KiB to 4 MiB) that held 1.1-1.3 GiB beyond the live
+    tensors; a fixed 64 KiB threshold removes it (a 4 MiB one removes 0.1 GiB), at the price of mapping and
+    faulting in every such tensor afresh: steps 1.15-1.4x slower there (docs/benchmarks.md).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
+__all__ = ["child_pids", "peak_rss_bytes", "process_tree_pss", "pss_bytes", "release_freed_blocks", "rss_bytes"]
