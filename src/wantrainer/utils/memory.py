@@ -90,7 +90,7 @@ def release_freed_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
     after the first steps the step's tensors are carved from the heap, whose freed holes stay resident. At the
     1.3B size on the CPU (256 tokens: most activations 64 KiB to 4 MiB) that held 1.1-1.3 GiB beyond the live
     tensors; a fixed 64 KiB threshold removes it (a 4 MiB one removes 0.1 GiB), at the price of mapping and
-    faulting in every such tensor afresh: steps 1.15-1.4x slower there (docs/benchmarks.md).
+    faulting in every such tensor afresh: steps up to 1.4-1.7x slower there (docs/benchmarks.md).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
