@@ -28,33 +28,6 @@ from wantrainer.core.handlers.base import Handler
 from wantrainer.core.wan_network_trainer import build_trainer
 
 
-class StepClock(Handler):
-    """Wall time between consecutive step ends (everything the loop does per step) and the data wait.
-
-    After each step it also times one bare forward + backward (excluded from the next step's wall time), so
-    both are measured in alternation under the same machine load.
-    """
-
-    name = "step_clock"
-
-    def __init__(self, bare) -> None:
-        self.bare = bare
-        self.walls: list[float] = []
-        self.bare_times: list[float] = []
-        self.data: list[float] = []
-        self._last = 0.0
-
-    def on_train_start(self, trainer) -> None:
-        self._last = time.perf_counter()
-
-    def on_step_end(self, trainer) -> None:
-        now = time.perf_counter()
-        self.walls.append(now - self._last)
-        self.data.append(trainer.last_step.timings["data"])
-        self.bare_times.append(self.bare(trainer))
-        self._last = time.perf_counter()
-
-
 class WallClock(Handler):
     """Wall time between consecutive step ends (everything the loop does per step)."""
 
@@ -71,6 +44,28 @@ class WallClock(Handler):
         now = time.perf_counter()
         self.walls.append(now - self._last)
         self._last = now
+
+
+class StepClock(WallClock):
+    """Wall time between consecutive step ends (everything the loop does per step) and the data wait.
+
+    After each step it also times one bare forward + backward (excluded from the next step's wall time), so
+    both are measured in alternation under the same machine load.
+    """
+
+    name = "step_clock"
+
+    def __init__(self, bare) -> None:
+        super().__init__()
+        self.bare = bare
+        self.bare_times: list[float] = []
+        self.data: list[float] = []
+
+    def on_step_end(self, trainer) -> None:
+        super().on_step_end(trainer)
+        self.data.append(trainer.last_step.timings["data"])
+        self.bare_times.append(self.bare(trainer))
+        self._last = time.perf_counter()  # the bare pass is not part of the next step
 
 
 def step_walls(cfg: WanTrainerConfig, warmup: int) -> list[float]:
