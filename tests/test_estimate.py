@@ -114,6 +114,9 @@ def test_terms_follow_the_settings():
     cpu = [t.name for t in estimate(shapes, _knobs(device="cpu")).terms]
     released = [t.name for t in estimate(shapes, _knobs(device="cpu", release_freed_memory=True)).terms]
     assert "allocator slack (not counted)" in cpu and "allocator slack (not counted)" not in released
+    jemalloc = estimate(shapes, _knobs(device="cpu", allocator="jemalloc"))  # reuses them: no slack
+    assert "allocator slack (not counted)" not in [t.name for t in jemalloc.terms]
+    assert jemalloc.train_ram == estimate(shapes, _knobs(device="cpu")).train_ram
 
 
 def test_estimate_command(tiny_kit, tmp_path, capsys):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from train_support import load, write_config
+from train_support import load, train_command, write_config
 from wantrainer.core.wan_network_trainer import build_trainer
 
 _PATTERN = """
@@ -45,18 +45,11 @@ def test_freed_mid_size_tensors_leave_the_process():
 def test_training_with_the_setting_trains_the_same_lora(train_workspace, tmp_path):
     """The allocator setting changes where memory comes from, not a number: the same LoRA bit for bit (each run a
     `wantrainer train` process: the setting lasts for the process)."""
-    from train_support import lora_tensors
-
     outs = {}
     for flag in (False, True):
-        values = train_workspace.config(tmp_path / f"o{flag}", log_with="none", max_train_steps=2,
-                                        release_freed_memory=flag)
-        config = write_config(tmp_path / f"c{flag}.toml", values)
-        done = subprocess.run([sys.executable, "-m", "wantrainer.cli", "train", "--config", str(config)],
-                              capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert "has no effect" not in done.stderr
-        outs[flag] = lora_tensors(tmp_path / f"o{flag}" / "lora.safetensors")
+        stderr, outs[flag] = train_command(train_workspace, tmp_path, str(flag), max_train_steps=2,
+                                           release_freed_memory=flag)
+        assert "has no effect" not in stderr
     assert all(outs[False][k].equal(outs[True][k]) for k in outs[False])
 
 

@@ -4,6 +4,8 @@ and UMT5) and a config writer."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,17 @@ def base_config(kit: Any, media_dir: Path, cache_dir: Path, out_dir: Path, **ove
     if datasets is not None:
         values["datasets"] = datasets
     return values
+
+
+def train_command(workspace: Any, tmp_path: Path, name: str, **overrides: Any) -> tuple[str, dict[str, torch.Tensor]]:
+    """``wantrainer train`` in a process of its own on ``workspace`` (output ``tmp_path / o_<name>``): its stderr
+    and the LoRA it saved; asserts exit 0."""
+    values = workspace.config(tmp_path / f"o_{name}", log_with="none", **overrides)
+    config = write_config(tmp_path / f"c_{name}.toml", values)
+    done = subprocess.run([sys.executable, "-m", "wantrainer.cli", "train", "--config", str(config)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stderr, lora_tensors(tmp_path / f"o_{name}" / "lora.safetensors")
 
 
 def load(path: Path):

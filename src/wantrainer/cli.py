@@ -215,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging("INFO")  # commands that load a config then apply its logging_level
+    args.own_process = argv is None  # this process runs the command line (it may restart itself: train)
     try:
         _tell_parent_ready()
         return int(_load_handler(args._handler)(args) or 0)

@@ -89,6 +89,20 @@ def dataset_item_problems(cfg: Any, splits: tuple[str, ...]) -> list[str]:
     return problems
 
 
+def allocator_problems(model: Any) -> list[str]:
+    """``memory_allocator``: its library is installed; ``release_freed_memory`` (glibc's) is not set beside it."""
+    from .utils.allocator import allocator_problem
+
+    name = model.memory_allocator
+    if name == "system":
+        return []
+    problems = [problem] if (problem := allocator_problem(name)) else []
+    if model.release_freed_memory:
+        problems.append(f"release_freed_memory = true tunes glibc's allocator, which memory_allocator = \"{name}\" "
+                        "replaces: drop one of the two")
+    return problems
+
+
 def command_problems(cfg: Any, command: str, *, scan_media: bool = False) -> list[str]:
     """Everything that stops ``command`` before it loads a model (see the module docstring)."""
     problems = [f"`{key}` is not set: point it at {what}"
@@ -100,6 +114,7 @@ def command_problems(cfg: Any, command: str, *, scan_media: bool = False) -> lis
         problems.append("no [[sample_prompts]] table: add one with the prompt text")
     if command == "train":
         problems += training_checks(cfg)
+        problems += allocator_problems(cfg.model)
     for section in getattr(cfg, "features", {}).values():  # an enhancement's own checks of a command
         check = getattr(section, "command_problems", None)
         if check is not None:

@@ -43,6 +43,8 @@ class ModelConfig(Section):
     """With gradient_checkpointing: keep the checkpointed block inputs on the CPU."""
     release_freed_memory: bool = False
     """Host RAM: the C allocator (glibc) gives every freed block of 64 KiB or more back to the system at once instead of keeping it for reuse. At the 1.3B size on the CPU the training peak is 1.1-1.3 GiB lower (bf16 storage: 4.81 -> 3.68 GiB), but steps are up to 1.4-1.7x slower (each new tensor's pages are mapped afresh); for runs limited by RAM rather than time. Linux with glibc only (a warning elsewhere)."""
+    memory_allocator: Literal["system", "jemalloc", "tcmalloc"] = "system"
+    """Host RAM (Linux): the C allocator `wantrainer train` runs with. "jemalloc" / "tcmalloc" restart the command with that library preloaded (Debian / Ubuntu packages libjemalloc2 / libtcmalloc-minimal4; an error when it is not installed). They reuse freed step tensors where glibc keeps them resident: at the 1.3B size on the CPU the training peak is 1.1-1.2 GiB lower (bf16 storage: 4.87 -> 3.70 GiB) at the same step time. "system" = the C library's own (glibc: see release_freed_memory, which applies to it only). A warning where preloading cannot apply (not Linux, or a process not started by `wantrainer train`)."""
     tread_selection_ratio: float = Field(0.0, ge=0, lt=1)
     """TREAD token routing (0 = off): this share of the video tokens, drawn at random for each sample and step, skips the DiT blocks tread_start_layer_idx..tread_end_layer_idx during training (faster steps; e.g. 0.5). Validation and sampling always run every token."""
     tread_start_layer_idx: int = 2

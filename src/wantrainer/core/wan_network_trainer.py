@@ -285,6 +285,7 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     from ..enhancements.registry import build_enhancements
     from ..preflight import require_ready
     from ..scheduling.timesteps import TimestepSampler
+    from ..utils.allocator import effect_warning
     from ..utils.memory import release_freed_blocks
     from .handlers.metrics import MetricsLogger
 
@@ -292,6 +293,10 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     if cfg.model.release_freed_memory and not release_freed_blocks():
         logger.warning("release_freed_memory = true has no effect here (it needs Linux with glibc); training goes on "
                        "with the allocator's defaults")
+    if (allocator_warning := effect_warning(cfg.model.memory_allocator)) is not None:
+        logger.warning(allocator_warning)
+    elif cfg.model.memory_allocator != "system":
+        logger.info("memory allocator: %s (preloaded)", cfg.model.memory_allocator)
     accelerator = accelerator or make_accelerator(cfg)
     resume_from = resume_point(cfg.saving, main_process=accelerator.is_main_process)  # refuses before loading
     metrics = MetricsLogger.from_config(cfg.logging, cfg.saving, enabled=accelerator.is_main_process)
@@ -359,9 +364,12 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
 def run(args: argparse.Namespace) -> int:
     """CLI entry: train, with a progress bar on the main process. Exit 0 done, 130 / 143 interrupted (SIGINT /
     SIGTERM) after saving a state, 2 a user error; the output folder is locked for the whole command."""
+    from ..utils.allocator import restart_with
     from .handlers.progress import ProgressBarHandler
 
     cfg = load_config(args.config, overrides=args.overrides)
+    if getattr(args, "own_process", False):  # before any thread, process group or file: nothing after it here runs
+        restart_with(cfg.model.memory_allocator)
     stop = StopRequest()
     stop.phase = "starting"
     with stop.installed():

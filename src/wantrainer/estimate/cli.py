@@ -97,7 +97,8 @@ def knobs_from_config(cfg: Any, device: str, tokens: int, batch: int, experts: i
         cpu_offload=m.gradient_checkpointing_cpu_offload, optimizer=cfg.optimizer.optimizer_type,
         experts=experts, offload_inactive=m.offload_inactive_dit, separate_loras=experts > 1
         and cfg.network.dual_lora_mode == "separate", tokens=tokens, batch=batch, device=device,
-        workers=cfg.training.max_data_loader_n_workers, release_freed_memory=m.release_freed_memory)
+        workers=cfg.training.max_data_loader_n_workers, release_freed_memory=m.release_freed_memory,
+        allocator=m.memory_allocator)
 
 
 def fitting_steps(shapes_for: Callable[[Knobs], ModelShapes], knobs: Knobs,

@@ -62,6 +62,8 @@ class Knobs:
     workers: int = 0
     """``max_data_loader_n_workers``."""
     release_freed_memory: bool = False
+    allocator: str = "system"
+    """``memory_allocator``: jemalloc / tcmalloc reuse freed step tensors (no slack term)."""
 
     def with_(self, **changes: Any) -> Knobs:
         return replace(self, **changes)
@@ -194,9 +196,10 @@ def estimate(shapes: ModelShapes, knobs: Knobs, text_tokens: int = 512) -> Estim
     if gpu:
         add(Term("CUDA context + allocator", vram=CUDA_CONTEXT_BYTES, note="typical, not measured here"))
     add(Term("process (Python, torch, libraries)", ram=PROCESS_BASE_BYTES, note="measured on the CPU"))
-    if not gpu and not knobs.release_freed_memory:
+    if not gpu and not knobs.release_freed_memory and knobs.allocator == "system":
         add(Term("allocator slack (not counted)", note="glibc keeps freed step tensors: +1.1-1.3 GiB measured at 1.3B, "
-                 "256 tokens; release_freed_memory = true returns them (slower steps)"))
+                 "256 tokens; memory_allocator = \"jemalloc\" reuses them (same speed), release_freed_memory = "
+                 "true returns them (slower steps)"))
     if knobs.workers:
         add(Term("data-loader workers", ram=FORKSERVER_BYTES + WORKER_BYTES * knobs.workers,
                  note=f"{knobs.workers} worker(s) and their forkserver, measured on the CPU"))
