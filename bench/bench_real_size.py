@@ -14,9 +14,12 @@ the cache format; no VAE or text encoder runs). Then, for each mode, a fresh chi
   bare forward + backward of the same model, LoRA and batch, timed after each step in the same run
   (``bench_trainer.StepClock``);
 - the same per step in CPU time of the trainer process (all threads): steadier than wall time on a busy machine;
-- ratios against the first mode (fp32 by default) and step / bare (medians, and the fastest step against the
-  fastest bare pass: on a shared machine the minimum is the figure least moved by other work). A mode named
-  twice runs twice.
+- ratios against the first mode (fp32 by default); the trainer step against the bare pass that ran right after
+  it (geometric mean of the pairs: each pair shares the machine's load of its minute), and against the step's
+  own forward + backward (the trainer's timings: data wait, optimiser, scheduler, metrics and handlers on top);
+  below the table both over every pair of the run, with a 95 % interval. A mode named twice runs twice.
+- the C allocator the mode's process ran with (``*-jemalloc`` / ``*-tcmalloc`` modes set ``memory_allocator``
+  and start the process with the library preloaded, as ``wantrainer train`` restarts itself).
 
 A mode is a name and the config keys it sets (``MODES``); ``--set key=value`` adds keys to every mode, so more
 modes (another engine's keys) are one line each. Needs about 12 GB of free RAM at 1.3B (fp32 weights 5.7 GB).
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -54,8 +58,11 @@ MODES: dict[str, dict[str, Any]] = {
     "fp32-release": {"dit_weight_dtype": "fp32", "release_freed_memory": True},
     "bf16-release": {"dit_weight_dtype": "bf16", "release_freed_memory": True},
     "fp8-release": {"dit_weight_dtype": "fp8", "release_freed_memory": True},
+    # another C allocator preloaded into the mode's process (utils.allocator; the library must be installed)
+    **{f"{dtype}-{name}": {"dit_weight_dtype": dtype, "memory_allocator": name}
+       for dtype in ("fp32", "bf16", "fp8") for name in ("jemalloc", "tcmalloc")},
 }
-"""Mode name -> the config keys it sets on top of the base run (``env``: environment variables of its process)."""
+"""Mode name -> the config keys it sets on top of the base run."""
 
 GiB = 1024**3
 TEXT_TOKENS = 24
@@ -203,6 +210,7 @@ def cpu_clock(bare: Any) -> Any:
             super().__init__(bare)
             self.cpus: list[float] = []
             self.bare_cpus: list[float] = []
+            self.model_s: list[float] = []  # the step's own forward + backward (trainer timings)
             self._last_cpu = 0.0
 
         def on_train_start(self, trainer) -> None:
@@ -213,7 +221,9 @@ def cpu_clock(bare: Any) -> Any:
             now, cpu = time.perf_counter(), time.process_time()
             self.walls.append(now - self._last)
             self.cpus.append(cpu - self._last_cpu)
-            self.data.append(trainer.last_step.timings["data"])
+            timings = trainer.last_step.timings
+            self.data.append(timings["data"])
+            self.model_s.append(timings["forward"] + timings["backward"])
             self.bare_times.append(self.bare(trainer))
             self.bare_cpus.append(time.process_time() - cpu)
             self._last, self._last_cpu = time.perf_counter(), time.process_time()
@@ -226,6 +236,7 @@ def run_mode(config: Path, steps: int, warmup: int, device: str) -> dict[str, An
     from bench_trainer import BareForwardBackward, for_benchmark
     from wantrainer.config_parser import load_config
     from wantrainer.core.wan_network_trainer import build_loader, build_trainer, train_specs
+    from wantrainer.utils.allocator import loaded_allocator
     from wantrainer.utils.memory import peak_rss_bytes
 
     sampler = MemorySampler()
@@ -254,6 +265,7 @@ def run_mode(config: Path, steps: int, warmup: int, device: str) -> dict[str, An
         "step_cpu_s": statistics.median(clock.cpus[warmup:]), "bare_cpu_s": statistics.median(clock.bare_cpus[warmup:]),
         "steps": len(walls), "tokens": int(first_batch["latents"][0, 0].numel() // 4),
         "walls": walls, "bares": bare, "step_min_s": min(walls), "bare_min_s": min(bare),
+        "model_s": clock.model_s[warmup:], "allocator": loaded_allocator() or "system",
     }  # fmt: skip
     if device == "cuda":
         result.update(max_allocated=torch.cuda.max_memory_allocated(), max_reserved=torch.cuda.max_memory_reserved())
@@ -269,10 +281,13 @@ def run_child(mode: str, values: dict[str, Any], root: Path, args: argparse.Name
     shutil.rmtree(folder, ignore_errors=True)  # a rerun starts clean (the run folder refuses earlier saves)
     folder.mkdir(parents=True)
     config = folder / "bench.toml"
-    keys = {k: v for k, v in MODES[mode].items() if k != "env"}
+    keys = MODES[mode]
     config.write_text(dump_toml({**values, **keys, "output_dir": str(folder / "out")}), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           **MODES[mode].get("env", {})}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    if keys.get("memory_allocator", "system") != "system":  # as `wantrainer train` restarts itself with it
+        from wantrainer.utils.allocator import preload_environment
+
+        env = preload_environment(keys["memory_allocator"], env)
     command = [sys.executable, __file__, "--child", str(config), "--steps", str(args.steps), "--warmup",
                str(args.warmup), "--threads", str(args.threads), "--device", args.device]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -283,23 +298,41 @@ def run_child(mode: str, values: dict[str, Any], root: Path, args: argparse.Name
 
 
 # ----- report -----------------------------------------------------------------------------------------------
+def paired_ratio(pairs: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """Geometric mean of a / b over (a, b) pairs measured side by side, with its 95 % interval (t quantile ~2 for
+    the sample sizes here; the interval is (nan, nan) for one pair)."""
+    logs = [math.log(a / b) for a, b in pairs]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), math.nan, math.nan
+    half = 2.0 * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
 def report(results: dict[str, dict[str, Any]], header: str) -> str:
+    """The table of every mode against the first; below it, the trainer's overhead over all modes' pairs."""
     ref_name = next(iter(results))
     ref = results[ref_name]
     lines = [header, "",
-             f"| mode | load s | peak PSS load GiB | peak PSS train GiB | s/step | bare fwd+bwd s | step / bare | "
-             f"fastest step / fastest bare | "
-             f"CPU s/step | CPU step / bare | load peak / {ref_name} | train peak / {ref_name} | s/step / {ref_name} "
-             f"| CPU s/step / {ref_name} |",
+             f"| mode | allocator | load s | peak PSS load GiB | peak PSS train GiB | s/step | bare fwd+bwd s | "
+             f"step / bare (paired) | step / own fwd+bwd | CPU s/step | load peak / {ref_name} | "
+             f"train peak / {ref_name} | s/step / {ref_name} | CPU s/step / {ref_name} |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for mode, r in results.items():
+        paired = paired_ratio(list(zip(r["walls"], r["bares"])))[0]
+        own = statistics.median(w / m for w, m in zip(r["walls"], r["model_s"]))
         lines.append(
-            f"| {mode} | {r['load_s']:.1f} | {r['load_pss'] / GiB:.2f} | {r['train_pss'] / GiB:.2f} | "
-            f"{r['step_s']:.2f} | {r['bare_s']:.2f} | {r['step_s'] / r['bare_s']:.3f} | "
-            f"{r['step_min_s'] / r['bare_min_s']:.3f} | {r['step_cpu_s']:.2f} | "
-            f"{r['step_cpu_s'] / r['bare_cpu_s']:.3f} | {r['load_pss'] / ref['load_pss']:.2f} | "
+            f"| {mode} | {r.get('allocator', 'system')} | {r['load_s']:.1f} | {r['load_pss'] / GiB:.2f} | "
+            f"{r['train_pss'] / GiB:.2f} | {r['step_s']:.2f} | {r['bare_s']:.2f} | {paired:.3f} | {own:.3f} | "
+            f"{r['step_cpu_s']:.2f} | {r['load_pss'] / ref['load_pss']:.2f} | "
             f"{r['train_pss'] / ref['train_pss']:.2f} | {r['step_s'] / ref['step_s']:.2f} | "
             f"{r['step_cpu_s'] / ref['step_cpu_s']:.2f} |")  # fmt: skip
+    pairs = [(w, b) for r in results.values() for w, b in zip(r["walls"], r["bares"])]
+    mean, low, high = paired_ratio(pairs)
+    own_all = [w / m for r in results.values() for w, m in zip(r["walls"], r["model_s"])]
+    lines += ["", f"trainer step / bare forward+backward run right after it, all {len(pairs)} pairs: "
+              f"{mean:.3f} (95 % interval {low:.3f}-{high:.3f}); trainer step / its own forward+backward: median "
+              f"{statistics.median(own_all):.3f}, max {max(own_all):.3f}"]  # fmt: skip
     return "\n".join(lines)
 
 
