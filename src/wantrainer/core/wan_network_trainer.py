@@ -274,6 +274,21 @@ def resume_point(saving_cfg: Any, *, main_process: bool = True) -> Path | None:
     return None
 
 
+def apply_host_memory_settings(model: Any) -> None:
+    """``release_freed_memory`` (tunes glibc's allocator now) and ``memory_allocator`` (preloaded by the `train`
+    command's restart): say which is in effect in this process, or why not."""
+    from ..utils.allocator import effect_warning
+    from ..utils.memory import release_freed_blocks
+
+    if model.release_freed_memory and not release_freed_blocks():
+        logger.warning("release_freed_memory = true has no effect here (it needs Linux with glibc); training goes on "
+                       "with the allocator's defaults")
+    if (allocator_warning := effect_warning(model.memory_allocator)) is not None:
+        logger.warning(allocator_warning)
+    elif model.memory_allocator != "system":
+        logger.info("memory allocator: %s (preloaded)", model.memory_allocator)
+
+
 def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = None,
                   accelerator: Any = None, stop: StopRequest | None = None) -> Trainer:
     """Everything ``Trainer`` needs, built from the config."""
@@ -285,18 +300,10 @@ def build_trainer(cfg: WanTrainerConfig, *, extra_handlers: list[Any] | None = N
     from ..enhancements.registry import build_enhancements
     from ..preflight import require_ready
     from ..scheduling.timesteps import TimestepSampler
-    from ..utils.allocator import effect_warning
-    from ..utils.memory import release_freed_blocks
     from .handlers.metrics import MetricsLogger
 
     require_ready(cfg, "train")  # what `validate` checks, before anything is loaded
-    if cfg.model.release_freed_memory and not release_freed_blocks():
-        logger.warning("release_freed_memory = true has no effect here (it needs Linux with glibc); training goes on "
-                       "with the allocator's defaults")
-    if (allocator_warning := effect_warning(cfg.model.memory_allocator)) is not None:
-        logger.warning(allocator_warning)
-    elif cfg.model.memory_allocator != "system":
-        logger.info("memory allocator: %s (preloaded)", cfg.model.memory_allocator)
+    apply_host_memory_settings(cfg.model)
     accelerator = accelerator or make_accelerator(cfg)
     resume_from = resume_point(cfg.saving, main_process=accelerator.is_main_process)  # refuses before loading
     metrics = MetricsLogger.from_config(cfg.logging, cfg.saving, enabled=accelerator.is_main_process)
