@@ -1,7 +1,7 @@
 """The C allocator a training process runs with (``memory_allocator``): glibc's own, jemalloc or tcmalloc.
 
 jemalloc and tcmalloc replace ``malloc`` / ``free`` only when they are loaded before everything else, so
-``wantrainer train`` restarts itself (``os.execv``: the same process id, arguments and environment) with the
+``wantrainer train`` restarts itself (``os.execve``: the same process id, arguments and environment) with the
 library named in ``LD_PRELOAD`` when the config asks for one that this process does not already run with.
 ``ALLOCATOR_MARK`` in the environment says a restart was made, so it is never tried twice.
 
@@ -12,7 +12,6 @@ size on the CPU they hold 1.2 GiB less at the same step time (``docs/memory.md``
 
 from __future__ import annotations
 
-import ctypes.util
 import os
 import platform
 import sys
@@ -20,7 +19,6 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-ALLOCATORS = ("system", "jemalloc", "tcmalloc")
 ALLOCATOR_MARK = "WANTRAINER_ALLOCATOR"
 """Set to the allocator's name in the environment of a process restarted with it."""
 
@@ -48,14 +46,10 @@ def search_dirs() -> list[Path]:
 def find_library(name: str, dirs: list[Path] | None = None) -> Path | None:
     """The shared library of allocator ``name`` ("jemalloc" / "tcmalloc"), or None when none is installed."""
     for base in _LIBRARIES[name]:
-        for folder in dirs if dirs is not None else search_dirs():
+        for folder in search_dirs() if dirs is None else dirs:
             found = sorted(folder.glob(f"lib{base}.so*"), key=lambda p: (len(p.name), p.name))
             if found:
                 return found[0]
-        if dirs is None and (soname := ctypes.util.find_library(base)):  # the loader's cache (ldconfig)
-            for folder in search_dirs():
-                if (folder / soname).exists():
-                    return folder / soname
     return None
 
 
@@ -73,15 +67,20 @@ def loaded_allocator(maps: Path = Path("/proc/self/maps")) -> str | None:
 
 def missing_message(name: str) -> str:
     dirs = ", ".join(str(d) for d in search_dirs())
-    return (f'memory_allocator = "{name}": no lib{_LIBRARIES[name][0]}.so was found (looked in {dirs} and the '
-            f"loader's cache); install it (Debian / Ubuntu: apt install {_PACKAGES[name]}; conda: conda install "
+    return (f'memory_allocator = "{name}": no lib{_LIBRARIES[name][0]}.so was found (looked in {dirs}); '
+            f"install it (Debian / Ubuntu: apt install {_PACKAGES[name]}; conda: conda install "
             f'-c conda-forge {"jemalloc" if name == "jemalloc" else "gperftools"}) or set memory_allocator = '
             '"system"')  # fmt: skip
 
 
+def _preload_needed(name: str) -> bool:
+    """Allocator ``name`` is not the system's, can be preloaded here, and this process does not run with it."""
+    return name != "system" and supported() and loaded_allocator() != name
+
+
 def allocator_problem(name: str) -> str | None:
     """What stops ``train`` from running with allocator ``name`` (weight-free, for ``validate``), or None."""
-    if name == "system" or not supported() or loaded_allocator() == name:
+    if not _preload_needed(name):
         return None
     return None if find_library(name) else missing_message(name)
 
@@ -103,7 +102,7 @@ def restart_with(name: str) -> None:
     """Replace this process by the same command with allocator ``name`` preloaded, unless it already runs with
     it (or is not on Linux, or was restarted for it once: then it returns and the caller warns). Call it before
     anything starts threads, opens process groups or writes files: nothing after it in this process runs."""
-    if name == "system" or not supported() or loaded_allocator() == name or os.environ.get(ALLOCATOR_MARK):
+    if not _preload_needed(name) or os.environ.get(ALLOCATOR_MARK):
         return
     env = preload_environment(name)
     sys.stdout.flush()
@@ -126,5 +125,5 @@ def effect_warning(name: str) -> str | None:
             f"it with LD_PRELOAD={find_library(name) or 'lib' + _LIBRARIES[name][0] + '.so'})")
 
 
-__all__ = ["ALLOCATORS", "ALLOCATOR_MARK", "allocator_problem", "effect_warning", "find_library", "loaded_allocator",
+__all__ = ["ALLOCATOR_MARK", "allocator_problem", "effect_warning", "find_library", "loaded_allocator",
            "preload_environment", "restart_with", "supported"]
