@@ -200,8 +200,8 @@ class MemorySampler(threading.Thread):
 
 
 def cpu_clock(bare: Any) -> Any:
-    """``bench_trainer.StepClock`` that also records this process's CPU time (all threads) of each step and bare
-    pass: on a machine busy with other work it moves less than the wall time."""
+    """``bench_trainer.StepClock`` that also records this process's CPU time (all threads) of each step (on a
+    machine busy with other work it moves less than the wall time) and the step's own forward + backward."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_trainer import StepClock
 
@@ -209,7 +209,6 @@ def cpu_clock(bare: Any) -> Any:
         def __init__(self) -> None:
             super().__init__(bare)
             self.cpus: list[float] = []
-            self.bare_cpus: list[float] = []
             self.model_s: list[float] = []  # the step's own forward + backward (trainer timings)
             self._last_cpu = 0.0
 
@@ -218,15 +217,11 @@ def cpu_clock(bare: Any) -> Any:
             self._last_cpu = time.process_time()
 
         def on_step_end(self, trainer) -> None:
-            now, cpu = time.perf_counter(), time.process_time()
-            self.walls.append(now - self._last)
-            self.cpus.append(cpu - self._last_cpu)
+            self.cpus.append(time.process_time() - self._last_cpu)
             timings = trainer.last_step.timings
-            self.data.append(timings["data"])
             self.model_s.append(timings["forward"] + timings["backward"])
-            self.bare_times.append(self.bare(trainer))
-            self.bare_cpus.append(time.process_time() - cpu)
-            self._last, self._last_cpu = time.perf_counter(), time.process_time()
+            super().on_step_end(trainer)  # the step's wall time and data wait, then the bare pass
+            self._last_cpu = time.process_time()
 
     return CpuStepClock()
 
@@ -262,9 +257,9 @@ def run_mode(config: Path, steps: int, warmup: int, device: str) -> dict[str, An
     result = {
         "load_s": load_s, "load_pss": sampler.peaks.get("load", 0), "train_pss": sampler.peaks.get("train", 0),
         "load_vmhwm": load_hwm, "step_s": statistics.median(walls), "bare_s": statistics.median(bare),
-        "step_cpu_s": statistics.median(clock.cpus[warmup:]), "bare_cpu_s": statistics.median(clock.bare_cpus[warmup:]),
+        "step_cpu_s": statistics.median(clock.cpus[warmup:]),
         "steps": len(walls), "tokens": int(first_batch["latents"][0, 0].numel() // 4),
-        "walls": walls, "bares": bare, "step_min_s": min(walls), "bare_min_s": min(bare),
+        "walls": walls, "bares": bare,
         "model_s": clock.model_s[warmup:], "allocator": loaded_allocator() or "system",
     }  # fmt: skip
     if device == "cuda":
@@ -322,7 +317,7 @@ def report(results: dict[str, dict[str, Any]], header: str) -> str:
         paired = paired_ratio(list(zip(r["walls"], r["bares"])))[0]
         own = statistics.median(w / m for w, m in zip(r["walls"], r["model_s"]))
         lines.append(
-            f"| {mode} | {r.get('allocator', 'system')} | {r['load_s']:.1f} | {r['load_pss'] / GiB:.2f} | "
+            f"| {mode} | {r['allocator']} | {r['load_s']:.1f} | {r['load_pss'] / GiB:.2f} | "
             f"{r['train_pss'] / GiB:.2f} | {r['step_s']:.2f} | {r['bare_s']:.2f} | {paired:.3f} | {own:.3f} | "
             f"{r['step_cpu_s']:.2f} | {r['load_pss'] / ref['load_pss']:.2f} | "
             f"{r['train_pss'] / ref['train_pss']:.2f} | {r['step_s'] / ref['step_s']:.2f} | "
