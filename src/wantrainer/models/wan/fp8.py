@@ -79,8 +79,7 @@ def _make_stored(old: nn.Linear, storage_dtype: torch.dtype, scaled: bool) -> St
 
 def store_block_linears(model: nn.Module, storage_dtype: torch.dtype, scaled: bool = False) -> list[str]:
     """Swap the block Linear modules of ``model`` for ``StoredLinear`` ones keeping the weight in
-    ``storage_dtype`` (fp8: quantised, with per-channel scales if ``scaled``); all share ``model.upcast_buffers``,
-    whose CPU arena is sized to keep one block's upcast weights.
+    ``storage_dtype`` (fp8: quantised, with per-channel scales if ``scaled``); all share ``model.upcast_buffers``.
 
     Works on a real model (converts its weights) and on a meta-device one (the weights are loaded after).
     Returns the names of the replaced modules.
@@ -90,9 +89,7 @@ def store_block_linears(model: nn.Module, storage_dtype: torch.dtype, scaled: bo
         buffers = UpcastBuffers()
         model.upcast_buffers = buffers
     replaced = []
-    block_numel, largest = [], 0
     for index, block in enumerate(model.blocks):
-        block_numel.append(0)
         for name in FP8_BLOCK_LINEARS:
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name)
@@ -106,10 +103,6 @@ def store_block_linears(model: nn.Module, storage_dtype: torch.dtype, scaled: bo
             else:
                 setattr(parent, child, new)
             replaced.append(f"blocks.{index}.{name}")
-            block_numel[-1] += new.weight.numel()
-            largest = max(largest, new.weight.numel())
-    # one block's upcast weights, plus the largest one: what round-robin filling can leave unused at a wrap
-    buffers.keep_numel = max(buffers.keep_numel, max(block_numel, default=0) + largest)
     return replaced
 
 

@@ -2,13 +2,12 @@
 
 A ``StoredLinear`` keeps its frozen weight in the storage dtype (bf16, fp16, fp32 or fp8 with an optional
 per-output-channel ``scale_weight``) and computes in the dtype of its input (the compute dtype: fp32 on the CPU
-with ``mixed_precision = "no"``; the autocast dtype when autocast is on). Each call upcasts the weight into
-scratch memory that every StoredLinear of a model shares (``UpcastBuffers``: one flat arena per device and
-dtype), so a step allocates nothing for weights, and autograd never saves an upcast copy: the backward pass
-takes the weight from the arena again to compute the input gradient. On the CPU the arena keeps one block's
-upcast weights, so that backward reuses what the block's recomputation upcast just before (under gradient
-checkpointing); each Linear is then upcast once per forward and once per recomputation per step. Elsewhere the
-arena holds one weight and the backward upcasts again.
+with ``mixed_precision = "no"``; the autocast dtype when autocast is on). Each call upcasts the weight into a
+scratch tensor that every StoredLinear of a model shares (``UpcastBuffers``: one flat tensor per device and
+dtype, sized to the largest weight), so a step allocates nothing for weights, and autograd never saves an
+upcast copy: the backward pass upcasts again into the same buffer to compute the input gradient. The number
+of upcasts per Linear and step is one per forward (plus one per recomputation under gradient checkpointing)
+and one per backward.
 
 On the CPU an fp8 (e4m3) weight is upcast in cache-sized pieces with integer operations (the e4m3 bits shifted
 into an fp16 pattern, exact), about 3x faster than PyTorch's own fp8 conversion there.
@@ -20,6 +19,8 @@ matmul is in fp8. The base weights are frozen: a StoredLinear never computes a w
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -35,79 +36,31 @@ _FP16_FROM_E4M3 = 256.0  # the e4m3 bits read as fp16 (exponent bias 15 vs 7) ar
 
 
 class UpcastBuffers:
-    """Scratch memory for upcast weights that every StoredLinear of a model shares, per (device, dtype): one
-    buffer the size of the largest weight, and on the CPU an arena that keeps upcast weights for reuse.
+    """Scratch tensors for upcast weights: one flat tensor per (device, dtype), grown to the largest weight.
 
-    Under gradient checkpointing each block's backward runs right after its recomputation, so a weight upcast
-    by the recomputation is needed again moments later for the input gradient. Those upcasts (``keep``) go to
-    the arena: ``keep_numel`` elements (one block's stored weights plus the largest weight, set by
-    ``store_block_linears``), filled round-robin; an entry stays valid until a later kept upcast wraps round over
-    it. Any call first looks for its weight there (checked against the weight's storage and version counter, so
-    a weight changed in place or replaced is upcast again), so each Linear is upcast once per forward and once
-    per recomputation, and the next step's first block finds what the last backward left. Other upcasts (the
-    first forward, no-grad passes, a backward without a recomputation) use the buffer, which stays in cache.
-    Elsewhere than the CPU (CUDA: the upcast is cheap next to the matmul, and memory is scarce) nothing is kept.
-
-    Counters: ``allocations`` (tensors ever allocated; a step that allocates none keeps it unchanged),
-    ``upcasts`` and ``reuses`` (weights upcast, and calls served from the arena).
+    ``allocations`` counts the tensors ever allocated (a step that allocates none keeps it unchanged).
     """
 
-    def __init__(self, keep_numel: int = 0) -> None:
-        self.keep_numel = keep_numel
+    def __init__(self) -> None:
         self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self._arenas: dict[tuple[torch.device, torch.dtype], _Arena] = {}
-        self.allocations = self.upcasts = self.reuses = 0
+        self.allocations = 0
 
-    def weight(self, module: StoredLinear, dtype: torch.dtype, keep: bool = False) -> torch.Tensor:
-        """``module``'s weight (times its scale) in ``dtype``; valid until the next call that does not find its
-        weight in the arena. ``keep``: the weight is wanted again soon (kept on the CPU when it has room)."""
-        weight, scale = module.weight, module.scale_weight
-        key = (weight.device, dtype)
-        stamp = (weight.data_ptr(), weight._version, None if scale is None else (scale.data_ptr(), scale._version))
-        arena = self._arenas.get(key)
-        if arena is not None:
-            entry = arena.entries.get(module)
-            if entry is not None and entry[2] == stamp:
-                self.reuses += 1
-                return arena.data[entry[0] : entry[1]].view(weight.shape)
-        self.upcasts += 1
-        numel = weight.numel()
-        if keep and weight.device.type == "cpu" and numel <= self.keep_numel:
-            if arena is None:
-                arena = self._arenas[key] = _Arena(self._allocate(self.keep_numel, dtype, weight.device))
-            return upcast_weight_into(weight, scale, arena.place(module, numel, stamp).view(weight.shape))
+    def get(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        key = (device, dtype)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
             self._buffers.pop(key, None)  # free the smaller one first
-            buffer = self._buffers[key] = self._allocate(numel, dtype, weight.device)
-        return upcast_weight_into(weight, scale, buffer[:numel].view(weight.shape))
-
-    def _allocate(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        self.allocations += 1
-        return torch.empty(numel, dtype=dtype, device=device)
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buffer
+            self.allocations += 1
+        return buffer[:numel].view(shape)
 
     def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._buffers.values()) + sum(a.data.nbytes for a in self._arenas.values())
+        return sum(b.nbytes for b in self._buffers.values())
 
     def clear(self) -> None:
         self._buffers.clear()
-        self._arenas.clear()
-
-
-class _Arena:
-    """A flat tensor filled round-robin with upcast weights; ``entries``: module -> (start, end, weight stamp)."""
-
-    def __init__(self, data: torch.Tensor) -> None:
-        self.data = data
-        self.cursor = 0
-        self.entries: dict[nn.Module, tuple[int, int, tuple]] = {}
-
-    def place(self, module: nn.Module, numel: int, stamp: tuple) -> torch.Tensor:
-        start = self.cursor if self.cursor + numel <= self.data.numel() else 0
-        end = self.cursor = start + numel
-        self.entries = {m: e for m, e in self.entries.items() if e[1] <= start or e[0] >= end}
-        self.entries[module] = (start, end, stamp)
-        return self.data[start:end]
 
 
 def upcast_weight_into(weight: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
@@ -157,8 +110,7 @@ class _UpcastLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, module: StoredLinear, dtype: torch.dtype):
-        # inside a backward pass this is a recomputation (gradient checkpointing): the backward follows soon
-        weight = module.upcast_weight(dtype, keep=torch._C._current_graph_task_id() >= 0)
+        weight = module.upcast_weight(dtype)
         ctx.module, ctx.dtype, ctx.has_bias = module, dtype, bias is not None
         return F.linear(x.to(dtype), weight, bias.to(dtype) if bias is not None else None)
 
@@ -213,11 +165,12 @@ class StoredLinear(nn.Linear):
         out = torch.empty(self.weight.shape, dtype=dtype, device=self.weight.device)
         return upcast_weight_into(self.weight, self.scale_weight, out)
 
-    def upcast_weight(self, dtype: torch.dtype, keep: bool = False) -> torch.Tensor:
-        """The weight in ``dtype``, in the shared scratch memory (``UpcastBuffers.weight``)."""
+    def upcast_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in ``dtype``, in the shared scratch buffer (valid until the next StoredLinear call)."""
         if self.upcast_buffers is None:
             return self.dequantized_weight(dtype)
-        return self.upcast_buffers.weight(self, dtype, keep)
+        out = self.upcast_buffers.get(self.weight.shape, dtype, self.weight.device)
+        return upcast_weight_into(self.weight, self.scale_weight, out)
 
     def unit_scale(self) -> torch.Tensor:
         return torch.ones(self.out_features, device=self.weight.device)
