@@ -120,6 +120,24 @@ def test_e4m3_cpu_upcast_is_exact_for_every_byte():
         assert torch.equal(plain[finite], codes.to(dtype)[finite])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_e4m3_cpu_upcast_in_several_pieces(threads):
+    """A weight larger than one piece (and not a whole number of them) is upcast exactly, each piece split over
+    torch's threads."""
+    from wantrainer.models.wan import stored_linear
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(2)
+        rows = 2 * stored_linear._CPU_PIECE_PER_THREAD * threads // 96 + 5  # two pieces and a remainder
+        weight, scale = quantize_weight(torch.randn(rows, 96, generator=gen) * 0.05, scaled=True)
+        out = upcast_weight_into(weight, scale, torch.empty(rows, 96))
+        assert torch.equal(out, weight.float() * scale[:, None])
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_upcast_buffer_is_reused_and_no_weight_copy_is_saved(fp32_file):
     """fp8 + LoRA + gradient checkpointing: after the first step no step allocates a weight buffer, the buffer
     keeps its address, and autograd saves no upcast weight (only activations)."""

@@ -30,8 +30,8 @@ from torch.autograd.function import once_differentiable
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-_CPU_CHUNK = 32000  # elements per piece of the CPU fp8 upcast: in L2, and under torch's 32768-element grain
-# (each op runs on one thread: no thread hand-off per piece, which costs more than the piece on a busy CPU)
+_CPU_PIECE_PER_THREAD = 131072  # elements per thread of one piece of the CPU fp8 upcast (int16 + fp32: 768 KiB,
+# in L2): each of the piece's operations is split over torch's threads (docs/benchmarks.md, stored_linear)
 _FP16_FROM_E4M3 = 256.0  # the e4m3 bits read as fp16 (exponent bias 15 vs 7) are the value / 2**8
 
 
@@ -80,7 +80,7 @@ def _upcast_e4m3_cpu(weight: torch.Tensor, scale: torch.Tensor | None, out: torc
     The e4m3 byte sign-extended to int16 and shifted left by 7 puts its exponent and mantissa where fp16 keeps
     them (bit 14 is then cleared); the fp16 number is the e4m3 value / 256, subnormals included."""
     rows, cols = weight.shape
-    step = max(1, _CPU_CHUNK // cols)
+    step = max(1, _CPU_PIECE_PER_THREAD * torch.get_num_threads() // cols)
     bits = weight.view(torch.int8)
     scratch = torch.empty(step * cols, dtype=torch.int16)
     row_factor = (
