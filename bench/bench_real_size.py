@@ -11,15 +11,15 @@ the cache format; no VAE or text encoder runs). Then, for each mode, a fresh chi
 - load: wall time of building the trainer (DiT load, LoRA, optimiser) and the peak PSS of the process tree
   (the trainer and its data-loader workers, ``wantrainer.utils.memory.process_tree_pss``, sampled every 0.2 s);
 - train: the peak process-tree PSS while training, the median s/step after ``--warmup`` steps, and the median
-  bare forward + backward of the same model, LoRA and batch, timed between the steps in the same run
-  (``bench_trainer.StepClock``);
+  bare forward + backward of the same model, LoRA and inputs, timed after each step in the same run
+  (``bench_trainer.StepClock``: each bare pass replays the inputs of the step before it);
 - the same per step in CPU time of the trainer process (all threads): steadier than wall time on a busy machine;
-- ratios against the first mode (fp32 by default); the trainer step against the bare passes on either side of it
-  (geometric means: each step shares the machine's load of its minute with them, and neither order is favoured;
-  ``step_bare_pairs``), and against the step's own forward + backward (the trainer's timings: data wait,
-  optimiser, scheduler, metrics and handlers on top); below the table both over every step of the run, with a
-  95 % interval, and the step / bare ratio against the pass after each step and the one before it apart. A mode
-  named twice runs twice.
+- ratios against the first mode (fp32 by default); the trainer step against the bare pass of the same inputs
+  (noisy latents, timesteps, text) run right after it (geometric mean of the pairs: each pair shares the
+  machine's load of its minute), and against the step's own forward + backward (the trainer's timings: data
+  wait, optimiser, scheduler, metrics and handlers on top); below the table both over every step of the run,
+  with a 95 % interval, and the step against the bare pass before it as an order check. A mode named twice runs
+  twice.
 - the C allocator the mode's process ran with (``*-jemalloc`` / ``*-tcmalloc`` modes set ``memory_allocator``
   and start the process with the library preloaded, as ``wantrainer train`` restarts itself).
 
@@ -306,17 +306,6 @@ def paired_ratio(pairs: list[tuple[float, float]]) -> tuple[float, float, float]
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
-def step_bare_pairs(walls: list[float], bares: list[float]) -> list[tuple[float, float]]:
-    """Each step against the bare passes on either side of it: (step, geometric mean of the bare pass just before
-    it and the one just after; the first step has only the one after). A step / bare ratio that depends on which
-    runs first (a warm cache, the allocator's state after the other) cancels out."""
-    pairs = []
-    for k, wall in enumerate(walls):
-        around = bares[max(0, k - 1) : k + 1]
-        pairs.append((wall, math.exp(statistics.fmean(math.log(b) for b in around))))
-    return pairs
-
-
 def report(results: dict[str, dict[str, Any]], header: str) -> str:
     """The table of every mode against the first; below it, the trainer's overhead over all modes' pairs."""
     ref_name = next(iter(results))
@@ -327,7 +316,7 @@ def report(results: dict[str, dict[str, Any]], header: str) -> str:
              f"train peak / {ref_name} | s/step / {ref_name} | CPU s/step / {ref_name} |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for mode, r in results.items():
-        paired = paired_ratio(step_bare_pairs(r["walls"], r["bares"]))[0]
+        paired = paired_ratio(list(zip(r["walls"], r["bares"])))[0]
         own = statistics.median(w / m for w, m in zip(r["walls"], r["model_s"]))
         lines.append(
             f"| {mode} | {r['allocator']} | {r['load_s']:.1f} | {r['load_pss'] / GiB:.2f} | "
@@ -335,14 +324,13 @@ def report(results: dict[str, dict[str, Any]], header: str) -> str:
             f"{r['step_cpu_s']:.2f} | {r['load_pss'] / ref['load_pss']:.2f} | "
             f"{r['train_pss'] / ref['train_pss']:.2f} | {r['step_s'] / ref['step_s']:.2f} | "
             f"{r['step_cpu_s'] / ref['step_cpu_s']:.2f} |")  # fmt: skip
-    pairs = [pair for r in results.values() for pair in step_bare_pairs(r["walls"], r["bares"])]
-    after = paired_ratio([pair for r in results.values() for pair in zip(r["walls"], r["bares"])])[0]
+    pairs = [pair for r in results.values() for pair in zip(r["walls"], r["bares"])]
     before = paired_ratio([pair for r in results.values() for pair in zip(r["walls"][1:], r["bares"][:-1])])[0]
     mean, low, high = paired_ratio(pairs)
     own_all = [w / m for r in results.values() for w, m in zip(r["walls"], r["model_s"])]
-    lines += ["", f"trainer step / bare forward+backward on either side of it, all {len(pairs)} steps: "
-              f"{mean:.3f} (95 % interval {low:.3f}-{high:.3f}; against the bare pass after each step {after:.3f}, "
-              f"before it {before:.3f}); trainer step / its own forward+backward: median "
+    lines += ["", f"trainer step / bare forward+backward of its inputs run right after it, all {len(pairs)} steps: "
+              f"{mean:.3f} (95 % interval {low:.3f}-{high:.3f}; against the bare pass before each step, of the "
+              f"previous step's inputs: {before:.3f}); trainer step / its own forward+backward: median "
               f"{statistics.median(own_all):.3f}, max {max(own_all):.3f}"]  # fmt: skip
     return "\n".join(lines)
 

@@ -1,10 +1,10 @@
-"""Trainer overhead: one training step vs a bare forward + backward of the same model on the same batch.
+"""Trainer overhead: one training step vs a bare forward + backward of the same model on the same inputs.
 
     .venv/bin/python bench/bench_trainer.py [--steps 30] [--warmup 5] [--size 64] [--batch 2] [--config X]
 
 Without ``--config`` it writes the tiny model kit and a synthetic image set to a temporary folder, caches
-them and benchmarks that (fp32, CPU). With ``--config`` it benchmarks your run (its first batch for the bare
-pass; saving, validation and sampling switched off). Prints:
+them and benchmarks that (fp32, CPU). With ``--config`` it benchmarks your run (saving, validation and sampling
+switched off). Each bare pass replays the inputs of the step before it (``BareForwardBackward``). Prints:
 
 - trainer overhead ratio = median wall time of a training step (data, noise, forward, backward, gradient
   clipping, optimiser, scheduler, metrics, handlers) / median bare forward + backward;
@@ -49,8 +49,8 @@ class WallClock(Handler):
 class StepClock(WallClock):
     """Wall time between consecutive step ends (everything the loop does per step) and the data wait.
 
-    After each step it also times one bare forward + backward (excluded from the next step's wall time), so
-    both are measured in alternation under the same machine load.
+    After each step it also times one bare forward + backward of that step's inputs (excluded from the next
+    step's wall time), so both are measured in alternation under the same machine load.
     """
 
     name = "step_clock"
@@ -60,6 +60,11 @@ class StepClock(WallClock):
         self.bare = bare
         self.bare_times: list[float] = []
         self.data: list[float] = []
+
+    def on_train_start(self, trainer) -> None:
+        super().on_train_start(trainer)
+        if hasattr(self.bare, "attach"):
+            self.bare.attach(trainer)
 
     def on_step_end(self, trainer) -> None:
         super().on_step_end(trainer)
@@ -113,11 +118,29 @@ def for_benchmark(cfg: WanTrainerConfig, steps: int, out_dir: Path) -> WanTraine
 
 
 class BareForwardBackward:
-    """The same model, LoRA and batch: forward, MSE to the flow target, backward; nothing else."""
+    """The same model, LoRA and inputs: forward, MSE to the flow target, backward; nothing else.
+
+    Attached to the trainer (``StepClock`` does it at the start of training), each pass replays the model inputs
+    of the step that ran just before it: the same noisy latents, timesteps, text and conditioning, since the cost
+    of a pass depends on them (at 1.3B the feed-forward GELU and its backward took 2x as long at one step's
+    timestep as at another's). Before any step, and unattached, it uses ``batch`` noised once at a fixed timestep.
+    """
 
     def __init__(self, batch: dict) -> None:
         self.batch = batch
         self.inputs = None
+
+    def attach(self, trainer) -> None:
+        """Record the model inputs of every micro-batch the trainer noises (the last one is replayed)."""
+        noised_inputs = trainer._noised_inputs
+
+        def recording(batch, expert):
+            ctx = noised_inputs(batch, expert)
+            self.inputs = (ctx.noisy.detach(), ctx.timesteps.detach(), batch["text_embeds"], ctx.target.detach(),
+                           batch.get("conditioning"))  # fmt: skip
+            return ctx
+
+        trainer._noised_inputs = recording
 
     def _prepare(self, trainer) -> None:
         device = trainer.device
@@ -127,14 +150,14 @@ class BareForwardBackward:
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.rand(latents.shape[0], generator=gen).to(device)
         noisy = (1 - t.view(-1, 1, 1, 1, 1)) * latents + t.view(-1, 1, 1, 1, 1) * noise
-        self.inputs = (noisy, t * 1000, context, noise - latents)
+        self.inputs = (noisy, t * 1000, context, noise - latents, None)
 
     def __call__(self, trainer) -> float:
         if self.inputs is None:
             self._prepare(trainer)
-        noisy, timesteps, context, target = self.inputs
+        noisy, timesteps, context, target, conditioning = self.inputs
         start = time.perf_counter()
-        pred = trainer.call_model(trainer.model, noisy, timesteps, context)
+        pred = trainer.call_model(trainer.model, noisy, timesteps, context, conditioning)
         torch.nn.functional.mse_loss(pred, target).backward()
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
