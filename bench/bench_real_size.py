@@ -233,6 +233,7 @@ def run_mode(config: Path, steps: int, warmup: int, device: str) -> dict[str, An
     from bench_trainer import BareForwardBackward, for_benchmark
     from wantrainer.config_parser import load_config
     from wantrainer.core.wan_network_trainer import build_loader, build_trainer, train_specs
+    from wantrainer.models.wan.conditioning import run_model_type
     from wantrainer.utils.allocator import loaded_allocator
     from wantrainer.utils.memory import peak_rss_bytes
 
@@ -243,7 +244,9 @@ def run_mode(config: Path, steps: int, warmup: int, device: str) -> dict[str, An
 
     plain = load_config(config)
     plain.training = plain.training.model_copy(update={"max_data_loader_n_workers": 0})
-    first_batch = next(iter(build_loader(plain, train_specs(plain), Accelerator(cpu=device == "cpu"))))
+    model_type = run_model_type(plain.model)  # ti2v for the 5B: its caches are of the Wan 2.2 VAE
+    first_batch = next(iter(build_loader(plain, train_specs(plain, model_type), Accelerator(cpu=device == "cpu"),
+                                         model_type)))  # fmt: skip
     clock = cpu_clock(BareForwardBackward(first_batch))
     start = time.perf_counter()
     trainer = build_trainer(cfg, extra_handlers=[clock])

@@ -183,8 +183,11 @@ def main(argv: list[str] | None = None) -> None:
         from accelerate import Accelerator
 
         from wantrainer.core.wan_network_trainer import build_loader, train_specs
+        from wantrainer.models.wan.conditioning import run_model_type
 
-        first_batch = next(iter(build_loader(cfg, train_specs(cfg), Accelerator(cpu=not torch.cuda.is_available()))))
+        model_type = run_model_type(cfg.model)
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        first_batch = next(iter(build_loader(cfg, train_specs(cfg, model_type), accelerator, model_type)))
         clock = StepClock(BareForwardBackward(first_batch))
         trainer = build_trainer(cfg, extra_handlers=[clock])
         trainer.train()
