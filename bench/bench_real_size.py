@@ -201,7 +201,7 @@ class MemorySampler(threading.Thread):
         self.sample()
 
 
-def cpu_clock(bare: Any) -> Any:
+def cpu_clock() -> Any:
     """``bench_trainer.StepClock`` that also records this process's CPU time (all threads) of each step (on a
     machine busy with other work it moves less than the wall time) and the step's own forward + backward."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -209,7 +209,7 @@ def cpu_clock(bare: Any) -> Any:
 
     class CpuStepClock(StepClock):
         def __init__(self) -> None:
-            super().__init__(bare)
+            super().__init__()
             self.cpus: list[float] = []
             self.model_s: list[float] = []  # the step's own forward + backward (trainer timings)
             self._last_cpu = 0.0
@@ -230,24 +230,16 @@ def cpu_clock(bare: Any) -> Any:
 
 def run_mode(config: Path, steps: int, warmup: int, device: str) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_trainer import BareForwardBackward, for_benchmark
+    from bench_trainer import for_benchmark
     from wantrainer.config_parser import load_config
-    from wantrainer.core.wan_network_trainer import build_loader, build_trainer, train_specs
-    from wantrainer.models.wan.conditioning import run_model_type
+    from wantrainer.core.wan_network_trainer import build_trainer
     from wantrainer.utils.allocator import loaded_allocator
     from wantrainer.utils.memory import peak_rss_bytes
 
     sampler = MemorySampler()
     sampler.start()
     cfg = for_benchmark(load_config(config), warmup + steps, config.parent / "run")
-    from accelerate import Accelerator
-
-    plain = load_config(config)
-    plain.training = plain.training.model_copy(update={"max_data_loader_n_workers": 0})
-    model_type = run_model_type(plain.model)  # ti2v for the 5B: its caches are of the Wan 2.2 VAE
-    first_batch = next(iter(build_loader(plain, train_specs(plain, model_type), Accelerator(cpu=device == "cpu"),
-                                         model_type)))  # fmt: skip
-    clock = cpu_clock(BareForwardBackward(first_batch))
+    clock = cpu_clock()
     start = time.perf_counter()
     trainer = build_trainer(cfg, extra_handlers=[clock])
     load_s = time.perf_counter() - start
@@ -263,7 +255,7 @@ def run_mode(config: Path, steps: int, warmup: int, device: str) -> dict[str, An
         "load_s": load_s, "load_pss": sampler.peaks.get("load", 0), "train_pss": sampler.peaks.get("train", 0),
         "load_vmhwm": load_hwm, "step_s": statistics.median(walls), "bare_s": statistics.median(bare),
         "step_cpu_s": statistics.median(clock.cpus[warmup:]),
-        "steps": len(walls), "tokens": int(first_batch["latents"][0, 0].numel() // 4),
+        "steps": len(walls), "tokens": int(clock.bare.inputs[0][0, 0].numel() // 4),
         "walls": walls, "bares": bare,
         "model_s": clock.model_s[warmup:], "allocator": loaded_allocator() or "system",
     }  # fmt: skip

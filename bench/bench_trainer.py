@@ -55,16 +55,15 @@ class StepClock(WallClock):
 
     name = "step_clock"
 
-    def __init__(self, bare) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.bare = bare
+        self.bare = BareForwardBackward()
         self.bare_times: list[float] = []
         self.data: list[float] = []
 
     def on_train_start(self, trainer) -> None:
         super().on_train_start(trainer)
-        if hasattr(self.bare, "attach"):
-            self.bare.attach(trainer)
+        self.bare.attach(trainer)
 
     def on_step_end(self, trainer) -> None:
         super().on_step_end(trainer)
@@ -123,12 +122,11 @@ class BareForwardBackward:
     Attached to the trainer (``StepClock`` does it at the start of training), each pass replays the model inputs
     of the step that ran just before it: the same noisy latents, timesteps, text and conditioning, since the cost
     of a pass depends on them (at 1.3B the feed-forward GELU and its backward took 2x as long at one step's
-    timestep as at another's). Before any step, and unattached, it uses ``batch`` noised once at a fixed timestep.
+    timestep as at another's).
     """
 
-    def __init__(self, batch: dict) -> None:
-        self.batch = batch
-        self.inputs = None
+    def __init__(self) -> None:
+        self.inputs: tuple | None = None
 
     def attach(self, trainer) -> None:
         """Record the model inputs of every micro-batch the trainer noises (the last one is replayed)."""
@@ -142,19 +140,9 @@ class BareForwardBackward:
 
         trainer._noised_inputs = recording
 
-    def _prepare(self, trainer) -> None:
-        device = trainer.device
-        latents = self.batch["latents"].to(device)
-        context = [c.to(device) for c in self.batch["text_embeds"]]
-        gen = torch.Generator().manual_seed(0)
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        t = torch.rand(latents.shape[0], generator=gen).to(device)
-        noisy = (1 - t.view(-1, 1, 1, 1, 1)) * latents + t.view(-1, 1, 1, 1, 1) * noise
-        self.inputs = (noisy, t * 1000, context, noise - latents, None)
-
     def __call__(self, trainer) -> float:
         if self.inputs is None:
-            self._prepare(trainer)
+            raise RuntimeError("BareForwardBackward replays a training step's inputs: attach it and train a step first")
         noisy, timesteps, context, target, conditioning = self.inputs
         start = time.perf_counter()
         pred = trainer.call_model(trainer.model, noisy, timesteps, context, conditioning)
@@ -180,22 +168,14 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         cfg = load_config(args.config) if args.config else synthetic_config(root, args.size, args.batch)
         cfg = for_benchmark(cfg, args.warmup + args.steps, root / "bench_out")
-        from accelerate import Accelerator
-
-        from wantrainer.core.wan_network_trainer import build_loader, train_specs
-        from wantrainer.models.wan.conditioning import run_model_type
-
-        model_type = run_model_type(cfg.model)
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        first_batch = next(iter(build_loader(cfg, train_specs(cfg, model_type), accelerator, model_type)))
-        clock = StepClock(BareForwardBackward(first_batch))
+        clock = StepClock()
         trainer = build_trainer(cfg, extra_handlers=[clock])
         trainer.train()
         walls, data = clock.walls[args.warmup:], clock.data[args.warmup:]
         bare = clock.bare_times[args.warmup:]
         step_ms, bare_ms = 1000 * statistics.median(walls), 1000 * statistics.median(bare)
-        shape = tuple(first_batch["latents"].shape)
-    print(f"batch latents {shape}, {args.steps} measured steps after {args.warmup} warm-up, device {trainer.device}")
+        shape = tuple(clock.bare.inputs[0].shape)
+    print(f"batch model input {shape}, {args.steps} measured steps after {args.warmup} warm-up, device {trainer.device}")
     print(f"training step (median)        {step_ms:9.2f} ms")
     print(f"bare forward+backward (median) {bare_ms:8.2f} ms")
     print(f"trainer overhead ratio        {step_ms / bare_ms:9.2f}x")
