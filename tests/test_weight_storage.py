@@ -187,6 +187,45 @@ def test_stored_linear_gradients_match_a_plain_linear():
     assert torch.equal(x.grad, x2.grad) and torch.equal(plain.bias.grad, stored.bias.grad)
 
 
+@pytest.mark.parametrize("storage", ["bf16", "fp8_scaled"])
+def test_cpu_row_blocks_give_the_whole_weight_result(storage, monkeypatch):
+    """A weight above ``_CPU_CHUNK_ELEMENTS`` is upcast and multiplied in row blocks (here 3 and a remainder) when
+    the input is no larger than a block:
+    the same output as the whole upcast weight (each output column is one matmul either way), the input gradient
+    within fp32 rounding (its sum is split by blocks), the same bias gradient, and a buffer of one block."""
+    from wantrainer.models.wan import stored_linear
+
+    gen = torch.Generator().manual_seed(3)
+    dense = torch.randn(70, 24, generator=gen) * 0.05
+    if storage == "bf16":
+        layer = StoredLinear(24, 70, storage_dtype=torch.bfloat16)
+        layer.weight.data = dense.to(torch.bfloat16)
+    else:
+        layer = FP8Linear(24, 70, scaled=True)
+        layer.weight.data, layer.scale_weight = quantize_weight(dense, scaled=True)
+    layer.bias.data = torch.randn(70, generator=gen)
+    x = torch.randn(2, 9, 24, generator=gen)
+
+    def run():
+        layer.upcast_buffers = UpcastBuffers()
+        xx = x.clone().requires_grad_(True)
+        layer.bias.grad = None
+        layer.bias.requires_grad_(True)
+        out = layer(xx)
+        out.sin().sum().backward()
+        return out, xx.grad, layer.bias.grad.clone(), layer.upcast_buffers.nbytes()
+
+    whole = run()
+    monkeypatch.setattr(stored_linear, "_CPU_CHUNK_ELEMENTS", 20 * 24)
+    assert stored_linear.cpu_row_chunks(layer.weight, 18) == [(0, 20), (20, 40), (40, 60), (60, 70)]
+    assert stored_linear.cpu_row_chunks(layer.weight, 21) == [(0, 70)]  # the input larger than a block
+    blocks = run()
+    assert torch.equal(blocks[0], whole[0])
+    assert rel_l2(blocks[1], whole[1]) < 1e-6
+    assert torch.equal(blocks[2], whole[2])
+    assert whole[3] == 70 * 24 * 4 and blocks[3] == 20 * 24 * 4
+
+
 def test_fp8_matmul_path_matches_the_upcast_path_and_is_refused_off_cuda(fp32_file):
     """``torch._scaled_mm`` runs on the CPU in this torch, so its numbers are checked here; the option itself is
     refused where fp8 tensor cores are missing."""

@@ -4,10 +4,17 @@ A ``StoredLinear`` keeps its frozen weight in the storage dtype (bf16, fp16, fp3
 per-output-channel ``scale_weight``) and computes in the dtype of its input (the compute dtype: fp32 on the CPU
 with ``mixed_precision = "no"``; the autocast dtype when autocast is on). Each call upcasts the weight into a
 scratch tensor that every StoredLinear of a model shares (``UpcastBuffers``: one flat tensor per device and
-dtype, sized to the largest weight), so a step allocates nothing for weights, and autograd never saves an
+dtype, sized to the largest weight or row block), so a step allocates nothing for weights, and autograd never saves an
 upcast copy: the backward pass upcasts again into the same buffer to compute the input gradient. The number
 of upcasts per Linear and step is one per forward (plus one per recomputation under gradient checkpointing)
 and one per backward.
+
+On the CPU, for few tokens, a weight of more than ``_CPU_CHUNK_ELEMENTS`` is upcast and multiplied a block of
+rows at a time (``cpu_row_chunks``): each block's upcast copy is used by its matmul while it is still in the
+cache, instead of a whole upcast weight written to memory and read back (the buffer is then one block, not the
+largest weight). The forward writes each block's output columns in place; the backward adds each block's share
+of the input gradient, so blocks are used only while the input is no larger than one block. On a GPU the whole
+weight is upcast at once.
 
 On the CPU an fp8 (e4m3) weight is upcast in cache-sized pieces with integer operations (the e4m3 bits shifted
 into an fp16 pattern, exact), each piece's operations split over torch's threads: about 6x faster than PyTorch's
@@ -33,6 +40,8 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _CPU_PIECE_PER_THREAD = 131072  # elements per thread of one piece of the CPU fp8 upcast (int16 + fp32: 768 KiB,
 # in L2): each of the piece's operations is split over torch's threads (docs/benchmarks.md, stored_linear)
+_CPU_CHUNK_ELEMENTS = 3 * 2**20  # a weight's rows upcast and multiplied at a time on the CPU (12 MiB in fp32;
+# docs/benchmarks.md, stored_linear: faster than the whole weight at once at 256 tokens, slower at 4096)
 _FP16_FROM_E4M3 = 256.0  # the e4m3 bits read as fp16 (exponent bias 15 vs 7) are the value / 2**8
 
 
@@ -106,21 +115,58 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def cpu_row_chunks(weight: torch.Tensor, tokens: int) -> list[tuple[int, int]]:
+    """The (start, end) row blocks a weight is upcast and multiplied in for ``tokens`` input rows: blocks of
+    ``_CPU_CHUNK_ELEMENTS // in_features`` rows on the CPU when the weight is larger than one block and the input
+    ([tokens, in_features], which the backward adds each block's share into) is no larger; else one block."""
+    rows, cols = weight.shape
+    one_block = rows * cols <= _CPU_CHUNK_ELEMENTS or tokens * cols > _CPU_CHUNK_ELEMENTS
+    if weight.device.type != "cpu" or one_block:
+        return [(0, rows)]
+    step = max(1, _CPU_CHUNK_ELEMENTS // cols)
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 class _UpcastLinearFunction(torch.autograd.Function):
-    """``y = x W^T + b`` with W upcast into the shared buffer in forward and again in backward (never saved)."""
+    """``y = x W^T + b`` with W upcast into the shared buffer in forward and again in backward (never saved),
+    a block of rows at a time where ``cpu_row_chunks`` splits it."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, module: StoredLinear, dtype: torch.dtype):
-        weight = module.upcast_weight(dtype)
         ctx.module, ctx.dtype, ctx.has_bias = module, dtype, bias is not None
-        return F.linear(x.to(dtype), weight, bias.to(dtype) if bias is not None else None)
+        bias = bias.to(dtype) if bias is not None else None
+        chunks = cpu_row_chunks(module.weight, x.numel() // x.shape[-1])
+        if len(chunks) == 1:
+            return F.linear(x.to(dtype), module.upcast_weight(dtype), bias)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        out = torch.empty(x2.shape[0], module.out_features, dtype=dtype, device=x.device)
+        for start, end in chunks:
+            weight = module.upcast_weight(dtype, start, end)
+            if bias is None:
+                torch.mm(x2, weight.t(), out=out[:, start:end])
+            else:
+                torch.addmm(bias[start:end], x2, weight.t(), out=out[:, start:end])
+        return out.view(*x.shape[:-1], module.out_features)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out.to(ctx.dtype) @ ctx.module.upcast_weight(ctx.dtype)  # [..., out] @ [out, in]
+            module, dtype = ctx.module, ctx.dtype
+            chunks = cpu_row_chunks(module.weight, grad_out.numel() // grad_out.shape[-1])
+            if len(chunks) == 1:
+                grad_x = grad_out.to(dtype) @ module.upcast_weight(dtype)  # [..., out] @ [out, in]
+            else:
+                grad2 = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+                grad_x = torch.empty(grad2.shape[0], module.in_features, dtype=dtype, device=grad_out.device)
+                for index, (start, end) in enumerate(chunks):
+                    weight = module.upcast_weight(dtype, start, end)
+                    if index == 0:
+                        torch.mm(grad2[:, start:end], weight, out=grad_x)
+                    else:
+                        grad_x.addmm_(grad2[:, start:end], weight)
+                grad_x = grad_x.view(*grad_out.shape[:-1], module.in_features)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_bias, None, None
@@ -166,12 +212,15 @@ class StoredLinear(nn.Linear):
         out = torch.empty(self.weight.shape, dtype=dtype, device=self.weight.device)
         return upcast_weight_into(self.weight, self.scale_weight, out)
 
-    def upcast_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in ``dtype``, in the shared scratch buffer (valid until the next StoredLinear call)."""
+    def upcast_weight(self, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows ``start:end`` of the weight (all by default) in ``dtype``, in the shared scratch buffer (valid
+        until the next StoredLinear call)."""
+        weight = self.weight[start:end]
+        scale = self.scale_weight[start:end] if self.scale_weight is not None else None
         if self.upcast_buffers is None:
-            return self.dequantized_weight(dtype)
-        out = self.upcast_buffers.get(self.weight.shape, dtype, self.weight.device)
-        return upcast_weight_into(self.weight, self.scale_weight, out)
+            return upcast_weight_into(weight, scale, torch.empty(weight.shape, dtype=dtype, device=weight.device))
+        out = self.upcast_buffers.get(weight.shape, dtype, weight.device)
+        return upcast_weight_into(weight, scale, out)
 
     def unit_scale(self) -> torch.Tensor:
         return torch.ones(self.out_features, device=self.weight.device)
@@ -202,4 +251,4 @@ def check_fp8_matmul_device(device: torch.device | str) -> str | None:
 
 
 __all__ = ["FP8_DTYPE", "FP8_DTYPES", "FP8_MAX", "StoredLinear", "UpcastBuffers", "check_fp8_matmul_device",
-           "upcast_weight_into"]  # fmt: skip
+           "cpu_row_chunks", "upcast_weight_into"]  # fmt: skip
