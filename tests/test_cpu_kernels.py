@@ -121,3 +121,24 @@ def test_a_compiler_error_is_a_reason_not_a_failure(fresh, monkeypatch, tmp_path
     assert cpu_kernels.e4m3_kernel() is None
     assert "failed" in cpu_kernels.unavailable_reason()
     assert not list((fresh / "wantrainer" / "kernels").glob("*"))  # no partial file left
+
+
+@pytest.mark.parametrize(("flags", "level", "text"), [
+    (set(), "WARNING", "very slow without AMX (this CPU has no amx_bf16"),
+    ({"avx512f", "amx_bf16"}, "INFO", "it has amx_bf16, so its bf16 matmuls use AMX"),
+])  # fmt: skip
+def test_cpu_autocast_message_follows_the_cpus_amx(monkeypatch, caplog, flags, level, text):
+    from wantrainer.core import wan_network_trainer
+
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: flags)
+    with caplog.at_level("INFO", logger="wantrainer"):
+        wan_network_trainer.warn_cpu_autocast("bf16")
+    (record,) = [r for r in caplog.records if "mixed_precision" in r.getMessage()]
+    assert record.levelname == level and text in record.getMessage()
+
+
+def test_cpu_flags_are_read_from_the_system():
+    flags = cpu_kernels.cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags here")
+    assert all(flag == flag.lower() and " " not in flag for flag in flags)

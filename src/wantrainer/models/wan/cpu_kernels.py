@@ -59,6 +59,15 @@ def _cpu_signature() -> str:
     return platform.machine() + "\n".join(dict.fromkeys(wanted))  # the first of each distinct line
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (``avx512f``, ``amx_bf16``, ...); empty where unread."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+
+
 def openmp_runtimes() -> list[str]:
     """Paths of the OpenMP runtimes mapped into this process (torch's, once torch is imported; Linux only)."""
     try:
@@ -163,5 +172,5 @@ def upcast_e4m3_rows(weight: torch.Tensor, factor: torch.Tensor, out: torch.Tens
     return True
 
 
-__all__ = ["cache_dir", "e4m3_kernel", "openmp_runtimes", "reset", "threaded", "unavailable_reason",
+__all__ = ["cache_dir", "cpu_flags", "e4m3_kernel", "openmp_runtimes", "reset", "threaded", "unavailable_reason",
            "upcast_e4m3_rows"]
