@@ -378,6 +378,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     header = (f"size {args.size}, {width}x{height} x {args.frames} frame(s), LoRA rank {args.rank}, AdamW, gradient "
               f"checkpointing, {args.threads} threads, {args.workers} workers, {args.device}; median of {args.steps} "
               f"steps after {args.warmup} warm-up")  # fmt: skip
+    if args.device == "cpu":
+        from wantrainer.models.wan import cpu_kernels
+
+        reason = cpu_kernels.unavailable_reason()
+        header += "; CPU fp8 upcast: " + ("the C kernel" if reason is None else f"torch operations ({reason})")
     print(report(results, header))
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "results": results}, indent=2), encoding="utf-8")
