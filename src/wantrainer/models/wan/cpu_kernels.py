@@ -78,6 +78,15 @@ def openmp_runtimes() -> list[str]:
     return list(dict.fromkeys(p for p in paths if Path(p).name.startswith(_OPENMP_NAMES)))
 
 
+def torch_openmp_runtime(runtimes: list[str] | None = None) -> str | None:
+    """The OpenMP runtime torch uses: the mapped one in torch's folder (other packages, e.g. sentencepiece, bring
+    their own copies), else the only or first mapped one."""
+    runtimes = openmp_runtimes() if runtimes is None else runtimes
+    torch_dir = str(Path(torch.__file__).resolve().parent)
+    own = [p for p in runtimes if str(Path(p).resolve()).startswith(torch_dir)]
+    return (own or runtimes or [None])[0]
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "wantrainer" / "kernels"
@@ -112,14 +121,15 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if compiler is None:
         return None, "no C compiler (set CC, or install cc / gcc / clang)"
     runtimes = openmp_runtimes()
+    runtime = torch_openmp_runtime(runtimes)
     try:
-        library = ctypes.CDLL(str(_build(compiler, runtimes[0] if runtimes else None)))
+        library = ctypes.CDLL(str(_build(compiler, runtime)))
     except subprocess.CalledProcessError as error:
         return None, f"{compiler} failed: {error.stderr.strip()[-300:]}"
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"it could not be built or loaded ({error})"
     if len(openmp_runtimes()) > max(1, len(runtimes)):
-        return None, f"it would run a second OpenMP runtime beside {runtimes[0]}"
+        return None, f"it would run another OpenMP runtime beside {runtime}"
     library.wt_e4m3_width.restype = ctypes.c_int
     if library.wt_e4m3_width() == 0:
         return None, "this CPU has no AVX2 + F16C (or AVX-512)"
@@ -172,5 +182,6 @@ def upcast_e4m3_rows(weight: torch.Tensor, factor: torch.Tensor, out: torch.Tens
     return True
 
 
-__all__ = ["cache_dir", "cpu_flags", "e4m3_kernel", "openmp_runtimes", "reset", "threaded", "unavailable_reason",
+__all__ = ["cache_dir", "cpu_flags", "e4m3_kernel", "openmp_runtimes", "reset", "threaded", "torch_openmp_runtime",
+           "unavailable_reason",
            "upcast_e4m3_rows"]
