@@ -49,11 +49,18 @@ def _compiler() -> str | None:
     return None
 
 
+def _cpuinfo_lines() -> list[str]:
+    """The lines of /proc/cpuinfo; none where it is unread (not Linux)."""
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
 def _cpu_signature() -> str:
     """The CPU's model name and flags (what -march=native builds for); the machine name where they are unread."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
+    lines = _cpuinfo_lines()
+    if not lines:
         return platform.machine() + platform.processor()
     wanted = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))]
     return platform.machine() + "\n".join(dict.fromkeys(wanted))  # the first of each distinct line
@@ -61,10 +68,7 @@ def _cpu_signature() -> str:
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags as Linux lists them (``avx512f``, ``amx_bf16``, ...); empty where unread."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return set()
+    lines = _cpuinfo_lines()
     return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
 
 

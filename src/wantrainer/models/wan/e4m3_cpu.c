@@ -16,28 +16,23 @@
 #define WT_VECTOR 0
 #endif
 
-typedef struct {
-  const int8_t *weight;
-  const float *factor;
-  float *out;
-  int64_t first, last, cols;
-} wt_job;
-
 #if WT_VECTOR
 static inline float wt_scalar(int8_t code) {
   return _cvtsh_ss((unsigned short)(((int)code << 7) & 0xBFFF));
 }
 
-static void wt_rows(const wt_job *job) {
-  for (int64_t r = job->first; r < job->last; ++r) {
-    const int8_t *src = job->weight + r * job->cols;
-    float *dst = job->out + r * job->cols;
-    const float factor = job->factor[r];
+/* Rows first..last-1 of a row-major weight of `cols` columns. */
+static void wt_rows(const int8_t *weight, const float *factors, float *out, int64_t first, int64_t last,
+                    int64_t cols) {
+  for (int64_t r = first; r < last; ++r) {
+    const int8_t *src = weight + r * cols;
+    float *dst = out + r * cols;
+    const float factor = factors[r];
     int64_t c = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     const __m256i keep16 = _mm256_set1_epi16((short)0xBFFF);
     const __m512 factor16 = _mm512_set1_ps(factor);
-    for (; c + 16 <= job->cols; c += 16) {
+    for (; c + 16 <= cols; c += 16) {
       __m256i half = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(src + c)));
       half = _mm256_and_si256(_mm256_slli_epi16(half, 7), keep16);
       _mm512_storeu_ps(dst + c, _mm512_mul_ps(_mm512_cvtph_ps(half), factor16));
@@ -45,17 +40,20 @@ static void wt_rows(const wt_job *job) {
 #else
     const __m128i keep8 = _mm_set1_epi16((short)0xBFFF);
     const __m256 factor8 = _mm256_set1_ps(factor);
-    for (; c + 8 <= job->cols; c += 8) {
+    for (; c + 8 <= cols; c += 8) {
       __m128i half = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(src + c)));
       half = _mm_and_si128(_mm_slli_epi16(half, 7), keep8);
       _mm256_storeu_ps(dst + c, _mm256_mul_ps(_mm256_cvtph_ps(half), factor8));
     }
 #endif
-    for (; c < job->cols; ++c) dst[c] = wt_scalar(src[c]) * factor;
+    for (; c < cols; ++c) dst[c] = wt_scalar(src[c]) * factor;
   }
 }
 #else
-static void wt_rows(const wt_job *job) { (void)job; }
+static void wt_rows(const int8_t *weight, const float *factors, float *out, int64_t first, int64_t last,
+                    int64_t cols) {
+  (void)weight, (void)factors, (void)out, (void)first, (void)last, (void)cols;
+}
 #endif
 
 /* Lanes of the vector path this build has: 16 (AVX-512), 8 (AVX2 + F16C) or 0 (none: not used). */
@@ -83,11 +81,8 @@ int wt_e4m3_threaded(void) {
 int wt_e4m3_rows(const int8_t *weight, const float *factor, float *out, int64_t rows, int64_t cols, int threads) {
   const int64_t block = 16, blocks = (rows + block - 1) / block;
   if (threads < 1) threads = 1;
-  (void)threads;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const wt_job job = {weight, factor, out, b * block, (b + 1) * block < rows ? (b + 1) * block : rows, cols};
-    wt_rows(&job);
-  }
+  for (int64_t b = 0; b < blocks; ++b)
+    wt_rows(weight, factor, out, b * block, (b + 1) * block < rows ? (b + 1) * block : rows, cols);
   return 0;
 }

@@ -224,9 +224,8 @@ class StoredLinear(nn.Linear):
         until the next StoredLinear call)."""
         weight = self.weight[start:end]
         scale = self.scale_weight[start:end] if self.scale_weight is not None else None
-        if self.upcast_buffers is None:
-            return upcast_weight_into(weight, scale, torch.empty(weight.shape, dtype=dtype, device=weight.device))
-        out = self.upcast_buffers.get(weight.shape, dtype, weight.device)
+        out = (torch.empty(weight.shape, dtype=dtype, device=weight.device) if self.upcast_buffers is None
+               else self.upcast_buffers.get(weight.shape, dtype, weight.device))  # fmt: skip
         return upcast_weight_into(weight, scale, out)
 
     def unit_scale(self) -> torch.Tensor:
